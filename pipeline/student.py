@@ -1,0 +1,154 @@
+"""The student: a frozen LLaDA plus a trainable soft prompt conditioned on the interval (r, t).
+
+``student(x_t, r, t)`` is the average velocity u (logits). The base model is shared, never copied:
+the teacher is ``student.base`` without a prefix. Saved students hold only the soft prompt and the
+base checkpoint's path and fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.checkpoint_io import CheckpointError, checkpoint_fingerprint, read_json
+from pipeline.llada import LLaDA, Attention
+from pipeline.soft_prompt import SoftPrompt, SoftPromptConfig
+
+STUDENT_CONFIG = "student_config.json"
+SOFT_PROMPT_WEIGHTS = "soft_prompt.safetensors"
+FORMAT = "llada-meanflow-student"
+
+
+def as_time(value: float | torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A time argument (float, 0-d or (B,) tensor) as a (B,) tensor in the dtype of ``like``."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.dim() == 0:
+        return value.expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"time must be a scalar or shape ({batch},), got {tuple(value.shape)}")
+    return value
+
+
+class Student(nn.Module):
+    """``Student(base, prompt_length=8, **soft_prompt_options)``; options as ``SoftPromptConfig``."""
+
+    def __init__(self, base: LLaDA, prompt_length: int = 8, config: SoftPromptConfig | None = None, **options):
+        super().__init__()
+        config = config or SoftPromptConfig(prompt_length=prompt_length, **options)
+        c = base.config
+        self.base = base.requires_grad_(False).eval()
+        self.soft_prompt = SoftPrompt(config, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim)
+        dtype = next(base.parameters()).dtype
+        device = next(base.parameters()).device
+        self.soft_prompt.to(device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+
+    @property
+    def config(self) -> SoftPromptConfig:
+        return self.soft_prompt.config
+
+    def train(self, mode: bool = True) -> "Student":
+        super().train(mode)
+        self.base.eval()  # frozen: never in training mode
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        r: float | torch.Tensor = 0.0,
+        t: float | torch.Tensor = 1.0,
+        attention_mask: torch.Tensor | None = None,
+        attention: Attention = "sdpa",
+    ) -> torch.Tensor:
+        """Average-velocity logits u(x_t, r, t): (B, T, V). r, t: floats or (B,) tensors."""
+        ref = inputs_embeds if inputs_embeds is not None else input_ids
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        weight = self.soft_prompt.prompt_gate
+        r, t = as_time(r, ref.shape[0], weight), as_time(t, ref.shape[0], weight)
+        prefix, gate = self.soft_prompt(r, t)
+        base_dtype = self.base.transformer["wte"].weight.dtype
+        return self.base(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            prefix=prefix.to(base_dtype),
+            prefix_gate=gate,
+            attention_mask=attention_mask,
+            attention=attention,
+        )
+
+    # ------------------------------------------------------------------ checkpoint I/O
+
+    def soft_prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.soft_prompt.state_dict().items()}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the soft prompt and a pointer to the base checkpoint (path relative to ``path`` when
+        both live on one tree, and fingerprint). The frozen base is never copied."""
+        path = Path(path)
+        source = self.base.source_path
+        if source is None:
+            raise CheckpointError("the student's base model was not loaded from a checkpoint directory; "
+                                  "save it with LLaDA.save_pretrained and reload it first")
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(self.soft_prompt_state_dict(), str(path / SOFT_PROMPT_WEIGHTS), metadata={"format": "pt"})
+        meta = {
+            "format": FORMAT,
+            "soft_prompt": dataclasses.asdict(self.config),
+            "base_path": os.path.relpath(source.resolve(), path.resolve()),
+            "base_fingerprint": checkpoint_fingerprint(source),
+        }
+        (path / STUDENT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @staticmethod
+    def is_student_dir(path: str | Path) -> bool:
+        return (Path(path) / STUDENT_CONFIG).is_file()
+
+    @staticmethod
+    def base_path_of(path: str | Path) -> Path:
+        """The base checkpoint directory a saved student points to."""
+        meta = read_json(Path(path) / STUDENT_CONFIG)
+        return (Path(path) / meta["base_path"]).resolve()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        base: LLaDA | str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> "Student":
+        """Load a saved student. ``base`` (a loaded LLaDA or a directory) overrides the recorded base
+        path; either way its fingerprint must equal the one recorded at save time."""
+        path = Path(path)
+        meta = read_json(path / STUDENT_CONFIG)
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path / STUDENT_CONFIG}: not a {FORMAT} file")
+        if not isinstance(base, LLaDA):
+            base_dir = Path(base) if base is not None else cls.base_path_of(path)
+            base = LLaDA.from_pretrained(base_dir, dtype=dtype, device=device)
+        if base.source_path is None:
+            raise CheckpointError("the base model was not loaded from a checkpoint directory")
+        found = checkpoint_fingerprint(base.source_path)
+        if found != meta["base_fingerprint"]:
+            raise CheckpointError(
+                f"{path}: the student was trained on a base with fingerprint {meta['base_fingerprint']}, "
+                f"but {base.source_path} has fingerprint {found}"
+            )
+        try:
+            config = SoftPromptConfig(**meta["soft_prompt"])
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path / STUDENT_CONFIG}: {err}") from err
+        student = cls(base, config=config)
+        state = load_file(str(path / SOFT_PROMPT_WEIGHTS), device="cpu")
+        try:
+            student.soft_prompt.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path / SOFT_PROMPT_WEIGHTS}: does not match its config ({err})") from err
+        return student.eval()

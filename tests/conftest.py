@@ -1,0 +1,45 @@
+"""Shared fixtures: the reference checkpoint, and tiny random checkpoints with a char tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.llada import LLaDA, LLaDAConfig
+from pipeline.tokenizer import MASK, build_char_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE_CHECKPOINT = FIXTURES / "llada_tiny"
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789+=:"
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint() -> Path:
+    """A tiny random LLaDA written by the reference modeling code, with its expected logits."""
+    return REFERENCE_CHECKPOINT
+
+
+def tiny_config(vocab_size: int, mask_token_id: int, **overrides) -> LLaDAConfig:
+    fields = dict(
+        d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64, vocab_size=vocab_size,
+        rope_theta=10000.0, max_sequence_length=64, mask_token_id=mask_token_id, eos_token_id=0, pad_token_id=0,
+    )
+    fields.update(overrides)
+    return LLaDAConfig(**fields)
+
+
+def make_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+    """A random tiny LLaDA (grouped-query attention) saved with a char tokenizer at ``path``."""
+    tokenizer = build_char_tokenizer(ALPHABET)
+    config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids(MASK), **overrides)
+    model = LLaDA(config).init_weights(std=0.2, generator=torch.Generator().manual_seed(seed))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    return make_checkpoint(tmp_path / "teacher")
