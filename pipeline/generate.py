@@ -107,7 +107,8 @@ def generate(
             logits = guided_logits(model, x, attention_mask, prompt_index, cfg_scale, mask_id)
             x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)  # (B, T)
             if remasking == "low_confidence":
-                p = F.softmax(logits.to(torch.float64), dim=-1)
+                # fp32 at least: bf16 probabilities tie often and would make the ranking arbitrary.
+                p = F.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
                 x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
             else:
                 x0_p = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=x.device)

@@ -1,0 +1,92 @@
+"""``python -m pipeline.generate`` end to end on tiny checkpoints with a char tokenizer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.generate import main
+from pipeline.llada import LLaDA
+from pipeline.student import Student
+from tests.conftest import ALPHABET
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_prompts(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.generate", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def read_completions(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_teacher_multi_step(tiny_checkpoint, tmp_path):
+    prompts = ["add:1+2=", "sort:cba", "word:3"]
+    out = tmp_path / "out.jsonl"
+    result = run_cli("--model", tiny_checkpoint, "--prompts", write_prompts(tmp_path / "in.jsonl", prompts),
+                     "--out", out, "--gen-length", 8, "--block-length", 4, "--steps", 4,
+                     "--temperature", 1.0, "--samples", 3, "--seed", 1, "--batch-size", 4)
+    assert result.returncode == 0, result.stderr
+    records = read_completions(out)
+    assert [r["prompt"] for r in records] == prompts
+    for r in records:
+        assert len(r["completions"]) == 3
+        assert all(len(c) <= 8 and set(c) <= set(ALPHABET) for c in r["completions"])
+
+
+def test_student_one_step_and_reproducible(tiny_checkpoint, tmp_path):
+    Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2).save_pretrained(tmp_path / "student")
+    prompts = write_prompts(tmp_path / "in.jsonl", ["perm:abcde", "word:1"])
+    outputs = []
+    for name in ("a", "b"):
+        assert main(["--model", str(tmp_path / "student"), "--prompts", str(prompts),
+                     "--out", str(tmp_path / f"{name}.jsonl"), "--gen-length", "6", "--samples", "2"]) == 0
+        outputs.append(read_completions(tmp_path / f"{name}.jsonl"))
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+    # a one-step student refuses multi-step decoding
+    assert main(["--model", str(tmp_path / "student"), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "c.jsonl"), "--steps", "4"]) == 2
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith("error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "too_long", "not_json", "neither"])
+def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
+    model, prompts = tiny_checkpoint, tmp_path / "in.jsonl"
+    expected = {"missing": "not found", "empty": "empty", "too_long": "max_sequence_length",
+                "not_json": ":2: not valid JSON", "neither": "neither a LLaDA checkpoint"}[case]
+    if case == "empty":
+        prompts.write_text("\n")
+    elif case == "too_long":
+        write_prompts(prompts, ["ok", "x" * 70])
+    elif case == "not_json":
+        prompts.write_text('{"prompt": "a"}\n{prompt\n')
+    elif case == "neither":
+        write_prompts(prompts, ["a"])
+        model = tmp_path / "empty_dir"
+        model.mkdir()
+    code = main(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+                 "--gen-length", "8"])
+    assert code == 2
+    assert expected in one_error_line(capsys)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_reports_error_on_stderr_as_a_process(tmp_path):
+    result = run_cli("--model", tmp_path, "--prompts", tmp_path / "absent.jsonl", "--out", tmp_path / "o.jsonl")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error:") and "not found" in result.stderr

@@ -1,0 +1,116 @@
+"""The student: equal to its base at initialization, trainable only through the soft prompt,
+differentiable in (inputs_embeds, t), and saved without the base."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.checkpoint_io import CheckpointError
+from pipeline.llada import LLaDA
+from pipeline.student import Student
+from tests.conftest import make_checkpoint
+
+
+@pytest.fixture
+def base(tiny_checkpoint):
+    return LLaDA.from_pretrained(tiny_checkpoint)
+
+
+def perturb_gate(student, seed=0):
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        student.soft_prompt.prompt_gate.copy_(torch.randn(student.soft_prompt.prompt_gate.shape, generator=g))
+
+
+@pytest.mark.parametrize("conditioning", ["r_t", "t_interval"])
+def test_initial_student_equals_base(base, conditioning):
+    student = Student(base, prompt_length=4, conditioning=conditioning)
+    ids = torch.randint(0, base.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        for attention in ("sdpa", "math"):
+            expected = base(ids, attention_mask=mask, attention=attention)
+            for r, t in [(0.0, 1.0), (0.3, 0.3), (torch.tensor([0.1, 0.5, 0.0]), torch.tensor([0.9, 0.5, 0.2]))]:
+                u = student(ids, r=r, t=t, attention_mask=mask, attention=attention)
+                assert (u - expected).abs().max().item() < 1e-6
+
+
+def test_prefix_shape_and_time_dependence(base):
+    student = Student(base, prompt_length=3)
+    prefix, gate = student.soft_prompt(torch.tensor([0.0, 0.2]), torch.tensor([1.0, 0.5]))
+    c = base.config
+    assert prefix.shape == (2, c.n_layers, 2, c.n_kv_heads, 3, c.head_dim)
+    assert gate.shape == (c.n_layers, c.n_heads)
+    perturb_gate(student)
+    ids = torch.randint(0, c.vocab_size, (1, 8))
+    with torch.no_grad():
+        a, b = student(ids, r=0.0, t=1.0), student(ids, r=0.5, t=1.0)
+    assert not torch.allclose(a, base(ids)) and not torch.allclose(a, b)
+
+
+def test_only_soft_prompt_trains(base):
+    student = Student(base, prompt_length=4)
+    trainable = [name for name, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all("prompt" in name for name in trainable)
+    assert not any(p.requires_grad for p in student.base.parameters())
+    student.train()
+    assert not student.base.training
+    perturb_gate(student)
+    ids = torch.randint(0, base.config.vocab_size, (2, 8))
+    student(ids, r=0.2, t=0.8).logsumexp(-1).mean().backward()
+    assert all(p.grad is None for p in student.base.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.soft_prompt.parameters())
+
+
+def test_jvp_over_embeddings_and_time_matches_finite_differences(tiny_checkpoint):
+    base = LLaDA.from_pretrained(tiny_checkpoint, dtype=torch.float64)
+    student = Student(base, prompt_length=4)
+    perturb_gate(student, seed=1)
+    ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    z = base.embed(ids).detach()
+    r = torch.tensor([0.1, 0.4], dtype=torch.float64)
+    t = torch.tensor([0.7, 0.9], dtype=torch.float64)
+    dz = torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    dt = torch.ones_like(t)
+
+    def u(z_, t_):
+        return student(inputs_embeds=z_, r=r, t=t_, attention="math")
+
+    _, du_dt = torch.func.jvp(u, (z, t), (dz, dt))
+    h = 1e-6
+    with torch.no_grad():
+        fd = (u(z + h * dz, t + h * dt) - u(z - h * dz, t - h * dt)) / (2 * h)
+    assert (du_dt - fd).abs().max() / fd.abs().max() < 1e-8
+
+
+def test_save_load_round_trip(tiny_checkpoint, tmp_path):
+    base = LLaDA.from_pretrained(tiny_checkpoint)
+    student = Student(base, prompt_length=5, hidden_size=32, conditioning="t_interval")
+    perturb_gate(student)
+    student.save_pretrained(tmp_path / "student")
+    files = sorted(p.name for p in (tmp_path / "student").iterdir())
+    assert files == ["soft_prompt.safetensors", "student_config.json"]
+    meta = json.loads((tmp_path / "student" / "student_config.json").read_text())
+    assert meta["soft_prompt"]["prompt_length"] == 5 and len(meta["base_fingerprint"]) == 16
+    loaded = Student.from_pretrained(tmp_path / "student")
+    ids = torch.randint(0, base.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, r=0.1, t=0.6), student(ids, r=0.1, t=0.6))
+
+
+def test_loading_against_another_base_is_refused(tiny_checkpoint, tmp_path):
+    student = Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2)
+    student.save_pretrained(tmp_path / "student")
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        Student.from_pretrained(tmp_path / "student", base=other)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        Student.from_pretrained(tmp_path / "student", base=LLaDA.from_pretrained(other))
+
+
+def test_unsaved_base_cannot_back_a_saved_student(base, tmp_path):
+    fresh = LLaDA(base.config)
+    with pytest.raises(CheckpointError, match="not loaded from a checkpoint"):
+        Student(fresh).save_pretrained(tmp_path / "student")
