@@ -123,3 +123,29 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """A local checkpoint directory, or a Hugging Face id downloaded (config, tokenizer, weights)
+    into the local hub cache. A name that is neither is a clear error."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    text = str(name)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+            return Path(snapshot_download(text, allow_patterns=patterns))
+        except Exception as err:  # network, auth, missing repo: one message naming the id
+            raise CheckpointError(f"{text}: not a local directory, and the hub download failed ({err})") from err
+    raise CheckpointError(f"{text}: checkpoint directory not found")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

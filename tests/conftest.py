@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pipeline.llada import LLaDA, LLaDAConfig
+from pipeline.tasks import ALPHABET
 from pipeline.tokenizer import MASK, build_char_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE_CHECKPOINT = FIXTURES / "llada_tiny"
-ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789+=:"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,214 @@
+"""Typed ``params.yaml`` sections. Each stage reads its own section; unknown keys, wrong types and
+out-of-range values are refused with the file and the dotted key in the message."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params file or section is invalid; the message names the file and key."""
+
+
+def _check(where: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _check(where, value, option)
+            except ParamsError as err:
+                errors.append(str(err))
+        raise ParamsError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ParamsError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [_check(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ParamsError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_mapping(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, checking keys and types; ``__post_init__`` checks ranges."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ParamsError(f"{where}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    values = {name: _check(f"{where}.{name}", value, hints[name]) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except ValueError as err:
+        raise ParamsError(f"{where}.{err}") from err
+
+
+def load_section(cls: type[T], section: str, path: str | Path = PARAMS_FILE) -> T:
+    """Section ``section`` of the params file at ``path`` as dataclass ``cls``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})") from err
+    if section not in data:
+        raise ParamsError(f"{path}: no '{section}' section")
+    return from_mapping(cls, data[section], f"{path}:{section}")
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Range check for ``__post_init__``: raises ``ValueError("key: message")``."""
+    if not condition:
+        raise ValueError(f"{key}: {message}")
+
+
+def params_hash(*sections: Any) -> str:
+    """A stable hash of dataclass sections (for refusing caches made with other params)."""
+    blob = json.dumps([dataclasses.asdict(s) for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass
+class DataParams:
+    """``data``: where examples come from and the sequence layout (stage ``prepare_data``)."""
+
+    source: str = "builtin"
+    """``builtin`` (the task suite), a local ``.jsonl`` file, or a Hugging Face dataset id."""
+    seed: int = 0
+    """Seed of the built-in generator and of the split of external data."""
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["add", "sort", "perm", "word"])
+    """Built-in tasks to include."""
+    train_per_task: int = 20000
+    """Built-in training examples per task."""
+    val_per_task: int = 64
+    """Built-in validation prompts per task."""
+    test_per_task: int = 100
+    """Built-in held-out test prompts per task."""
+    prompt_field: str = "prompt"
+    """External data: field holding the prompt."""
+    response_field: str = "response"
+    """External data: field holding the answer."""
+    hf_split: str = "train"
+    """Hugging Face dataset: split to read (then divided into train/val/test by prompt)."""
+    val_fraction: float = 0.02
+    """External data: fraction of distinct prompts held out for validation."""
+    test_fraction: float = 0.02
+    """External data: fraction of distinct prompts held out for testing."""
+    prompt_length: int = 16
+    """Tokens in the (left-padded) prompt region; longer prompts are refused."""
+    gen_length: int = 8
+    """Tokens in the answer region (answer, then EOS padding)."""
+    answer_suffix: str | None = None
+    """Token appended to every answer before the EOS padding (``<|eot_id|>`` for LLaDA-8B-Instruct)."""
+    chat_template: bool | None = None
+    """Wrap prompts in the tokenizer's chat template (None: when the tokenizer has one)."""
+
+    def __post_init__(self) -> None:
+        from pipeline.tasks import TASKS
+
+        for i, task in enumerate(self.tasks):
+            require(task in TASKS, f"tasks[{i}]", f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        require(len(set(self.tasks)) == len(self.tasks), "tasks", "tasks repeat")
+        require(self.train_per_task >= 1, "train_per_task", "must be >= 1")
+        require(self.val_per_task >= 1, "val_per_task", "must be >= 1")
+        require(self.test_per_task >= 1, "test_per_task", "must be >= 1")
+        for key in ("val_fraction", "test_fraction"):
+            require(0.0 < getattr(self, key) < 0.5, key, "must be in (0, 0.5)")
+        require(self.prompt_length >= 2, "prompt_length", "must be >= 2")
+        require(self.gen_length >= 1, "gen_length", "must be >= 1")
+
+
+@dataclasses.dataclass
+class TeacherModelParams:
+    """Architecture of the built-in teacher (a LLaDA config)."""
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    mlp_hidden_size: int = 384
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size"):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(self.d_model % self.n_heads == 0, "d_model", "must be divisible by n_heads")
+        require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", "must divide n_heads")
+
+
+@dataclasses.dataclass
+class TeacherTrainParams:
+    """Pretraining of the built-in teacher with LLaDA's SFT objective."""
+
+    max_steps: int = 6000
+    """Optimizer steps (the run also stops at ``max_minutes``)."""
+    max_minutes: float = 10.0
+    """Wall-clock budget; training stops cleanly when it is spent."""
+    batch_size: int = 256
+    lr: float = 2e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    min_mask_ratio: float = 1e-3
+    """eps of LLaDA's t ~ U(eps, 1]."""
+    seed: int = 0
+    num_threads: int = 0
+    """torch CPU threads (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        require(self.max_steps >= 1, "max_steps", "must be >= 1")
+        require(self.max_minutes > 0, "max_minutes", "must be > 0")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0 < self.min_mask_ratio < 1, "min_mask_ratio", "must be in (0, 1)")
+        require(self.num_threads >= 0, "num_threads", "must be >= 0")
+
+
+@dataclasses.dataclass
+class TeacherParams:
+    """``teacher``: an existing LLaDA checkpoint, or the built-in one to pretrain (stage ``teacher``)."""
+
+    checkpoint: str | None = None
+    """Local directory or Hugging Face id of a LLaDA checkpoint; null pretrains the built-in teacher."""
+    mask_token_id: int | None = None
+    """Override the checkpoint's ``mask_token_id`` (LLaDA-8B: 126336; LLaDA-MoE: 156895)."""
+    model: TeacherModelParams = dataclasses.field(default_factory=TeacherModelParams)
+    train: TeacherTrainParams = dataclasses.field(default_factory=TeacherTrainParams)

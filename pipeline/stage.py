@@ -1,0 +1,20 @@
+"""What every stage entry point shares: expected errors become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from pipeline.checkpoint_io import CheckpointError
+from pipeline.config import ParamsError
+from pipeline.data import DataError
+
+EXPECTED_ERRORS = (CheckpointError, ParamsError, DataError)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    try:
+        main()
+    except EXPECTED_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,91 @@
+"""The teacher artifact (``artifacts/teacher/``): which LLaDA checkpoint later stages distil.
+
+``teacher.json`` records the checkpoint (``.`` for the built-in teacher saved in the same
+directory, otherwise the path or hub id the user gave; weights are never copied), its fingerprint,
+the mask id and the tokenizer hash. ``load_teacher`` re-resolves it and refuses a checkpoint whose
+fingerprint changed since it was recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from pipeline.checkpoint_io import (
+    CheckpointError,
+    checkpoint_fingerprint,
+    file_sha256,
+    read_json,
+    resolve_checkpoint,
+    resolve_weight_files,
+)
+from pipeline.llada import LLaDA, LLaDAConfig
+from pipeline.tokenizer import load_tokenizer
+
+RECORD = "teacher.json"
+
+
+@dataclasses.dataclass
+class TeacherRecord:
+    checkpoint: str
+    """``.`` (this directory) or the user's path / hub id."""
+    fingerprint: str
+    mask_token_id: int
+    tokenizer_sha256: str
+    builtin: bool
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / RECORD).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> "TeacherRecord":
+        data = read_json(Path(directory) / RECORD)
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise CheckpointError(f"{Path(directory) / RECORD}: {err}") from err
+
+
+def checkpoint_dir(directory: Path, record: TeacherRecord) -> Path:
+    return Path(directory) if record.checkpoint == "." else resolve_checkpoint(record.checkpoint)
+
+
+def validate_checkpoint(path: Path, mask_token_id: int | None = None) -> TeacherRecord:
+    """Check that ``path`` is a usable LLaDA checkpoint: config, weights, tokenizer, mask id."""
+    config = LLaDAConfig.from_file(path / "config.json")
+    resolve_weight_files(path)
+    tokenizer = load_tokenizer(path)
+    mask = config.mask_token_id if mask_token_id is None else mask_token_id
+    if len(tokenizer) > config.embedding_size:
+        raise CheckpointError(
+            f"{path}: tokenizer has {len(tokenizer)} tokens but the model embeds only {config.embedding_size}"
+        )
+    if not 0 <= mask < config.embedding_size:
+        raise CheckpointError(f"{path}: mask_token_id {mask} is outside the embedding ({config.embedding_size})")
+    if mask in {tokenizer.eos_token_id, tokenizer.bos_token_id, config.eos_token_id} - {None}:
+        raise CheckpointError(f"{path}: mask_token_id {mask} collides with EOS/BOS")
+    return TeacherRecord(
+        checkpoint=str(path),
+        fingerprint=checkpoint_fingerprint(path),
+        mask_token_id=mask,
+        tokenizer_sha256=file_sha256(path / "tokenizer.json"),
+        builtin=False,
+    )
+
+
+def load_teacher(directory: str | Path, dtype=None, device=None) -> tuple[LLaDA, object, TeacherRecord]:
+    """(model, tokenizer, record) of a teacher artifact; the model's ``mask_token_id`` is the
+    recorded one."""
+    directory = Path(directory)
+    record = TeacherRecord.load(directory)
+    path = checkpoint_dir(directory, record)
+    found = checkpoint_fingerprint(path)
+    if found != record.fingerprint:
+        raise CheckpointError(
+            f"{directory / RECORD}: checkpoint {path} has fingerprint {found}, recorded {record.fingerprint}; "
+            "rerun the teacher stage"
+        )
+    model = LLaDA.from_pretrained(path, dtype=dtype, device=device)
+    model.config.mask_token_id = record.mask_token_id
+    return model, load_tokenizer(path), record

@@ -1,0 +1,214 @@
+"""Pretraining the built-in teacher with LLaDA's SFT objective, in Lightning.
+
+Per sequence t ~ U(eps, 1]; each answer token (EOS padding included) is masked with probability t;
+the prompt is never masked. Loss: cross-entropy on masked tokens, each weighted 1/t, summed and
+normalized by the answer length and the batch size (LLaDA's SFT loss).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from pipeline.data import Layout, forward_mask, sample_mask_ratio
+from pipeline.generate import generate, mask_predictor
+from pipeline.llada import LLaDA
+from pipeline.tasks import score
+from pipeline.tokenizer import decode_answer
+
+
+def sft_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, answer_length: int):
+    """LLaDA's SFT loss: sum over masked tokens of CE / t, divided by answer length and batch size.
+
+    logits (B, L, V), x0 (B, L), masked (B, L) bool, t (B,)."""
+    token_ce = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none")  # (N,)
+    weights = (1.0 / t)[:, None].expand_as(masked)[masked]  # (N,)
+    return (token_ce * weights).sum() / (answer_length * x0.shape[0])
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear warmup, then cosine decay to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class MaskedDiffusionSFT(L.LightningModule):
+    """Trains every weight of a ``LLaDA`` as a mask predictor on fixed-layout sequences."""
+
+    def __init__(self, model: LLaDA, layout: Layout, lr: float, weight_decay: float, warmup_steps: int,
+                 max_steps: int, min_mask_ratio: float):
+        super().__init__()
+        self.model = model
+        self.layout = layout
+        self.save_hyperparameters(ignore=["model", "layout"])
+
+    def masked_batch(self, batch, generator=None):
+        x0 = batch["input_ids"].long()
+        t = sample_mask_ratio(x0.shape[0], self.hparams.min_mask_ratio, generator, x0.device)
+        x_t, masked = forward_mask(x0, t, self.layout.prompt_length, self.model.config.mask_token_id, generator)
+        return x0, x_t, masked, t
+
+    def loss(self, batch, generator=None):
+        x0, x_t, masked, t = self.masked_batch(batch, generator)
+        logits = self.model(input_ids=x_t, attention_mask=batch["attention_mask"])
+        return sft_loss(logits, x0, masked, t, self.layout.gen_length)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        # The same masks every validation run, so the curve is comparable across steps.
+        generator = torch.Generator(device=batch["input_ids"].device).manual_seed(batch_idx)
+        self.log("val/loss", self.loss(batch, generator), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=(0.9, 0.95),
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, self.hparams.max_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class SequenceDataModule(L.LightningDataModule):
+    """Tokenized ``train``/``val`` splits written by ``prepare_data`` (``datasets`` on disk)."""
+
+    def __init__(self, data_dir: str | Path, batch_size: int, num_workers: int = 0):
+        super().__init__()
+        self.data_dir, self.batch_size, self.num_workers = Path(data_dir), batch_size, num_workers
+
+    def split(self, name: str):
+        import datasets
+
+        return datasets.load_from_disk(str(self.data_dir / name)).with_format(
+            "torch", columns=["input_ids", "attention_mask"]
+        )
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(
+            self.split("train"), batch_size=self.batch_size, shuffle=True, drop_last=True,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.split("val"), batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+class GenerationAccuracy(L.Callback):
+    """Every ``every_n_steps`` (and at the end), greedy-decode the validation prompts at ``gen_length``
+    steps and log task accuracy: the learning curve that matters, not just the loss."""
+
+    def __init__(self, val_split, tokenizer, stops: set[int], layout: Layout, every_n_steps: int, batch_size: int = 256):
+        self.rows = val_split
+        self.tokenizer, self.stops, self.layout = tokenizer, stops, layout
+        self.every_n_steps, self.batch_size = every_n_steps, batch_size
+        self.history: list[dict] = []
+
+    @torch.no_grad()
+    def evaluate(self, model: LLaDA) -> dict:
+        was_training = model.training
+        model.eval()
+        predictor = mask_predictor(model)
+        device = next(model.parameters()).device
+        P, G = self.layout.prompt_length, self.layout.gen_length
+        records = []
+        for start in range(0, len(self.rows), self.batch_size):
+            rows = self.rows[start : start + self.batch_size]
+            ids = torch.as_tensor(rows["input_ids"])[:, :P].long().to(device)
+            mask = torch.as_tensor(rows["attention_mask"])[:, :P].long().to(device)
+            out = generate(predictor, ids, mask, steps=G, gen_length=G, block_length=G,
+                           mask_id=model.config.mask_token_id)
+            for prompt, answer in zip(rows["prompt"], out[:, P:].tolist()):
+                records.append({"prompt": prompt, "completions": [decode_answer(self.tokenizer, answer, self.stops)]})
+        model.train(was_training)
+        return score(records)
+
+    def record(self, trainer, pl_module):
+        metrics = self.evaluate(pl_module.model)
+        self.history.append({"step": trainer.global_step, **{k: v["accuracy"] for k, v in metrics.items()}})
+        if trainer.logger is not None:
+            accuracy = {f"val/accuracy/{task}": values["accuracy"] for task, values in metrics.items()}
+            trainer.logger.log_metrics(accuracy, step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every_n_steps == 0:
+            self.record(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            metrics = self.evaluate(pl_module.model)
+            self.history.append({"step": trainer.global_step, **{k: v["accuracy"] for k, v in metrics.items()}})
+
+
+def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -> dict:
+    """Pretrain the built-in teacher on ``data_dir`` and save it to ``out_dir`` (atomically) as a
+    LLaDA checkpoint directory with its tokenizer and ``teacher.json``. Returns a summary."""
+    import datetime
+    import json
+    import time
+
+    import datasets
+    from dvclive.lightning import DVCLiveLogger
+
+    from pipeline.checkpoint_io import atomic_directory, checkpoint_fingerprint, file_sha256
+    from pipeline.llada import LLaDAConfig
+    from pipeline.teacher import TeacherRecord
+    from pipeline.tokenizer import load_tokenizer
+
+    train = params.train
+    L.seed_everything(train.seed, workers=True)
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    layout = Layout.load(data_dir)
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    config = LLaDAConfig(
+        **vars(params.model), vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=layout.pad_token_id, pad_token_id=layout.pad_token_id, max_sequence_length=layout.length,
+    )
+    model = LLaDA(config).init_weights(std=0.02)
+    module = MaskedDiffusionSFT(model, layout, train.lr, train.weight_decay, train.warmup_steps, train.max_steps,
+                                train.min_mask_ratio)
+    accuracy = GenerationAccuracy(datasets.load_from_disk(str(data_dir / "val")), tokenizer,
+                                  {layout.pad_token_id}, layout, every_n_steps=max(1, train.max_steps // 20))
+    trainer = L.Trainer(
+        max_steps=train.max_steps,
+        max_time=datetime.timedelta(minutes=train.max_minutes),
+        accelerator="auto",
+        devices=1,
+        precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
+        gradient_clip_val=1.0,
+        val_check_interval=max(1, train.max_steps // 20),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        logger=DVCLiveLogger(dir=str(metrics_dir), save_dvc_exp=False, dvcyaml=False),
+        callbacks=[accuracy],
+        log_every_n_steps=10,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=SequenceDataModule(data_dir, train.batch_size))
+    minutes = (time.perf_counter() - started) / 60
+    model.cpu().eval()
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        generation = {"eos_token_id": layout.pad_token_id, "pad_token_id": layout.pad_token_id,
+                      "gen_length": layout.gen_length}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        TeacherRecord(checkpoint=".", fingerprint=checkpoint_fingerprint(tmp), mask_token_id=config.mask_token_id,
+                      tokenizer_sha256=file_sha256(tmp / "tokenizer.json"), builtin=True).save(tmp)
+    return {"steps": trainer.global_step, "minutes": round(minutes, 2), "parameters": sum(p.numel() for p in model.parameters()),
+            "val_accuracy": accuracy.history[-1], "curve": accuracy.history}

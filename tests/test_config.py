@@ -1,0 +1,51 @@
+"""params.yaml sections: defaults are valid; bad keys, types and values are named in the error."""
+
+import pytest
+import yaml
+
+from pipeline.config import DataParams, ParamsError, TeacherParams, load_section, params_hash
+
+ROOT_PARAMS = __import__("pathlib").Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_repository_params_are_valid():
+    assert load_section(DataParams, "data", ROOT_PARAMS).gen_length >= 1
+    assert load_section(TeacherParams, "teacher", ROOT_PARAMS).model.d_model >= 1
+
+
+def write(tmp_path, data):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "section,cls,value,message",
+    [
+        ("data", DataParams, {"gen_lenght": 8}, r"params.yaml:data.gen_lenght: unknown key"),
+        ("data", DataParams, {"gen_length": "8"}, r"data.gen_length: expected int"),
+        ("data", DataParams, {"gen_length": 0}, r"data.gen_length: must be >= 1"),
+        ("data", DataParams, {"tasks": ["add", "mul"]}, r"data.tasks\[1\]: unknown task 'mul'"),
+        ("data", DataParams, {"val_fraction": 0.7}, r"data.val_fraction: must be in"),
+        ("teacher", TeacherParams, {"model": {"d_model": 130}}, r"teacher.model.d_model: must be divisible"),
+        ("teacher", TeacherParams, {"train": {"lr": True}}, r"teacher.train.lr: expected float"),
+        ("teacher", TeacherParams, {"train": {"optimizer": "sgd"}}, r"teacher.train.optimizer: unknown key"),
+    ],
+)
+def test_bad_params_are_named(tmp_path, section, cls, value, message):
+    with pytest.raises(ParamsError, match=message):
+        load_section(cls, section, write(tmp_path, {section: value}))
+
+
+def test_missing_file_and_section(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_section(DataParams, "data", tmp_path / "absent.yaml")
+    with pytest.raises(ParamsError, match="no 'teacher' section"):
+        load_section(TeacherParams, "teacher", write(tmp_path, {"data": {}}))
+
+
+def test_ints_are_accepted_as_floats_and_hash_is_stable(tmp_path):
+    params = load_section(TeacherParams, "teacher", write(tmp_path, {"teacher": {"train": {"lr": 1}}}))
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
+    assert params_hash(params) == params_hash(TeacherParams(train=params.train))
+    assert params_hash(params) != params_hash(TeacherParams())

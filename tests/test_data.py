@@ -1,0 +1,97 @@
+"""Tokenizer, sequence layout, external JSONL data, and LLaDA's forward masking."""
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from pipeline.config import DataParams
+from pipeline.data import (
+    DataError, Layout, encode_examples, forward_mask, prepare_data, read_jsonl_examples, sample_mask_ratio,
+    split_by_prompt,
+)
+from pipeline.tasks import ALPHABET
+from pipeline.tokenizer import BOS, EOS, MASK, build_char_tokenizer, decode_answer, load_tokenizer
+
+LAYOUT = Layout(prompt_length=8, gen_length=5, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer(ALPHABET)
+
+
+def test_char_tokenizer_round_trip_through_transformers(tokenizer, tmp_path):
+    tokenizer.save_pretrained(str(tmp_path))
+    loaded = load_tokenizer(tmp_path)
+    assert [loaded.convert_tokens_to_ids(t) for t in (EOS, BOS, MASK)] == [0, 1, 2]
+    assert (loaded.eos_token_id, loaded.mask_token_id, loaded.pad_token_id) == (0, 2, 0)
+    ids = loaded("add:12+7=")["input_ids"]
+    assert ids[0] == 1 and len(ids) == 10  # BOS + one id per character
+    assert loaded.decode(ids, skip_special_tokens=True) == "add:12+7="
+    assert decode_answer(loaded, loaded("ab", add_special_tokens=False)["input_ids"] + [0, 5, 0], {0}) == "ab"
+    assert len(loaded) == 4 + len(set(ALPHABET))
+
+
+def test_layout_pads_left_and_right(tokenizer):
+    layout = Layout(prompt_length=12, gen_length=6, pad_token_id=0)
+    columns = encode_examples(tokenizer, [{"prompt": "word:3", "answer": "river"}], layout)
+    tokens = tokenizer.convert_ids_to_tokens(columns["input_ids"][0])
+    assert tokens == [EOS] * 5 + [BOS, *"word:3"] + [*"river", EOS]
+    assert columns["attention_mask"][0] == [0] * 5 + [1] * 13
+
+
+@pytest.mark.parametrize("field,value,message", [("prompt", "sort:abcdefgh", "prompt_length"), ("answer", "abcdef", "gen_length")])
+def test_too_long_examples_are_refused(tokenizer, field, value, message):
+    example = {"prompt": "word:1", "answer": "plant", field: value}
+    with pytest.raises(DataError, match=f"example 0 .*{message}"):
+        encode_examples(tokenizer, [example], LAYOUT, source="x.jsonl")
+
+
+def test_jsonl_source_end_to_end(tokenizer, tmp_path):
+    rows = [{"question": f"add:{i}+1=", "reply": str(i + 1)} for i in range(60)]
+    rows += [{"question": "add:0+1=", "reply": "1"}]  # a repeated prompt stays in one split
+    source = tmp_path / "qa.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = DataParams(source=str(source), prompt_field="question", response_field="reply",
+                        val_fraction=0.1, test_fraction=0.1, prompt_length=12, gen_length=4)
+    sizes = prepare_data(params, tokenizer, tmp_path / "data")
+    assert sum(sizes.values()) == 61 and sizes["test"] >= 6
+    splits = {name: datasets.load_from_disk(str(tmp_path / "data" / name)) for name in sizes}
+    train_prompts = set(splits["train"]["prompt"])
+    assert not train_prompts & set(splits["test"]["prompt"]) and not train_prompts & set(splits["val"]["prompt"])
+    row = splits["train"][0]
+    assert len(row["input_ids"]) == 16 and tokenizer.decode(row["input_ids"][12:], skip_special_tokens=True) == row["answer"]
+    assert Layout.load(tmp_path / "data") == Layout(12, 4, 0)
+    assert load_tokenizer(tmp_path / "data" / "tokenizer").mask_token_id == tokenizer.mask_token_id
+    lines = (tmp_path / "data" / "prompts" / "test.jsonl").read_text().splitlines()
+    assert len(lines) == sizes["test"] and "prompt" in json.loads(lines[0])
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2: no string field 'response'"):
+        read_jsonl_examples(path, "prompt", "response")
+    path.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        read_jsonl_examples(path, "prompt", "response")
+
+
+def test_split_by_prompt_needs_enough_prompts():
+    with pytest.raises(DataError, match="too few"):
+        split_by_prompt([{"prompt": "a", "answer": "b"}] * 5, 0.1, 0.1, seed=0)
+
+
+def test_forward_mask():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(3, 40, (4000, 13), generator=g)
+    t = torch.tensor([0.0, 0.3, 0.7, 1.0]).repeat(1000)
+    x_t, masked = forward_mask(x0, t, answer_start=8, mask_id=2, generator=g)
+    assert not masked[:, :8].any() and torch.equal(x_t[:, :8], x0[:, :8])
+    assert torch.equal(x_t[masked], torch.full_like(x_t[masked], 2)) and torch.equal(x_t[~masked], x0[~masked])
+    rate = masked[:, 8:].float().mean(1).view(1000, 4).mean(0)
+    assert torch.allclose(rate, torch.tensor([0.0, 0.3, 0.7, 1.0]), atol=0.02)
+    ratio = sample_mask_ratio(10000, eps=0.05, generator=g)
+    assert ratio.min() >= 0.05 and ratio.max() <= 1.0 and abs(ratio.mean().item() - 0.525) < 0.01
