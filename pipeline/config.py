@@ -131,9 +131,9 @@ class DataParams:
     """External data: fraction of distinct prompts held out for validation."""
     test_fraction: float = 0.02
     """External data: fraction of distinct prompts held out for testing."""
-    prompt_length: int = 16
+    prompt_length: int = 14
     """Tokens in the (left-padded) prompt region; longer prompts are refused."""
-    gen_length: int = 8
+    gen_length: int = 7
     """Tokens in the answer region (answer, then EOS padding)."""
     answer_suffix: str | None = None
     """Token appended to every answer before the EOS padding (``<|eot_id|>`` for LLaDA-8B-Instruct)."""
@@ -177,14 +177,14 @@ class TeacherModelParams:
 class TeacherTrainParams:
     """Pretraining of the built-in teacher with LLaDA's SFT objective."""
 
-    max_steps: int = 6000
+    max_steps: int = 1000
     """Optimizer steps (the run also stops at ``max_minutes``)."""
-    max_minutes: float = 10.0
+    max_minutes: float = 12.0
     """Wall-clock budget; training stops cleanly when it is spent."""
     batch_size: int = 256
     lr: float = 2e-3
     """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
-    warmup_steps: int = 200
+    warmup_steps: int = 100
     weight_decay: float = 0.01
     min_mask_ratio: float = 1e-3
     """eps of LLaDA's t ~ U(eps, 1]."""

@@ -144,9 +144,16 @@ def split_by_prompt(
 # ---------------------------------------------------------------------- forward process
 
 
-def sample_mask_ratio(batch: int, eps: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """LLaDA's t ~ U(eps, 1] (B,)."""
+def sample_mask_ratio(
+    batch: int, eps: float, generator: torch.Generator | None = None, device=None, stratified: bool = False
+) -> torch.Tensor:
+    """LLaDA's t ~ U(eps, 1] (B,). ``stratified`` draws one t from each of B equal slices of the
+    interval (in random order): still uniform per sample, but a batch covers all noise levels, which
+    lowers the variance of the 1/t-weighted loss."""
     u = torch.rand(batch, generator=generator, device=device)
+    if stratified:
+        slot = torch.randperm(batch, generator=generator, device=device)
+        u = (slot + u) / batch
     return eps + (1.0 - eps) * (1.0 - u)  # 1 - u lies in (0, 1]
 
 

@@ -21,18 +21,22 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.llada import upcast
+
 # A mask predictor maps (input_ids (B, T), attention_mask (B, T) or None) to logits (B, T, V).
 MaskPredictor = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Remasking = Literal["low_confidence", "random"]
 
 
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None):
-    """The reference's Gumbel-max trick in float64: argmax of the result samples softmax(logits / T)."""
+    """Gumbel-max in float64: the argmax of the result samples softmax(logits / T).
+
+    The reference computes ``exp(logits) / (-log u) ** T``; this is its logarithm divided by T (same
+    argmax), which cannot overflow when guidance makes logits large."""
     if temperature == 0:
         return logits
-    logits = logits.to(torch.float64)
     noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
-    return logits.exp() / (-torch.log(noise)) ** temperature
+    return logits.to(torch.float64) / temperature - torch.log(-torch.log(noise))
 
 
 def num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
@@ -50,15 +54,16 @@ def guided_logits(
     prompt_index: torch.Tensor,
     cfg_scale: float,
     mask_id: int,
+    window: slice = slice(None),
 ) -> torch.Tensor:
-    """Logits of ``model`` on ``x``; with ``cfg_scale > 0`` unsupervised CFG against the same input
-    with the prompt positions replaced by ``mask_id``."""
+    """Logits of ``model`` on ``x`` at positions ``window``; with ``cfg_scale > 0`` unsupervised CFG
+    against the same input with the prompt positions replaced by ``mask_id``."""
     if cfg_scale <= 0:
-        return model(x, attention_mask)
+        return model(x, attention_mask)[:, window]
     unconditional = x.masked_fill(prompt_index, mask_id)
     both = torch.cat((x, unconditional), dim=0)
     mask = None if attention_mask is None else torch.cat((attention_mask, attention_mask), dim=0)
-    cond, un = model(both, mask).chunk(2, dim=0)
+    cond, un = model(both, mask)[:, window].chunk(2, dim=0)
     return un + (cfg_scale + 1) * (cond - un)
 
 
@@ -80,6 +85,13 @@ def generate(
 
     ``attention_mask`` (B, Lp) marks real prompt tokens (left padding is 0); the answer is always
     attended. ``steps == 1`` with ``block_length == gen_length`` is one-step generation.
+
+    Two deliberate departures from the reference: the mask token is never predicted (the reference
+    can "commit" [MASK], which leaves the position masked, spends that step's budget and is revisited
+    in later blocks; a trained LLaDA does not do this, a random one does), and noise (Gumbel, ``random`` remasking) is drawn only
+    for the current block, never for the whole (B, T, V) logits (10 GB in float64 for LLaDA-8B at
+    B = 32): with temperature > 0 the draws differ from the reference's, not their distribution.
+    Otherwise the output equals the reference's exactly (tested).
     """
     if gen_length < 1 or block_length < 1 or steps < 1:
         raise ValueError("gen_length, block_length and steps must be positive")
@@ -97,29 +109,28 @@ def generate(
     prompt_index = x != mask_id
     if attention_mask is not None:
         attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, gen_length)), dim=1)
-    positions = torch.arange(x.shape[1], device=x.device)[None, :]
+    rank = torch.arange(block_length, device=x.device)[None, :]  # (1, block)
 
     for block in range(num_blocks):
-        start, end = Lp + block * block_length, Lp + (block + 1) * block_length
-        schedule = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)  # (B, steps)
+        window = slice(Lp + block * block_length, Lp + (block + 1) * block_length)
+        schedule = num_transfer_tokens(x[:, window] == mask_id, steps_per_block)  # (B, steps)
         for i in range(steps_per_block):
-            mask_index = x == mask_id
-            logits = guided_logits(model, x, attention_mask, prompt_index, cfg_scale, mask_id)
-            x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)  # (B, T)
+            current = x[:, window]  # (B, block)
+            mask_index = current == mask_id
+            logits = guided_logits(model, x, attention_mask, prompt_index, cfg_scale, mask_id, window)
+            logits[..., mask_id] = -torch.inf  # committing [MASK] would be a wasted no-op
+            x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)  # (B, block)
             if remasking == "low_confidence":
                 # fp32 at least: bf16 probabilities tie often and would make the ranking arbitrary.
-                p = F.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+                p = F.softmax(upcast(logits), dim=-1)
                 x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
             else:
-                x0_p = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=x.device)
-            x0_p = x0_p.masked_fill(positions >= end, -torch.inf)
-            x0 = torch.where(mask_index, x0, x)
+                x0_p = torch.rand(x0.shape, generator=generator, device=x.device)
             confidence = torch.where(mask_index, x0_p, -torch.inf)
-            # Commit the schedule[:, i] most confident positions of each row.
+            # Commit the schedule[:, i] most confident masked positions of each row.
             order = confidence.argsort(dim=-1, descending=True, stable=True)
-            chosen = positions.expand(B, -1) < schedule[:, i : i + 1]
-            transfer = torch.zeros_like(mask_index).scatter(1, order, chosen)
-            x = torch.where(transfer, x0, x)
+            transfer = torch.zeros_like(mask_index).scatter(1, order, rank < schedule[:, i : i + 1])
+            x[:, window] = torch.where(transfer, x0, current)
     return x
 
 
@@ -188,39 +199,75 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
+def check_sampling_options(args: argparse.Namespace, gen_length: int, steps: int, block_length: int) -> None:
+    """Refuse bad sampling options before any weights are loaded (minutes for LLaDA-8B)."""
+    for flag, value in (("--gen-length", gen_length), ("--steps", steps), ("--block-length", block_length),
+                        ("--samples", args.samples), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.temperature < 0 or args.cfg_scale < 0:
+        raise UsageError("--temperature and --cfg-scale must be >= 0")
+    if gen_length % block_length:
+        raise UsageError(f"--gen-length {gen_length} is not a multiple of --block-length {block_length}")
+    if steps % (gen_length // block_length):
+        raise UsageError(f"--steps {steps} is not a multiple of the number of blocks {gen_length // block_length}")
 
-    from pipeline.checkpoint_io import CheckpointError
+
+def load_model(path: Path, dtype: torch.dtype, device: str):
+    """(model, base checkpoint directory, is_student) for a student directory, a LLaDA directory or
+    a Hugging Face id."""
+    from pipeline.checkpoint_io import resolve_checkpoint
     from pipeline.llada import LLaDA
     from pipeline.student import Student
-    from pipeline.tokenizer import load_tokenizer, stop_token_ids, decode_answer, encode_prompts
 
-    if args.samples < 1 or args.batch_size < 1:
-        raise UsageError("--samples and --batch-size must be >= 1")
+    if Student.is_student_dir(path):
+        return Student.from_pretrained(path, dtype=dtype, device=device), Student.base_path_of(path), True
+    path = resolve_checkpoint(path)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path}: neither a LLaDA checkpoint (config.json) nor a student (student_config.json)")
+    return LLaDA.from_pretrained(path, dtype=dtype, device=device), path, False
+
+
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) (B, W) with each row right-aligned."""
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, tokens in enumerate(batch):
+        if tokens:
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            mask[row, width - len(tokens):] = 1
+    return ids, mask
+
+
+def run(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.checkpoint_io import CheckpointError
+    from pipeline.student import Student
+    from pipeline.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
+
+    hf_logging.set_verbosity_error()
     prompts = read_prompts(args.prompts)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    is_student = Student.is_student_dir(args.model)
     try:
-        if Student.is_student_dir(args.model):
-            model = Student.from_pretrained(args.model, dtype=dtype, device=args.device)
-            base_dir, default_steps = Student.base_path_of(args.model), 1
-        elif (args.model / "config.json").is_file():
-            model = LLaDA.from_pretrained(args.model, dtype=dtype, device=args.device)
-            base_dir, default_steps = args.model, None
-        else:
-            raise UsageError(f"{args.model}: neither a LLaDA checkpoint (config.json) nor a student (student_config.json)")
+        hints = generation_hints(Student.base_path_of(args.model) if is_student else args.model)
+        gen_length = args.gen_length if args.gen_length is not None else hints.get("gen_length", 128)
+        steps = args.steps if args.steps is not None else (1 if is_student else gen_length)
+        block_length = args.block_length if args.block_length is not None else gen_length
+        check_sampling_options(args, gen_length, steps, block_length)
+        if is_student and steps != 1:
+            raise UsageError(f"{args.model} is a one-step student; --steps must be 1, got {steps}")
+        dtype = getattr(torch, args.dtype) if args.dtype else (
+            torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+        model, base_dir, _ = load_model(args.model, dtype, args.device)
         tokenizer = load_tokenizer(base_dir)
+        config = (model.base if is_student else model).config
+        stops = stop_token_ids(tokenizer, config, base_dir)
+        encoded = encode_prompts(tokenizer, prompts, chat={"auto": None, "on": True, "off": False}[args.chat_template])
     except CheckpointError as err:
         raise UsageError(str(err)) from err
-    config = (model.base if isinstance(model, Student) else model).config
-    hints = generation_hints(base_dir)
-    gen_length = args.gen_length or hints.get("gen_length", 128)
-    steps = args.steps or default_steps or gen_length
-    if default_steps == 1 and steps != 1:
-        raise UsageError(f"{args.model} is a one-step student; --steps must be 1, got {steps}")
-    block_length = args.block_length or gen_length
-
-    encoded = encode_prompts(tokenizer, prompts, chat={"auto": None, "on": True, "off": False}[args.chat_template])
     for number, ids in enumerate(encoded, start=1):
         if len(ids) + gen_length > config.max_sequence_length:
             raise UsageError(
@@ -228,27 +275,21 @@ def run(args: argparse.Namespace) -> None:
                 f"that exceeds the model's max_sequence_length {config.max_sequence_length}"
             )
     predictor = mask_predictor(model)
-    stops = stop_token_ids(tokenizer, config, base_dir)
     pad_id = config.pad_token_id if config.pad_token_id is not None else min(stops)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(args.samples)]
+    # Similar lengths share a batch (less padding); results go back to input order.
+    jobs = sorted(((i, ids) for i, ids in enumerate(encoded) for _ in range(args.samples)), key=lambda j: len(j[1]))
     completions: list[list[str]] = [[] for _ in prompts]
     started = time.perf_counter()
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch", file=sys.stderr):
         batch = jobs[start : start + args.batch_size]
-        width = max(len(ids) for _, ids in batch)
-        prompt = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (_, ids) in enumerate(batch):  # left padding
-            if ids:
-                prompt[row, width - len(ids):] = torch.tensor(ids)
-                mask[row, width - len(ids):] = 1
+        prompt, mask = left_pad([ids for _, ids in batch], pad_id)
         out = generate(
             predictor, prompt.to(args.device), mask.to(args.device), steps=steps, gen_length=gen_length,
             block_length=block_length, temperature=args.temperature, cfg_scale=args.cfg_scale,
             remasking=args.remasking, mask_id=config.mask_token_id, generator=generator,
         )
-        for (index, _), answer in zip(batch, out[:, width:].tolist()):
+        for (index, _), answer in zip(batch, out[:, prompt.shape[1]:].tolist()):
             completions[index].append(decode_answer(tokenizer, answer, stops))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
@@ -264,10 +305,12 @@ def run(args: argparse.Namespace) -> None:
 def generation_hints(checkpoint: Path) -> dict:
     """Defaults a checkpoint may suggest in ``generation_config.json`` (e.g. our built-in teacher's
     ``gen_length``); real LLaDA checkpoints suggest none."""
+    from pipeline.checkpoint_io import read_json
+
     path = Path(checkpoint) / "generation_config.json"
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    data = read_json(path)
     return {k: data[k] for k in ("gen_length",) if isinstance(data.get(k), int)}
 
 

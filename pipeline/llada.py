@@ -48,23 +48,23 @@ class LLaDAConfig:
     Fields this implementation does not use are kept verbatim in ``extra`` and written back on save.
     """
 
-    d_model: int = 64
-    """Hidden size."""
-    n_layers: int = 2
+    d_model: int = 4096
+    """Hidden size. (Defaults are LLaDA-8B's, except those a config.json must state.)"""
+    n_layers: int = 32
     """Number of transformer blocks."""
-    n_heads: int = 4
+    n_heads: int = 32
     """Number of query heads; ``head_dim = d_model // n_heads``."""
     n_kv_heads: int | None = None
     """Number of key/value heads (grouped-query attention when smaller than ``n_heads``)."""
     mlp_hidden_size: int | None = None
-    """SwiGLU inner size; ``mlp_ratio * d_model`` when absent."""
+    """SwiGLU inner size; ``mlp_ratio * d_model`` when absent (LLaDA-8B: 12288)."""
     mlp_ratio: int = 4
     """Used only when ``mlp_hidden_size`` is absent."""
-    vocab_size: int = 96
+    vocab_size: int = 126464
     """Tokenizer vocabulary size."""
     embedding_size: int | None = None
     """Rows of the embedding and output head (``>= vocab_size``, padded for efficiency)."""
-    rope_theta: float = 10000.0
+    rope_theta: float = 500000.0
     """RoPE base."""
     rms_norm_eps: float = 1e-5
     """RMSNorm epsilon."""
@@ -89,7 +89,8 @@ class LLaDAConfig:
     _REQUIRED = {
         "block_type": ("llama",),
         "layer_norm_type": ("rms",),
-        "activation_type": ("silu", "swiglu"),
+        "activation_type": ("silu",),
+        "rope_full_precision": (True,),
         "alibi": (False,),
         "rope": (True,),
         "include_bias": (False,),
@@ -175,25 +176,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        x32 = upcast(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(x.dtype)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 to fp32 for numerically sensitive ops; fp32 and fp64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary tables for integer ``positions`` (N,), in fp32 (fp64 if asked): each (N, head_dim)."""
+    """Rotary tables for ``positions`` (any shape S), in fp32 (fp64 if asked): each (*S, head_dim)."""
     dtype = torch.float64 if positions.dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim))
-    freqs = positions.to(dtype)[:, None] * inv_freq[None, :]  # (N, head_dim/2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (N, head_dim)
+    freqs = positions.to(dtype)[..., None] * inv_freq  # (*S, head_dim/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (*S, head_dim)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (..., N, head_dim) in fp32 (fp64 stays fp64) and cast back."""
     dtype = x.dtype
-    xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    xf = upcast(x)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (xf * cos.to(xf.dtype) + rotated * sin.to(xf.dtype)).to(dtype)
@@ -209,7 +214,7 @@ def softmax_attention(
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     if bias is not None:
         scores = scores + bias
-    probs = torch.softmax(scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores, dim=-1)
+    probs = torch.softmax(upcast(scores), dim=-1)
     return torch.matmul(probs.to(v.dtype), v)
 
 
@@ -219,6 +224,34 @@ def attend(q, k, v, bias, attention: Attention) -> torch.Tensor:
     if attention == "math":
         return softmax_attention(q, k, v, bias)
     raise ValueError(f"attention must be 'sdpa' or 'math', got {attention!r}")
+
+
+@dataclasses.dataclass
+class RopeTables:
+    """cos/sin for the tokens (B or 1, 1, T, D) and the prefix (1, 1, P, D), computed once per forward."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    prefix_cos: torch.Tensor | None
+    prefix_sin: torch.Tensor | None
+
+    @classmethod
+    def build(cls, config, T: int, P: int, attention_mask, device, dtype) -> "RopeTables":
+        """Real tokens take positions 0, 1, ... in order (left padding does not count), and the
+        prefix the P positions just before them. Relative to the first real token this is LLaDA's
+        ``layer_past`` placement (prefix 0..P-1, tokens P..P+T-1); counting from it keeps the
+        prefix-token distance independent of padding, and keeps token-token rotations bitwise
+        identical with and without a prefix (fp RoPE at large positions is not shift invariant)."""
+        if attention_mask is None:
+            positions = torch.arange(T, device=device, dtype=dtype)[None]  # (1, T)
+        else:
+            positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0).to(dtype)  # (B, T)
+        cos, sin = rope_cos_sin(positions[:, None], config.head_dim, config.rope_theta)  # (B, 1, T, D)
+        if P == 0:
+            return cls(cos, sin, None, None)
+        prefix_positions = torch.arange(-P, 0, device=device, dtype=dtype)[None, None]  # (1, 1, P)
+        prefix_cos, prefix_sin = rope_cos_sin(prefix_positions, config.head_dim, config.rope_theta)
+        return cls(cos, sin, prefix_cos, prefix_sin)
 
 
 class LLaDABlock(nn.Module):
@@ -241,33 +274,28 @@ class LLaDABlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        rope: "RopeTables",
         bias: torch.Tensor | None,
         prefix: torch.Tensor | None,
         gate: torch.Tensor | None,
         attention: Attention,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attn_norm(x), bias, prefix, gate, attention)
+        x = x + self.attention(self.attn_norm(x), rope, bias, prefix, gate, attention)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
-    def attention(self, x, bias, prefix, gate, attention: Attention) -> torch.Tensor:
+    def attention(self, x, rope: "RopeTables", bias, prefix, gate, attention: Attention) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         P = 0 if prefix is None else prefix.shape[-2]
-        rope_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        # The prefix takes positions 0..P-1 and the tokens P..P+T-1. RoPE is relative, so we rotate
-        # with everything shifted by -P: token-token attention is then bitwise the same as without
-        # a prefix (floating-point RoPE at large positions is not exactly shift invariant).
-        positions = torch.arange(-P, T, device=x.device, dtype=rope_dtype)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)  # (P+T, D)
-        q = apply_rope(q, cos[P:], sin[P:])
-        k = apply_rope(k, cos[P:], sin[P:])
+        q = apply_rope(q, rope.cos, rope.sin)
+        k = apply_rope(k, rope.cos, rope.sin)
         groups = c.n_heads // c.n_kv_heads
         if prefix is not None:
-            pk = apply_rope(prefix[:, 0].to(k.dtype), cos[:P], sin[:P])  # (B, Hkv, P, D)
+            pk = apply_rope(prefix[:, 0].to(k.dtype), rope.prefix_cos, rope.prefix_sin)  # (B, Hkv, P, D)
             pv = prefix[:, 1].to(v.dtype)
             pk = pk.repeat_interleave(groups, dim=1) if groups > 1 else pk
             pv = pv.repeat_interleave(groups, dim=1) if groups > 1 else pv
@@ -363,9 +391,14 @@ class LLaDA(nn.Module):
                     f"prefix must be (B, {expected[0]}, 2, {expected[2]}, P, {self.config.head_dim}), "
                     f"got {tuple(prefix.shape)}"
                 )
+        rope = RopeTables.build(
+            self.config, T, 0 if prefix is None else prefix.shape[-2], attention_mask, x.device,
+            torch.float64 if x.dtype == torch.float64 else torch.float32,
+        )
         for i, block in enumerate(self.transformer["blocks"]):
             x = block(
                 x,
+                rope,
                 bias,
                 None if prefix is None else prefix[:, i],
                 None if prefix_gate is None else prefix_gate[i],

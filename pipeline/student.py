@@ -16,7 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.checkpoint_io import CheckpointError, checkpoint_fingerprint, read_json
+from pipeline.checkpoint_io import (
+    CheckpointError,
+    atomic_directory,
+    checkpoint_fingerprint,
+    read_json,
+    resolve_checkpoint,
+)
 from pipeline.llada import LLaDA, Attention
 from pipeline.soft_prompt import SoftPrompt, SoftPromptConfig
 
@@ -96,15 +102,15 @@ class Student(nn.Module):
         if source is None:
             raise CheckpointError("the student's base model was not loaded from a checkpoint directory; "
                                   "save it with LLaDA.save_pretrained and reload it first")
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(self.soft_prompt_state_dict(), str(path / SOFT_PROMPT_WEIGHTS), metadata={"format": "pt"})
         meta = {
             "format": FORMAT,
             "soft_prompt": dataclasses.asdict(self.config),
             "base_path": os.path.relpath(source.resolve(), path.resolve()),
             "base_fingerprint": checkpoint_fingerprint(source),
         }
-        (path / STUDENT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        with atomic_directory(path) as tmp:
+            save_file(self.soft_prompt_state_dict(), str(tmp / SOFT_PROMPT_WEIGHTS), metadata={"format": "pt"})
+            (tmp / STUDENT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
     @staticmethod
     def is_student_dir(path: str | Path) -> bool:
@@ -131,7 +137,7 @@ class Student(nn.Module):
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path / STUDENT_CONFIG}: not a {FORMAT} file")
         if not isinstance(base, LLaDA):
-            base_dir = Path(base) if base is not None else cls.base_path_of(path)
+            base_dir = resolve_checkpoint(base) if base is not None else cls.base_path_of(path)
             base = LLaDA.from_pretrained(base_dir, dtype=dtype, device=device)
         if base.source_path is None:
             raise CheckpointError("the base model was not loaded from a checkpoint directory")

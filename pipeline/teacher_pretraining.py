@@ -50,7 +50,7 @@ class MaskedDiffusionSFT(L.LightningModule):
 
     def masked_batch(self, batch, generator=None):
         x0 = batch["input_ids"].long()
-        t = sample_mask_ratio(x0.shape[0], self.hparams.min_mask_ratio, generator, x0.device)
+        t = sample_mask_ratio(x0.shape[0], self.hparams.min_mask_ratio, generator, x0.device, stratified=True)
         x_t, masked = forward_mask(x0, t, self.layout.prompt_length, self.model.config.mask_token_id, generator)
         return x0, x_t, masked, t
 

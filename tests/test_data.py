@@ -95,3 +95,18 @@ def test_forward_mask():
     assert torch.allclose(rate, torch.tensor([0.0, 0.3, 0.7, 1.0]), atol=0.02)
     ratio = sample_mask_ratio(10000, eps=0.05, generator=g)
     assert ratio.min() >= 0.05 and ratio.max() <= 1.0 and abs(ratio.mean().item() - 0.525) < 0.01
+
+
+def test_chat_template_and_generation_config_stops(tokenizer, tmp_path):
+    from pipeline.llada import LLaDAConfig
+    from pipeline.tokenizer import encode_prompts, stop_token_ids
+
+    chat = build_char_tokenizer(ALPHABET + "<>|")
+    chat.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}|{% endif %}"
+    (ids,) = encode_prompts(chat, ["ab"])  # template found: applied, no BOS added
+    assert chat.decode(ids) == "<ab>|" and ids[0] != chat.bos_token_id
+    (plain,) = encode_prompts(chat, ["ab"], chat=False)
+    assert plain[0] == chat.bos_token_id
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7]}))
+    config = LLaDAConfig(d_model=8, n_layers=1, n_heads=2, vocab_size=len(tokenizer), mask_token_id=2, eos_token_id=3)
+    assert stop_token_ids(tokenizer, config, tmp_path) == {0, 3, 7}

@@ -52,6 +52,10 @@ def test_student_one_step_and_reproducible(tiny_checkpoint, tmp_path):
                      "--out", str(tmp_path / f"{name}.jsonl"), "--gen-length", "6", "--samples", "2"]) == 0
         outputs.append(read_completions(tmp_path / f"{name}.jsonl"))
     assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+    # an untrained student (zero gate) is exactly the teacher decoding in one step
+    assert main(["--model", str(tiny_checkpoint), "--prompts", str(prompts), "--out", str(tmp_path / "t.jsonl"),
+                 "--gen-length", "6", "--samples", "2", "--steps", "1"]) == 0
+    assert read_completions(tmp_path / "t.jsonl") == outputs[0]
     # a one-step student refuses multi-step decoding
     assert main(["--model", str(tmp_path / "student"), "--prompts", str(prompts),
                  "--out", str(tmp_path / "c.jsonl"), "--steps", "4"]) == 2
@@ -64,11 +68,16 @@ def one_error_line(capsys):
     return lines[0]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "too_long", "not_json", "neither"])
+@pytest.mark.parametrize("case", ["missing", "empty", "too_long", "not_json", "neither", "blocks", "zero_length",
+                                  "temperature", "no_chat_template"])
 def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
     model, prompts = tiny_checkpoint, tmp_path / "in.jsonl"
     expected = {"missing": "not found", "empty": "empty", "too_long": "max_sequence_length",
-                "not_json": ":2: not valid JSON", "neither": "neither a LLaDA checkpoint"}[case]
+                "not_json": ":2: not valid JSON", "neither": "neither a LLaDA checkpoint", "blocks": "multiple of --block-length",
+                "zero_length": "--gen-length must be >= 1", "temperature": "--temperature",
+                "no_chat_template": "no chat template"}[case]
+    extra = {"blocks": ["--block-length", "3"], "zero_length": ["--gen-length", "0"],
+             "temperature": ["--temperature", "-1"], "no_chat_template": ["--chat-template", "on"]}.get(case, [])
     if case == "empty":
         prompts.write_text("\n")
     elif case == "too_long":
@@ -79,8 +88,10 @@ def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
         write_prompts(prompts, ["a"])
         model = tmp_path / "empty_dir"
         model.mkdir()
+    elif case != "missing":
+        write_prompts(prompts, ["a"])
     code = main(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
-                 "--gen-length", "8"])
+                 "--gen-length", "8", *extra])
     assert code == 2
     assert expected in one_error_line(capsys)
     assert not (tmp_path / "o.jsonl").exists()

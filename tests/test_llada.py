@@ -49,7 +49,8 @@ def test_bfloat16_load(reference_checkpoint):
     assert bf16.transformer["wte"].weight.dtype == torch.bfloat16
     with torch.no_grad():
         a, b = fp32(ids), bf16(ids).float()
-    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert (a - b).abs().max() < 0.03 * a.abs().max()  # bf16 keeps ~3 significant digits per op
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
 
 
 def gqa_and_equivalent_mha(seed=0):

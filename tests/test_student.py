@@ -34,7 +34,7 @@ def test_initial_student_equals_base(base, conditioning):
             expected = base(ids, attention_mask=mask, attention=attention)
             for r, t in [(0.0, 1.0), (0.3, 0.3), (torch.tensor([0.1, 0.5, 0.0]), torch.tensor([0.9, 0.5, 0.2]))]:
                 u = student(ids, r=r, t=t, attention_mask=mask, attention=attention)
-                assert (u - expected).abs().max().item() < 1e-6
+                assert torch.equal(u, expected)  # a zero gate adds exactly zero
 
 
 def test_prefix_shape_and_time_dependence(base):
@@ -114,3 +114,17 @@ def test_unsaved_base_cannot_back_a_saved_student(base, tmp_path):
     fresh = LLaDA(base.config)
     with pytest.raises(CheckpointError, match="not loaded from a checkpoint"):
         Student(fresh).save_pretrained(tmp_path / "student")
+
+
+def test_student_ignores_left_padding(base):
+    """The prefix sits just before the first real token, whatever the padding (as in training)."""
+    student = Student(base, prompt_length=3)
+    perturb_gate(student, seed=4)
+    ids = torch.randint(0, base.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    padded = torch.cat((torch.zeros(1, 4, dtype=torch.long), ids), dim=1)
+    mask = torch.cat((torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)), dim=1)
+    with torch.no_grad():
+        for attention in ("sdpa", "math"):
+            plain = student(ids, r=0.2, t=0.9, attention=attention)
+            assert torch.allclose(student(padded, r=0.2, t=0.9, attention_mask=mask, attention=attention)[:, 4:],
+                                  plain, atol=1e-5)
