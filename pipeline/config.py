@@ -97,8 +97,8 @@ def require(condition: bool, key: str, message: str) -> None:
 
 
 def params_hash(*sections: Any) -> str:
-    """A stable hash of dataclass sections (for refusing caches made with other params)."""
-    blob = json.dumps([dataclasses.asdict(s) for s in sections], sort_keys=True)
+    """A stable hash of dataclass sections or dicts (for refusing caches made with other params)."""
+    blob = json.dumps([s if isinstance(s, dict) else dataclasses.asdict(s) for s in sections], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -212,3 +212,44 @@ class TeacherParams:
     """Override the checkpoint's ``mask_token_id`` (LLaDA-8B: 126336; LLaDA-MoE: 156895)."""
     model: TeacherModelParams = dataclasses.field(default_factory=TeacherModelParams)
     train: TeacherTrainParams = dataclasses.field(default_factory=TeacherTrainParams)
+
+
+@dataclasses.dataclass
+class CacheParams:
+    """``cache``: stage one, the teacher's top-k log-probs on sampled (x_t, t) (stage ``cache_teacher``)."""
+
+    samples_per_example: int = 4
+    """Draws of (t, mask) per training example."""
+    max_examples: int | None = None
+    """Use only the first N training examples (None: all)."""
+    top_k: int = 32
+    """Log-probs kept per masked position (the rest is the tail mass)."""
+    t_distribution: Literal["uniform", "logit_normal"] = "uniform"
+    """Law of t for the non-fully-masked samples."""
+    t_min: float = 0.02
+    """Smallest t (uniform: t ~ U(t_min, 1]; logit-normal samples are clipped to it)."""
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    full_mask_fraction: float = 0.1
+    """Fraction of samples at exactly t = 1 (every answer token masked): the one-step inference point."""
+    cfg_scale: float = 0.0
+    """Cache guided teacher logits ``un + (w + 1)(cond - un)`` (prompt masked for ``un``) when > 0."""
+    rows_per_shard: int = 16384
+    """Rows per shard file (bounded shard size)."""
+    record_batch_rows: int = 512
+    """Rows per Arrow record batch: the unit of random access and decompression."""
+    batch_size: int = 256
+    """Teacher forward batch."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.samples_per_example >= 1, "samples_per_example", "must be >= 1")
+        require(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1 or null")
+        require(self.top_k >= 1, "top_k", "must be >= 1")
+        require(0.0 < self.t_min < 1.0, "t_min", "must be in (0, 1)")
+        require(self.logit_normal_std > 0, "logit_normal_std", "must be > 0")
+        require(0.0 <= self.full_mask_fraction <= 1.0, "full_mask_fraction", "must be in [0, 1]")
+        require(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
+        require(self.rows_per_shard >= 1, "rows_per_shard", "must be >= 1")
+        require(self.record_batch_rows >= 1, "record_batch_rows", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -141,6 +141,18 @@ def split_by_prompt(
     return splits
 
 
+def split_fingerprint(split_dir: Path) -> str:
+    """sha256 over the Arrow files of a split written by ``prepare_data`` (identifies its content)."""
+    import hashlib
+
+    from pipeline.checkpoint_io import file_sha256
+
+    files = sorted(Path(split_dir).glob("*.arrow"))
+    if not files:
+        raise DataError(f"{split_dir}: no Arrow files (run the prepare_data stage)")
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------- forward process
 
 

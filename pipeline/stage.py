@@ -8,8 +8,9 @@ from typing import Callable
 from pipeline.checkpoint_io import CheckpointError
 from pipeline.config import ParamsError
 from pipeline.data import DataError
+from pipeline.teacher_cache import CacheError
 
-EXPECTED_ERRORS = (CheckpointError, ParamsError, DataError)
+EXPECTED_ERRORS = (CheckpointError, ParamsError, DataError, CacheError)
 
 
 def run_stage(main: Callable[[], None]) -> None:

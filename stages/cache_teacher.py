@@ -1,0 +1,76 @@
+"""Stage ``cache_teacher`` (stage one): the teacher's top-k log-probs on sampled (x_t, t) pairs in
+zstd Arrow shards under ``artifacts/cache/`` (params: ``cache``; format: ``pipeline/teacher_cache.py``).
+
+Spare GPUs fill one cache together: each process takes a disjoint, deterministic set of shards,
+
+    python stages/cache_teacher.py --shard-index i --num-shards n
+
+(defaults from RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS when set). Rerunning skips complete
+shards; a cache built with other params, data or teacher is refused. The last process to finish
+completes the manifest.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipeline.checkpoint_io import file_sha256  # noqa: E402
+from pipeline.config import CacheParams, load_section  # noqa: E402
+from pipeline.data import DataError, Layout  # noqa: E402
+from pipeline.stage import run_stage  # noqa: E402
+from pipeline.teacher import load_teacher  # noqa: E402
+from pipeline.teacher_cache import cache_statistics  # noqa: E402
+from pipeline.teacher_targets import cache_header, fill_cache, load_train_split  # noqa: E402
+
+DATA = Path("data")
+TEACHER = Path("artifacts/teacher")
+OUT = Path("artifacts/cache")
+METRICS = Path("metrics/cache.json")
+
+
+def default_rank() -> tuple[int, int]:
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), int(os.environ[world])
+    return 0, 1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    rank, world = default_rank()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shard-index", type=int, default=rank, help="this process's index (default: rank)")
+    parser.add_argument("--num-shards", type=int, default=world, help="processes sharing the work (default: world size)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    default_device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device)
+    args = parser.parse_args(argv)
+    if not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index must be in [0, --num-shards={args.num_shards}), got {args.shard_index}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    params = load_section(CacheParams, "cache")
+    on_gpu = args.device.startswith("cuda")
+    model, _, record = load_teacher(TEACHER, dtype=torch.bfloat16 if on_gpu else torch.float32, device=args.device)
+    layout = Layout.load(DATA)
+    if record.tokenizer_sha256 != file_sha256(DATA / "tokenizer" / "tokenizer.json"):
+        raise DataError(f"{DATA / 'tokenizer'} is not the teacher's tokenizer; rerun prepare_data")
+    train = load_train_split(DATA, params.max_examples)
+    header = cache_header(record, layout, params, DATA, model)
+    summary = fill_cache(model, train, layout, params, args.out, header, args.shard_index, args.num_shards)
+    if summary["complete"] and args.out == OUT:
+        METRICS.parent.mkdir(parents=True, exist_ok=True)
+        METRICS.write_text(json.dumps({**cache_statistics(args.out), "seconds": summary["seconds"]}, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,183 @@
+"""Stage one: the Arrow cache format, and filling it from a teacher (determinism, sharding,
+resumption after a kill, damage and mismatch detection)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.config import CacheParams
+from pipeline.data import Layout
+from pipeline.teacher import load_teacher
+from pipeline.teacher_cache import (
+    CacheError, CacheRows, ShardWriter, cache_schema, cache_statistics, ensure_manifest, finalize_manifest, open_cache,
+)
+from pipeline.teacher_targets import cache_header, fill_cache, load_train_split
+from tests.conftest import make_workdir
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(samples_per_example=3, top_k=5, rows_per_shard=24, record_batch_rows=10, batch_size=7,
+             full_mask_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("work"))
+
+
+def fill(workdir, out, shard_index=0, num_shards=1, **overrides):
+    params = CacheParams(**{**SMALL, **overrides})
+    model, _, record = load_teacher(workdir / "artifacts" / "teacher")
+    layout = Layout.load(workdir / "data")
+    train = load_train_split(workdir / "data", params.max_examples)
+    header = cache_header(record, layout, params, workdir / "data", model)
+    return fill_cache(model, train, layout, params, out, header, shard_index, num_shards)
+
+
+def random_rows(n, length, k, seed):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 5, n)
+    m = int(counts.sum())
+    return CacheRows(
+        example_index=np.arange(n, dtype=np.int64), sample_index=rng.integers(0, 3, n).astype(np.int32),
+        t=rng.random(n).astype(np.float32), input_ids=rng.integers(0, 99, (n, length)).astype(np.int32),
+        attention_mask=rng.integers(0, 2, (n, length)).astype(np.int8), x0=rng.integers(0, 99, (n, length)).astype(np.int32),
+        num_masked=counts, masked_positions=rng.integers(0, length, m).astype(np.int32),
+        topk_ids=rng.integers(0, 99, (m, k)).astype(np.int32), topk_logprobs=-rng.random((m, k)).astype(np.float16),
+    )
+
+
+def test_write_read_round_trip(tmp_path):
+    length, k = 9, 4
+    header = {"teacher_fingerprint": "t", "tokenizer_sha256": "s", "data_fingerprint": "d", "params_hash": "p",
+              "layout": {"length": length}, "vocab_size": 99, "num_shards": 2, "top_k": k, "record_batch_rows": 4}
+    ensure_manifest(tmp_path, header)
+    blocks = [random_rows(7, length, k, seed) for seed in (0, 1)]
+    for index, rows in enumerate(blocks):
+        with ShardWriter(tmp_path, index, cache_schema(length, k), record_batch_rows=4) as writer:
+            writer.write(rows.slice(0, 3))
+            writer.write(rows.slice(3, 7))
+            writer.close()
+    assert finalize_manifest(tmp_path)
+    cache = open_cache(tmp_path)
+    assert len(cache) == 14 and cache.num_batches == 4  # 7 rows -> batches of 4 + 3, per shard
+    for index, rows in enumerate(blocks):
+        offsets = np.concatenate(([0], np.cumsum(rows.num_masked)))
+        for i in range(7):
+            record = cache[index * 7 + i]
+            a, b = offsets[i], offsets[i + 1]
+            assert record["example_index"] == i and record["t"] == rows.t[i]
+            assert np.array_equal(record["input_ids"], rows.input_ids[i])
+            assert np.array_equal(record["attention_mask"], rows.attention_mask[i])
+            assert np.array_equal(record["x0"], rows.x0[i])
+            assert np.array_equal(record["masked_positions"], rows.masked_positions[a:b])
+            assert np.array_equal(record["topk_ids"], rows.topk_ids[a:b])
+            assert record["topk_logprobs"].dtype == np.float16
+            assert np.array_equal(record["topk_logprobs"], rows.topk_logprobs[a:b])
+    assert cache[-1]["example_index"] == 6
+
+
+def test_stored_logprobs_equal_a_fresh_teacher_forward(workdir, tmp_path):
+    summary = fill(workdir, tmp_path / "cache")
+    assert summary["complete"] and summary["shards_total"] == 15  # 120 examples, 8 per shard
+    cache = open_cache(tmp_path / "cache")
+    assert len(cache) == 120 * 3
+    model, _, _ = load_teacher(workdir / "artifacts" / "teacher")
+    layout = Layout.load(workdir / "data")
+    saw_full_mask = False
+    for i in range(0, len(cache), 17):
+        row = cache[i]
+        masked = row["input_ids"] == model.config.mask_token_id
+        assert np.array_equal(np.flatnonzero(masked), row["masked_positions"])
+        assert row["masked_positions"].min() >= layout.prompt_length and len(row["masked_positions"]) >= 1
+        assert np.array_equal(row["x0"][~masked], row["input_ids"][~masked])
+        saw_full_mask |= row["t"] == 1.0 and masked[layout.prompt_length:].all()
+        with torch.no_grad():
+            logits = model(torch.tensor(row["input_ids"][None]).long(),
+                           attention_mask=torch.tensor(row["attention_mask"][None]).long())[0]
+        logprobs = torch.log_softmax(logits[torch.tensor(row["masked_positions"]).long()], dim=-1)
+        values, ids = logprobs.topk(5, dim=-1)
+        assert np.array_equal(row["topk_ids"], ids.numpy())
+        assert np.allclose(row["topk_logprobs"].astype(np.float32), values.numpy(), atol=2e-3, rtol=1e-3)
+        assert (np.diff(row["topk_logprobs"].astype(np.float32), axis=1) <= 0).all()
+    assert saw_full_mask
+    stats = cache_statistics(tmp_path / "cache")
+    assert stats["rows"] == 360 and stats["bytes_per_masked_position_disk"] > 0
+
+
+def shard_digests(directory):
+    return {name: entry["sha256"] for name, entry in json.loads((directory / "manifest.json").read_text())["shards"].items()}
+
+
+def test_deterministic_and_independent_of_the_process_split(workdir, tmp_path):
+    fill(workdir, tmp_path / "a")
+    fill(workdir, tmp_path / "b", batch_size=13)  # forward batch size is speed only
+    assert shard_digests(tmp_path / "a") == shard_digests(tmp_path / "b")
+    first = fill(workdir, tmp_path / "split", shard_index=0, num_shards=2)
+    assert not first["complete"] and first["shards_written"] == 8  # shards 0, 2, ..., 14
+    with pytest.raises(CacheError, match="incomplete cache .8 of 15 shards"):
+        open_cache(tmp_path / "split")
+    assert fill(workdir, tmp_path / "split", shard_index=1, num_shards=2)["complete"]
+    rows = lambda d: {(r["example_index"], r["sample_index"], r["t"], r["topk_ids"].tobytes()) for r in open_cache(d)}
+    assert rows(tmp_path / "split") == rows(tmp_path / "a")
+    assert shard_digests(tmp_path / "split") == shard_digests(tmp_path / "a")
+    again = fill(workdir, tmp_path / "a")  # rerun: everything skipped
+    assert again["shards_written"] == 0 and again["shards_skipped"] == 15
+
+
+def test_mismatched_params_or_teacher_are_refused(workdir, tmp_path):
+    fill(workdir, tmp_path / "cache", max_examples=16)
+    with pytest.raises(CacheError, match="params_hash"):
+        fill(workdir, tmp_path / "cache", max_examples=16, top_k=6)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    manifest["teacher_fingerprint"] = "0" * 16
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="teacher_fingerprint"):
+        fill(workdir, tmp_path / "cache", max_examples=16)
+
+
+def test_damaged_shards_are_refused_by_name(workdir, tmp_path):
+    fill(workdir, tmp_path / "cache", max_examples=16)
+    shard = tmp_path / "cache" / "shard-00001.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="shard-00001.arrow: checksum mismatch"):
+        open_cache(tmp_path / "cache")
+    shard.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CacheError, match=r"shard-00001.arrow: size .*truncated"):
+        open_cache(tmp_path / "cache", verify=False)
+
+
+def test_killed_run_resumes_to_the_same_cache(tmp_path):
+    work = make_workdir(tmp_path / "work", train_per_task=600, d_model=64)
+    params = {"cache": {**SMALL, "rows_per_shard": 300, "record_batch_rows": 64, "batch_size": 50}}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    command = [sys.executable, str(ROOT / "stages" / "cache_teacher.py")]
+    process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = work / "artifacts" / "cache"
+    deadline = time.time() + 300
+    while not list(cache.glob("shard-*.json")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert not manifest["complete"], "the run finished before it could be killed: make it longer"
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(cache)
+    complete = {p.name for p in cache.glob("shard-*.json")}
+    assert 0 < len(complete) < manifest["num_shards"]
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not list(cache.glob(".shard-*"))  # the killed run's temporary file is gone
+    reference = tmp_path / "reference"
+    fill(work, reference, **params["cache"])
+    assert shard_digests(cache) == shard_digests(reference)
+    assert len(open_cache(cache)) == 600 * 4 * 3
