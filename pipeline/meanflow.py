@@ -1,0 +1,132 @@
+"""Discrete-space MeanFlow, as pure functions (DESIGN section 5).
+
+Conventions: t = 1 is fully masked, t = 0 is data. The teacher's logits on x_t are the instantaneous
+velocity v; the student's logits u(z, r, t) on z = E[x_t] are the average velocity over [r, t]. The
+MeanFlow identity gives the regression target
+
+    u_tgt = v - (t - r) * du/dt,    du/dt = d/dt u(z(t), r, t) = J_z u . dz/dt + d_t u,
+
+a Jacobian-vector product of the student along the tangent (dz/dt, 1) with r held fixed, taken without
+gradient. With r = t the target is exactly v.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+Tail = Literal["uniform", "drop"]
+Tangent = Literal["linear", "seed"]
+Loss = Literal["kl", "mse", "ce"]
+
+
+def dense_logprobs(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, vocab_size: int, tail: Tail = "uniform"):
+    """Full log-probabilities (M, V) from cached top-k (M, k) log-softmax values.
+
+    ``uniform``: the tail mass 1 - sum(exp(topk)) is spread evenly over the other V - k ids;
+    ``drop``: the top-k are renormalized and every other id gets probability 0. Mass is 1 either way.
+    """
+    logprobs = topk_logprobs.float()
+    M, k = logprobs.shape
+    if tail == "drop":
+        dense = torch.full((M, vocab_size), -torch.inf, device=logprobs.device)
+        return dense.scatter(1, topk_ids.long(), logprobs - torch.logsumexp(logprobs, dim=1, keepdim=True))
+    if tail != "uniform":
+        raise ValueError(f"tail must be 'uniform' or 'drop', got {tail!r}")
+    if k >= vocab_size:
+        return torch.full((M, vocab_size), -torch.inf, device=logprobs.device).scatter(1, topk_ids.long(), logprobs)
+    # fp16 storage can make the stored top-k sum a hair above 1: renormalize them, leave no tail.
+    head = torch.logsumexp(logprobs, dim=1, keepdim=True)  # log sum p_topk, (M, 1)
+    logprobs = logprobs - head.clamp(min=0.0)
+    tail_mass = (-torch.expm1(head.clamp(max=0.0))).clamp(min=0.0)  # 1 - sum p_topk, (M, 1)
+    per_id = torch.log(tail_mass / (vocab_size - k))  # -inf when there is no tail
+    dense = per_id.expand(M, vocab_size).clone()
+    return dense.scatter(1, topk_ids.long(), logprobs)
+
+
+def sample_r(t: torch.Tensor, equal_fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """r (B,) for t (B,): r = t for a fraction ``equal_fraction`` of samples, else r ~ U[0, t)."""
+    equal = torch.rand(t.shape, generator=generator, device=t.device) < equal_fraction
+    below = t * torch.rand(t.shape, generator=generator, device=t.device)
+    return torch.where(equal, t, below)
+
+
+def tangent(
+    kind: Tangent, v: torch.Tensor, masked: torch.Tensor, embedding: torch.Tensor, mask_id: int, t: torch.Tensor
+) -> torch.Tensor:
+    """dz/dt (B, T, C) of the student's input embeddings along the forward process.
+
+    v (B, T, V) teacher logits (used only where ``masked``), masked (B, T) bool, embedding (V, C) the
+    input embedding matrix, t (B,). With e_bar = softmax(v) @ E:
+
+    * ``linear``: the mean-embedding path E[z_s] = s e_mask + (1 - s) e(x0), re-anchored through x_t
+      (p = softmax(v) as the posterior of x0): at masked positions (e_mask - e_bar) / t, 0 at visible
+      ones (for s < t visible tokens stay visible);
+    * ``seed``: the seed's literal e_bar - e(x_t) at masked positions (opposite sign, no 1 / t).
+    """
+    probs = torch.softmax(v.float(), dim=-1)  # (B, T, V)
+    e_bar = (probs @ embedding.float()).to(embedding.dtype)  # (B, T, C)
+    e_mask = embedding[mask_id]  # (C,)
+    if kind == "linear":
+        direction = (e_mask - e_bar) / t[:, None, None].to(embedding.dtype)
+    elif kind == "seed":
+        direction = e_bar - e_mask
+    else:
+        raise ValueError(f"tangent must be 'linear' or 'seed', got {kind!r}")
+    return torch.where(masked[..., None], direction, torch.zeros_like(direction))
+
+
+def average_velocity_jvp(
+    student_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    t: torch.Tensor,
+    dz_dt: torch.Tensor,
+    keep_graph: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, du/dt) with ``torch.func.jvp`` of ``student_fn(z, t)`` along (dz_dt, 1).
+
+    ``student_fn`` must use the explicit ("math") attention: fused SDPA kernels have no forward-mode
+    derivative. With ``keep_graph`` the primal u keeps its autograd graph (one grad-mode JVP); without,
+    the JVP runs under ``no_grad`` (cheaper; compute u for the gradient with an ordinary forward)."""
+    tangents = (dz_dt, torch.ones_like(t))
+    if keep_graph:
+        return torch.func.jvp(student_fn, (z, t), tangents)
+    with torch.no_grad():
+        return torch.func.jvp(student_fn, (z, t), tangents)
+
+
+def meanflow_target(v: torch.Tensor, du_dt: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """u_tgt = v - (t - r) du/dt, detached (stop-gradient). v, du_dt (B, T, V); r, t (B,)."""
+    gap = (t - r).to(du_dt.dtype)[:, None, None]
+    return (v.to(du_dt.dtype) - gap * du_dt).detach()
+
+
+def token_losses(kind: Loss, u: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token losses (N,) for student logits u (N, V) against target logits (N, V).
+
+    ``kl``: KL(softmax(target) || softmax(u)); ``mse``: mean squared difference of the log-softmax
+    vectors (logits are shift invariant, so raw logits would penalize an irrelevant offset);
+    ``ce``: cross-entropy of u to the hard ``labels`` (N,)."""
+    log_u = F.log_softmax(u.float(), dim=-1)
+    if kind == "kl":
+        log_target = F.log_softmax(target.float(), dim=-1)
+        p = log_target.exp()
+        return torch.where(p > 0, p * (log_target - log_u), torch.zeros_like(p)).sum(dim=-1)  # 0 log 0 = 0
+    if kind == "mse":
+        return (log_u - F.log_softmax(target.float(), dim=-1)).pow(2).mean(dim=-1)
+    if kind == "ce":
+        if labels is None:
+            raise ValueError("the ce loss needs labels")
+        return F.nll_loss(log_u, labels.long(), reduction="none")
+    raise ValueError(f"loss must be 'kl', 'mse' or 'ce', got {kind!r}")
+
+
+def adaptive_weighted_mean(losses: torch.Tensor, power: float = 1.0, eps: float = 1e-3) -> torch.Tensor:
+    """MeanFlow's adaptive weighting: mean of sg(1 / (loss + eps) ** power) * loss; power 0 is a
+    plain mean."""
+    if power == 0:
+        return losses.mean()
+    weights = 1.0 / (losses.detach() + eps) ** power
+    return (weights * losses).mean()

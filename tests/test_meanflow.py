@@ -1,0 +1,161 @@
+"""The MeanFlow pieces: dense reconstruction, r sampling, tangents, the JVP target and the losses."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.llada import LLaDA
+from pipeline.meanflow import (
+    adaptive_weighted_mean, average_velocity_jvp, dense_logprobs, meanflow_target, sample_r, tangent, token_losses,
+)
+from pipeline.student import Student
+
+
+def topk_of(logits, k):
+    values, ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    return ids, values.half()
+
+
+@pytest.mark.parametrize("tail", ["uniform", "drop"])
+def test_dense_reconstruction_has_unit_mass_and_keeps_the_top_k(tail):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    ids, values = topk_of(logits, 8)
+    dense = dense_logprobs(ids, values, 50, tail)
+    assert torch.allclose(dense.exp().sum(-1), torch.ones(6), atol=1e-6)
+    kept = dense.gather(1, ids)
+    if tail == "uniform":
+        assert torch.allclose(kept, values.float(), atol=1e-3)
+        others = torch.ones(6, 50, dtype=torch.bool).scatter(1, ids, False)
+        rest = dense[others].view(6, 42)
+        assert torch.allclose(rest, rest[:, :1].expand(6, 42))  # the tail is flat
+        tail_mass = 1 - torch.log_softmax(logits, -1).gather(1, ids).exp().sum(-1)
+        assert torch.allclose(rest.exp().sum(-1), tail_mass, atol=2e-3)
+    else:
+        assert torch.isinf(dense).sum() == 6 * 42
+        assert torch.allclose(kept.exp().sum(-1), torch.ones(6), atol=1e-6)
+
+
+def test_fp16_rounding_above_unit_mass_leaves_no_tail():
+    ids = torch.tensor([[0, 1]])
+    values = torch.log(torch.tensor([[0.5, 0.5004]])).half()
+    dense = dense_logprobs(ids, values, 10)
+    assert torch.allclose(dense.exp().sum(), torch.tensor(1.0)) and torch.isinf(dense[0, 2:]).all()
+
+
+def test_sample_r():
+    t = torch.rand(20000, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.1
+    r = sample_r(t, 0.25, torch.Generator().manual_seed(2))
+    equal = r == t
+    assert abs(equal.float().mean().item() - 0.25) < 0.02
+    assert (r[~equal] < t[~equal]).all() and (r >= 0).all()
+    assert abs((r[~equal] / t[~equal]).mean().item() - 0.5) < 0.02
+
+
+def test_tangents():
+    g = torch.Generator().manual_seed(3)
+    E = torch.randn(12, 5, generator=g)
+    v = torch.randn(2, 4, 12, generator=g)
+    masked = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    t = torch.tensor([0.5, 0.25])
+    e_bar = torch.softmax(v, -1) @ E
+    linear = tangent("linear", v, masked, E, mask_id=11, t=t)
+    assert torch.allclose(linear[0, 0], (E[11] - e_bar[0, 0]) / 0.5, atol=1e-6)
+    assert torch.allclose(linear[1, 3], (E[11] - e_bar[1, 3]) / 0.25, atol=1e-6)
+    assert (linear[~masked] == 0).all()
+    seed = tangent("seed", v, masked, E, mask_id=11, t=t)
+    assert torch.allclose(seed[masked], -(linear * t[:, None, None])[masked], atol=1e-6)
+
+
+@pytest.fixture
+def student64(tiny_checkpoint):
+    student = Student(LLaDA.from_pretrained(tiny_checkpoint, dtype=torch.float64), prompt_length=3, hidden_size=16)
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.normal_(0, 1, generator=torch.Generator().manual_seed(4))
+    return student
+
+
+def jvp_inputs(student, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, student.base.config.vocab_size, (2, 7), generator=g)
+    masked = torch.zeros(2, 7, dtype=torch.bool)
+    masked[:, 4:] = True
+    ids[masked] = student.base.config.mask_token_id
+    z = student.base.embed(ids).detach()
+    t = torch.tensor([0.8, 0.5], dtype=torch.float64)
+    v = torch.randn(2, 7, student.base.config.embedding_size, generator=g, dtype=torch.float64)
+    dz = tangent("linear", v, masked, student.base.transformer["wte"].weight.detach(),
+                 student.base.config.mask_token_id, t)
+    return z, t, v, masked, dz
+
+
+def test_target_equals_v_when_r_equals_t(student64):
+    z, t, v, masked, dz = jvp_inputs(student64)
+    fn = lambda z_, t_: student64(inputs_embeds=z_, r=t, t=t_, attention="math")  # noqa: E731
+    _, du_dt = average_velocity_jvp(fn, z, t, dz, keep_graph=False)
+    assert du_dt.abs().max() > 0
+    assert torch.equal(meanflow_target(v, du_dt, t, t), v)
+
+
+def test_jvp_matches_finite_differences(student64):
+    z, t, v, masked, dz = jvp_inputs(student64)
+    r = torch.tensor([0.1, 0.3], dtype=torch.float64)
+    fn = lambda z_, t_: student64(inputs_embeds=z_, r=r, t=t_, attention="math")  # noqa: E731
+    _, du_dt = average_velocity_jvp(fn, z, t, dz, keep_graph=False)
+    h = 1e-6
+    with torch.no_grad():
+        fd = (fn(z + h * dz, t + h) - fn(z - h * dz, t - h)) / (2 * h)
+    assert (du_dt - fd).abs().max() / fd.abs().max() < 1e-7
+    target = meanflow_target(v, du_dt, r, t)
+    assert torch.allclose(target, v - (t - r)[:, None, None] * du_dt) and not target.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse"])
+def test_loss_is_zero_at_the_target_and_positive_elsewhere(kind):
+    target = torch.randn(5, 30, generator=torch.Generator().manual_seed(6))
+    assert token_losses(kind, target.clone(), target).abs().max() < 1e-6
+    assert token_losses(kind, target + 3.0, target).abs().max() < 1e-5  # logits are shift invariant
+    assert (token_losses(kind, target.flip(-1), target) > 0).all()
+    dropped = target.clone()
+    dropped[:, 10:] = -torch.inf  # a dropped tail: no NaN
+    assert torch.isfinite(token_losses("kl", target, dropped)).all()
+
+
+def test_ce_and_adaptive_weighting():
+    logits = torch.randn(4, 9, generator=torch.Generator().manual_seed(7))
+    labels = torch.tensor([0, 3, 8, 1])
+    ce = token_losses("ce", logits, logits, labels)
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits, labels, reduction="none"))
+    losses = torch.tensor([0.5, 2.0], requires_grad=True)
+    weighted = adaptive_weighted_mean(losses, power=1.0, eps=1e-3)
+    weighted.backward()
+    assert math.isclose(weighted.item(), (0.5 / 0.501 + 2.0 / 2.001) / 2, rel_tol=1e-6)
+    assert torch.allclose(losses.grad, torch.tensor([1 / 0.501, 1 / 2.001]) / 2)  # weights are stop-gradient
+    assert adaptive_weighted_mean(losses.detach(), power=0.0) == losses.detach().mean()
+
+
+def test_no_grad_jvp_then_forward_gives_the_same_gradient(tiny_checkpoint):
+    """The cheaper pattern (JVP without graph, then an ordinary forward for u) equals one grad-mode JVP."""
+    student = Student(LLaDA.from_pretrained(tiny_checkpoint, dtype=torch.float64), prompt_length=3, hidden_size=16)
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.normal_(0, 1, generator=torch.Generator().manual_seed(8))
+    z, t, v, masked, dz = jvp_inputs(student, seed=9)
+    r = torch.tensor([0.2, 0.5], dtype=torch.float64)
+
+    def gradients(keep_graph):
+        student.zero_grad()
+        fn = lambda z_, t_: student(inputs_embeds=z_, r=r, t=t_, attention="math")  # noqa: E731
+        u, du_dt = average_velocity_jvp(fn, z, t, dz, keep_graph=keep_graph)
+        if not keep_graph:
+            u = student(inputs_embeds=z, r=r, t=t, attention="math")
+        target = meanflow_target(v, du_dt, r, t)
+        loss = adaptive_weighted_mean(token_losses("kl", u[masked], target[masked]))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in student.soft_prompt.parameters()]
+
+    loss_a, grads_a = gradients(keep_graph=True)
+    loss_b, grads_b = gradients(keep_graph=False)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-10)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+    assert all(g.abs().sum() > 0 for g in grads_a)
