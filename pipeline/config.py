@@ -96,6 +96,12 @@ def require(condition: bool, key: str, message: str) -> None:
         raise ValueError(f"{key}: {message}")
 
 
+def require_at_least(section: Any, minimum: float, *keys: str) -> None:
+    """``require(section.key >= minimum)`` for each key."""
+    for key in keys:
+        require(getattr(section, key) >= minimum, key, f"must be >= {minimum}")
+
+
 def params_hash(*sections: Any) -> str:
     """A stable hash of dataclass sections or dicts (for refusing caches made with other params)."""
     blob = json.dumps([s if isinstance(s, dict) else dataclasses.asdict(s) for s in sections], sort_keys=True)
@@ -146,13 +152,10 @@ class DataParams:
         for i, task in enumerate(self.tasks):
             require(task in TASKS, f"tasks[{i}]", f"unknown task {task!r} (known: {', '.join(TASKS)})")
         require(len(set(self.tasks)) == len(self.tasks), "tasks", "tasks repeat")
-        require(self.train_per_task >= 1, "train_per_task", "must be >= 1")
-        require(self.val_per_task >= 1, "val_per_task", "must be >= 1")
-        require(self.test_per_task >= 1, "test_per_task", "must be >= 1")
+        require_at_least(self, 1, "train_per_task", "val_per_task", "test_per_task", "gen_length")
+        require_at_least(self, 2, "prompt_length")
         for key in ("val_fraction", "test_fraction"):
             require(0.0 < getattr(self, key) < 0.5, key, "must be in (0, 0.5)")
-        require(self.prompt_length >= 2, "prompt_length", "must be >= 2")
-        require(self.gen_length >= 1, "gen_length", "must be >= 1")
 
 
 @dataclasses.dataclass
@@ -167,8 +170,7 @@ class TeacherModelParams:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size"):
-            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require_at_least(self, 1, "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size")
         require(self.d_model % self.n_heads == 0, "d_model", "must be divisible by n_heads")
         require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", "must divide n_heads")
 
@@ -193,13 +195,11 @@ class TeacherTrainParams:
     """torch CPU threads (0: torch's default)."""
 
     def __post_init__(self) -> None:
-        require(self.max_steps >= 1, "max_steps", "must be >= 1")
+        require_at_least(self, 1, "max_steps", "batch_size")
+        require_at_least(self, 0, "warmup_steps", "num_threads")
         require(self.max_minutes > 0, "max_minutes", "must be > 0")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.lr > 0, "lr", "must be > 0")
-        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(0 < self.min_mask_ratio < 1, "min_mask_ratio", "must be in (0, 1)")
-        require(self.num_threads >= 0, "num_threads", "must be >= 0")
 
 
 @dataclasses.dataclass
@@ -243,13 +243,9 @@ class CacheParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require(self.samples_per_example >= 1, "samples_per_example", "must be >= 1")
+        require_at_least(self, 1, "samples_per_example", "top_k", "rows_per_shard", "record_batch_rows", "batch_size")
         require(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1 or null")
-        require(self.top_k >= 1, "top_k", "must be >= 1")
         require(0.0 < self.t_min < 1.0, "t_min", "must be in (0, 1)")
         require(self.logit_normal_std > 0, "logit_normal_std", "must be > 0")
         require(0.0 <= self.full_mask_fraction <= 1.0, "full_mask_fraction", "must be in [0, 1]")
         require(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
-        require(self.rows_per_shard >= 1, "rows_per_shard", "must be >= 1")
-        require(self.record_batch_rows >= 1, "record_batch_rows", "must be >= 1")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -89,26 +89,33 @@ def encode_examples(
     return columns
 
 
-def read_jsonl_examples(path: Path, prompt_field: str, response_field: str) -> list[dict]:
-    """``{"prompt", "answer"}`` examples from a JSONL file with the given field names."""
+def read_jsonl(path: Path, fields: tuple[str, ...], error: type[Exception] = ValueError, what: str = "data file") -> list[dict]:
+    """Records of a JSONL file, each required to hold string ``fields``; blank lines are skipped.
+    Problems raise ``error`` naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    examples = []
+        raise error(f"{path}: {what} not found")
+    records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-        for field in (prompt_field, response_field):
-            if not isinstance(record.get(field), str):
-                raise DataError(f"{path}:{number}: no string field {field!r}")
-        examples.append({"prompt": record[prompt_field], "answer": record[response_field]})
-    if not examples:
-        raise DataError(f"{path}: no examples (the file is empty)")
-    return examples
+            raise error(f"{path}:{number}: not valid JSON ({err.msg})") from err
+        for field in fields:
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise error(f"{path}:{number}: expected an object with a string field {field!r}")
+        records.append(record)
+    if not records:
+        raise error(f"{path}: no records (the file is empty)")
+    return records
+
+
+def read_jsonl_examples(path: Path, prompt_field: str, response_field: str) -> list[dict]:
+    """``{"prompt", "answer"}`` examples from a JSONL file with the given field names."""
+    records = read_jsonl(path, (prompt_field, response_field), DataError)
+    return [{"prompt": r[prompt_field], "answer": r[response_field]} for r in records]
 
 
 def read_hf_examples(name: str, split: str, prompt_field: str, response_field: str) -> list[dict]:

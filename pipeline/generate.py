@@ -156,22 +156,9 @@ class UsageError(Exception):
 
 
 def read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UsageError(f"{path}: prompt file not found")
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UsageError(f"{path}:{number}: expected an object with a string field 'prompt'")
-        prompts.append(record["prompt"])
-    if not prompts:
-        raise UsageError(f"{path}: no prompts (the file is empty)")
-    return prompts
+    from pipeline.data import read_jsonl
+
+    return [record["prompt"] for record in read_jsonl(path, ("prompt",), UsageError, "prompt file")]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,7 +72,7 @@ def test_jsonl_source_end_to_end(tokenizer, tmp_path):
 def test_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
-    with pytest.raises(DataError, match="bad.jsonl:2: no string field 'response'"):
+    with pytest.raises(DataError, match="bad.jsonl:2: expected an object with a string field 'response'"):
         read_jsonl_examples(path, "prompt", "response")
     path.write_text("")
     with pytest.raises(DataError, match="empty"):
