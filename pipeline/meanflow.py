@@ -46,36 +46,72 @@ def dense_logprobs(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, vocab_si
     return dense.scatter(1, topk_ids.long(), logprobs)
 
 
-def sample_r(t: torch.Tensor, equal_fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """r (B,) for t (B,): r = t for a fraction ``equal_fraction`` of samples, else r ~ U[0, t)."""
-    equal = torch.rand(t.shape, generator=generator, device=t.device) < equal_fraction
-    below = t * torch.rand(t.shape, generator=generator, device=t.device)
-    return torch.where(equal, t, below)
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finalizer on int64 tensors (wrapping arithmetic; logical shifts via masks)."""
+
+    def shift(z: torch.Tensor, n: int) -> torch.Tensor:
+        return (z >> n) & ((1 << (64 - n)) - 1)
+
+    def signed(c: int) -> int:
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    z = x + signed(0x9E3779B97F4A7C15)
+    z = (z ^ shift(z, 30)) * signed(0xBF58476D1CE4E5B9)
+    z = (z ^ shift(z, 27)) * signed(0x94D049BB133111EB)
+    return z ^ shift(z, 31)
+
+
+def counter_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
+    """Uniforms in [0, 1), one per element, a pure function of the integer keys (broadcast int64
+    tensors): the same row gets the same draw whatever the batch, rank or device it lands on."""
+    state = torch.zeros((), dtype=torch.int64)
+    for key in keys:
+        key = torch.as_tensor(key, dtype=torch.int64)
+        state = _splitmix64(state.to(key.device) ^ key)
+    return ((state >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
+def sample_r(
+    t: torch.Tensor, equal_fraction: float, generator: torch.Generator | None = None,
+    uniforms: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """r (B,) for t (B,): r = t for a fraction ``equal_fraction`` of samples, else r ~ U[0, t).
+    ``uniforms`` (two (B,) tensors in [0, 1)) replace the generator's draws."""
+    if uniforms is None:
+        uniforms = (torch.rand(t.shape, generator=generator, device=t.device),
+                    torch.rand(t.shape, generator=generator, device=t.device))
+    equal = uniforms[0].to(t.device) < equal_fraction
+    return torch.where(equal, t, t * uniforms[1].to(t.device, t.dtype))
 
 
 def tangent(
-    kind: Tangent, v: torch.Tensor, masked: torch.Tensor, embedding: torch.Tensor, mask_id: int, t: torch.Tensor
+    kind: Tangent, v_masked: torch.Tensor, masked: torch.Tensor, embedding: torch.Tensor, mask_id: int, t: torch.Tensor
 ) -> torch.Tensor:
     """dz/dt (B, T, C) of the student's input embeddings along the forward process.
 
-    v (B, T, V) teacher logits (used only where ``masked``), masked (B, T) bool, embedding (V, C) the
-    input embedding matrix, t (B,). With e_bar = softmax(v) @ E:
+    v_masked (M, V) teacher logits (or log-probs) at the masked positions, in row-major order of
+    masked (B, T) bool; embedding (V, C) the input embedding matrix; t (B,). With e_bar = softmax(v) @ E:
 
     * ``linear``: the mean-embedding path E[z_s] = s e_mask + (1 - s) e(x0), re-anchored through x_t
       (p = softmax(v) as the posterior of x0): at masked positions (e_mask - e_bar) / t, 0 at visible
       ones (for s < t visible tokens stay visible);
     * ``seed``: the seed's literal e_bar - e(x_t) at masked positions (opposite sign, no 1 / t).
     """
-    probs = torch.softmax(v.float(), dim=-1)  # (B, T, V)
-    e_bar = (probs @ embedding.float()).to(embedding.dtype)  # (B, T, C)
+    e_bar = (torch.softmax(v_masked.float(), dim=-1) @ embedding.float()).to(embedding.dtype)  # (M, C)
     e_mask = embedding[mask_id]  # (C,)
     if kind == "linear":
-        direction = (e_mask - e_bar) / t[:, None, None].to(embedding.dtype)
+        t_masked = t[masked.nonzero()[:, 0]].to(embedding.dtype)[:, None]  # (M, 1)
+        direction = (e_mask - e_bar) / t_masked
     elif kind == "seed":
         direction = e_bar - e_mask
     else:
         raise ValueError(f"tangent must be 'linear' or 'seed', got {kind!r}")
-    return torch.where(masked[..., None], direction, torch.zeros_like(direction))
+    dz_dt = torch.zeros(*masked.shape, embedding.shape[1], dtype=embedding.dtype, device=embedding.device)
+    dz_dt[masked] = direction
+    return dz_dt
 
 
 def average_velocity_jvp(

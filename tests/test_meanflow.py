@@ -7,7 +7,8 @@ import torch
 
 from pipeline.llada import LLaDA
 from pipeline.meanflow import (
-    adaptive_weighted_mean, average_velocity_jvp, dense_logprobs, meanflow_target, sample_r, tangent, token_losses,
+    adaptive_weighted_mean, average_velocity_jvp, counter_uniform, dense_logprobs, meanflow_target, sample_r, tangent,
+    token_losses,
 )
 from pipeline.student import Student
 
@@ -43,13 +44,26 @@ def test_fp16_rounding_above_unit_mass_leaves_no_tail():
     assert torch.allclose(dense.exp().sum(), torch.tensor(1.0)) and torch.isinf(dense[0, 2:]).all()
 
 
-def test_sample_r():
+@pytest.mark.parametrize("source", ["generator", "counter"])
+def test_sample_r(source):
     t = torch.rand(20000, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.1
-    r = sample_r(t, 0.25, torch.Generator().manual_seed(2))
+    if source == "generator":
+        r = sample_r(t, 0.25, torch.Generator().manual_seed(2))
+    else:
+        rows = torch.arange(20000)
+        r = sample_r(t, 0.25, uniforms=(counter_uniform(0, rows, 1), counter_uniform(0, rows, 2)))
     equal = r == t
     assert abs(equal.float().mean().item() - 0.25) < 0.02
     assert (r[~equal] < t[~equal]).all() and (r >= 0).all()
     assert abs((r[~equal] / t[~equal]).mean().item() - 0.5) < 0.02
+
+
+def test_counter_uniform_is_a_function_of_its_keys():
+    rows = torch.arange(50000)
+    u = counter_uniform(3, rows, 7)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - 12**-0.5) < 0.01
+    assert torch.equal(counter_uniform(3, rows[1000:1010], 7), u[1000:1010])  # independent of the batch
+    assert not torch.equal(counter_uniform(4, rows[:10], 7), u[:10])
 
 
 def test_tangents():
@@ -59,11 +73,11 @@ def test_tangents():
     masked = torch.tensor([[True, False, True, False], [False, False, False, True]])
     t = torch.tensor([0.5, 0.25])
     e_bar = torch.softmax(v, -1) @ E
-    linear = tangent("linear", v, masked, E, mask_id=11, t=t)
+    linear = tangent("linear", v[masked], masked, E, mask_id=11, t=t)
     assert torch.allclose(linear[0, 0], (E[11] - e_bar[0, 0]) / 0.5, atol=1e-6)
     assert torch.allclose(linear[1, 3], (E[11] - e_bar[1, 3]) / 0.25, atol=1e-6)
     assert (linear[~masked] == 0).all()
-    seed = tangent("seed", v, masked, E, mask_id=11, t=t)
+    seed = tangent("seed", v[masked], masked, E, mask_id=11, t=t)
     assert torch.allclose(seed[masked], -(linear * t[:, None, None])[masked], atol=1e-6)
 
 
@@ -84,7 +98,7 @@ def jvp_inputs(student, seed=5):
     z = student.base.embed(ids).detach()
     t = torch.tensor([0.8, 0.5], dtype=torch.float64)
     v = torch.randn(2, 7, student.base.config.embedding_size, generator=g, dtype=torch.float64)
-    dz = tangent("linear", v, masked, student.base.transformer["wte"].weight.detach(),
+    dz = tangent("linear", v[masked], masked, student.base.transformer["wte"].weight.detach(),
                  student.base.config.mask_token_id, t)
     return z, t, v, masked, dz
 
