@@ -249,3 +249,55 @@ class CacheParams:
         require(self.logit_normal_std > 0, "logit_normal_std", "must be > 0")
         require(0.0 <= self.full_mask_fraction <= 1.0, "full_mask_fraction", "must be in [0, 1]")
         require(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
+
+
+@dataclasses.dataclass
+class StudentParams:
+    """``student``: the soft prompt and its MeanFlow distillation (stage ``train_student``)."""
+
+    prompt_length: int = 8
+    """Soft-prompt positions per layer."""
+    hidden_size: int = 64
+    """Width of the soft prompt's MLP (its output layer has hidden_size x n_layers*2*Hkv*P*D weights)."""
+    time_features: int = 32
+    max_frequency: float = 16.0
+    conditioning: Literal["r_t", "t_interval"] = "r_t"
+    tangent: Literal["linear", "seed"] = "linear"
+    """dz/dt of the JVP: the forward process's mean-embedding path, or the seed's literal form."""
+    loss: Literal["kl", "mse"] = "kl"
+    ce_weight: float = 0.0
+    """Weight of an auxiliary cross-entropy to the clean tokens x0."""
+    adaptive_power: float = 1.0
+    """MeanFlow's adaptive weight sg(1 / (loss + eps) ** p); 0 disables it."""
+    adaptive_eps: float = 1e-3
+    equal_fraction: float = 0.5
+    """Fraction of samples with r = t (plain distillation of v); MeanFlow uses 25-75%."""
+    tail: Literal["uniform", "drop"] = "uniform"
+    """Dense reconstruction of v from the cached top-k."""
+    jvp: Literal["no_grad", "grad"] = "no_grad"
+    """``no_grad``: JVP without a graph, then an ordinary forward for the gradient (less memory);
+    ``grad``: one grad-mode JVP whose primal is u."""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    batch_size: int = 64
+    """Rows per device per step."""
+    max_steps: int = 1000
+    max_minutes: float = 10.0
+    eval_every: int = 100
+    """Steps between one-step validation accuracy measurements."""
+    devices: int = 1
+    strategy: str = "auto"
+    """Lightning strategy (``ddp`` for several GPUs)."""
+    precision: str | None = None
+    """Lightning precision; default bf16-mixed on GPU, 32-true on CPU."""
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "prompt_length", "hidden_size", "batch_size", "max_steps", "eval_every", "devices")
+        require_at_least(self, 0, "warmup_steps", "num_workers", "ce_weight", "adaptive_power", "weight_decay")
+        require(0.0 <= self.equal_fraction <= 1.0, "equal_fraction", "must be in [0, 1]")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.adaptive_eps > 0, "adaptive_eps", "must be > 0")
+        require(self.max_minutes > 0, "max_minutes", "must be > 0")

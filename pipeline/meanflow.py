@@ -149,7 +149,8 @@ def token_losses(kind: Loss, u: torch.Tensor, target: torch.Tensor, labels: torc
     if kind == "kl":
         log_target = F.log_softmax(target.float(), dim=-1)
         p = log_target.exp()
-        return torch.where(p > 0, p * (log_target - log_u), torch.zeros_like(p)).sum(dim=-1)  # 0 log 0 = 0
+        # 0 log 0 = 0 where the target gives an id no mass (a dropped tail); NaN stays NaN.
+        return torch.where(p == 0, torch.zeros_like(p), p * (log_target - log_u)).sum(dim=-1)
     if kind == "mse":
         return (log_u - F.log_softmax(target.float(), dim=-1)).pow(2).mean(dim=-1)
     if kind == "ce":
@@ -159,10 +160,10 @@ def token_losses(kind: Loss, u: torch.Tensor, target: torch.Tensor, labels: torc
     raise ValueError(f"loss must be 'kl', 'mse' or 'ce', got {kind!r}")
 
 
-def adaptive_weighted_mean(losses: torch.Tensor, power: float = 1.0, eps: float = 1e-3) -> torch.Tensor:
-    """MeanFlow's adaptive weighting: mean of sg(1 / (loss + eps) ** power) * loss; power 0 is a
-    plain mean."""
-    if power == 0:
-        return losses.mean()
-    weights = 1.0 / (losses.detach() + eps) ** power
-    return (weights * losses).mean()
+def adaptive_weighted_mean(
+    losses: torch.Tensor, power: float = 1.0, eps: float = 1e-3, normalizer: float | None = None
+) -> torch.Tensor:
+    """MeanFlow's adaptive weighting: sum of sg(1 / (loss + eps) ** power) * loss divided by
+    ``normalizer`` (default: the number of losses); power 0 is a plain mean."""
+    weighted = losses if power == 0 else losses / (losses.detach() + eps) ** power
+    return weighted.sum() / (len(losses) if normalizer is None else normalizer)

@@ -128,48 +128,49 @@ class CacheRows:
         )
 
 
-def decode_record_batch(batch: pa.RecordBatch) -> list[dict[str, Any]]:
-    """Rows of a record batch as dicts of numpy arrays (``topk_*`` shaped (n_masked, k))."""
+def record_batch_arrays(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
+    """Columns of a (possibly sliced) record batch as numpy arrays: per-row columns (n,) or (n, L),
+    ``offsets`` (n + 1,) into the per-position columns ``masked_positions`` (M,), ``topk_ids`` and
+    ``topk_logprobs`` (M, k)."""
     n = batch.num_rows
 
     def fixed(name: str) -> np.ndarray:
         column = batch.column(name)
-        return column.values.to_numpy(zero_copy_only=False).reshape(n, column.type.list_size)
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(n, column.type.list_size)
 
-    def ragged(name: str, width: int | None) -> tuple[np.ndarray, np.ndarray]:
-        column = batch.column(name)
-        values = column.values
-        if width is not None:
-            values = values.values.to_numpy(zero_copy_only=False).reshape(-1, width)
-        else:
-            values = values.to_numpy(zero_copy_only=False)
-        return column.offsets.to_numpy(), values
+    def per_position(name: str) -> np.ndarray:
+        values = batch.column(name).flatten()  # respects slicing, unlike .values
+        if pa.types.is_fixed_size_list(values.type):
+            return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), values.type.list_size)
+        return values.to_numpy(zero_copy_only=False)
 
-    k = batch.schema.field("topk_ids").type.value_type.list_size
-    example_index = batch.column("example_index").to_numpy()
-    sample_index = batch.column("sample_index").to_numpy()
-    t = batch.column("t").to_numpy()
-    input_ids, attention_mask, x0 = fixed("input_ids"), fixed("attention_mask"), fixed("x0")
-    offsets, positions = ragged("masked_positions", None)
-    _, ids = ragged("topk_ids", k)
-    _, logprobs = ragged("topk_logprobs", k)
-    base = offsets[0]
+    offsets = batch.column("masked_positions").offsets.to_numpy()
+    return {
+        "example_index": batch.column("example_index").to_numpy(),
+        "sample_index": batch.column("sample_index").to_numpy(),
+        "t": batch.column("t").to_numpy(),
+        "input_ids": fixed("input_ids"),
+        "attention_mask": fixed("attention_mask"),
+        "x0": fixed("x0"),
+        "offsets": offsets - offsets[0],
+        "masked_positions": per_position("masked_positions"),
+        "topk_ids": per_position("topk_ids"),
+        "topk_logprobs": per_position("topk_logprobs"),
+    }
+
+
+def decode_record_batch(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """Rows of a record batch as dicts of numpy arrays (``topk_*`` shaped (n_masked, k))."""
+    arrays = record_batch_arrays(batch)
+    offsets = arrays["offsets"]
     rows = []
-    for i in range(n):
-        a, b = offsets[i] - base, offsets[i + 1] - base
-        rows.append(
-            {
-                "example_index": int(example_index[i]),
-                "sample_index": int(sample_index[i]),
-                "t": float(t[i]),
-                "input_ids": input_ids[i],
-                "attention_mask": attention_mask[i],
-                "x0": x0[i],
-                "masked_positions": positions[a:b],
-                "topk_ids": ids[a:b],
-                "topk_logprobs": logprobs[a:b],
-            }
-        )
+    for i in range(batch.num_rows):
+        a, b = offsets[i], offsets[i + 1]
+        row = {key: arrays[key][i] for key in ("input_ids", "attention_mask", "x0")}
+        row.update(example_index=int(arrays["example_index"][i]), sample_index=int(arrays["sample_index"][i]),
+                   t=float(arrays["t"][i]))
+        row.update({key: arrays[key][a:b] for key in ("masked_positions", "topk_ids", "topk_logprobs")})
+        rows.append(row)
     return rows
 
 

@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import Layout, forward_mask, sample_mask_ratio
-from pipeline.generate import generate, mask_predictor
+from pipeline.generation_accuracy import GenerationAccuracy
 from pipeline.llada import LLaDA
-from pipeline.tasks import score
-from pipeline.tokenizer import decode_answer
 
 
 def sft_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, answer_length: int):
@@ -107,52 +105,6 @@ class SequenceDataModule(L.LightningDataModule):
         return torch.utils.data.DataLoader(self.split("val"), batch_size=self.batch_size, num_workers=self.num_workers)
 
 
-class GenerationAccuracy(L.Callback):
-    """Every ``every_n_steps`` (and at the end), greedy-decode the validation prompts at ``gen_length``
-    steps and log task accuracy: the learning curve that matters, not just the loss."""
-
-    def __init__(self, val_split, tokenizer, stops: set[int], layout: Layout, every_n_steps: int, batch_size: int = 256):
-        self.rows = val_split
-        self.tokenizer, self.stops, self.layout = tokenizer, stops, layout
-        self.every_n_steps, self.batch_size = every_n_steps, batch_size
-        self.history: list[dict] = []
-
-    @torch.no_grad()
-    def evaluate(self, model: LLaDA) -> dict:
-        was_training = model.training
-        model.eval()
-        predictor = mask_predictor(model)
-        device = next(model.parameters()).device
-        P, G = self.layout.prompt_length, self.layout.gen_length
-        records = []
-        for start in range(0, len(self.rows), self.batch_size):
-            rows = self.rows[start : start + self.batch_size]
-            ids = torch.as_tensor(rows["input_ids"])[:, :P].long().to(device)
-            mask = torch.as_tensor(rows["attention_mask"])[:, :P].long().to(device)
-            out = generate(predictor, ids, mask, steps=G, gen_length=G, block_length=G,
-                           mask_id=model.config.mask_token_id)
-            for prompt, answer in zip(rows["prompt"], out[:, P:].tolist()):
-                records.append({"prompt": prompt, "completions": [decode_answer(self.tokenizer, answer, self.stops)]})
-        model.train(was_training)
-        return score(records)
-
-    def record(self, trainer, pl_module):
-        metrics = self.evaluate(pl_module.model)
-        self.history.append({"step": trainer.global_step, **{k: v["accuracy"] for k, v in metrics.items()}})
-        if trainer.logger is not None:
-            accuracy = {f"val/accuracy/{task}": values["accuracy"] for task, values in metrics.items()}
-            trainer.logger.log_metrics(accuracy, step=trainer.global_step)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.every_n_steps == 0:
-            self.record(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        if not self.history or self.history[-1]["step"] != trainer.global_step:
-            metrics = self.evaluate(pl_module.model)
-            self.history.append({"step": trainer.global_step, **{k: v["accuracy"] for k, v in metrics.items()}})
-
-
 def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -> dict:
     """Pretrain the built-in teacher on ``data_dir`` and save it to ``out_dir`` (atomically) as a
     LLaDA checkpoint directory with its tokenizer and ``teacher.json``. Returns a summary."""
@@ -182,7 +134,8 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     module = MaskedDiffusionSFT(model, layout, train.lr, train.weight_decay, train.warmup_steps, train.max_steps,
                                 train.min_mask_ratio)
     accuracy = GenerationAccuracy(datasets.load_from_disk(str(data_dir / "val")), tokenizer,
-                                  {layout.pad_token_id}, layout, every_n_steps=max(1, train.max_steps // 20))
+                                  {layout.pad_token_id}, layout, every_n_steps=max(1, train.max_steps // 20),
+                                  steps=layout.gen_length)
     trainer = L.Trainer(
         max_steps=train.max_steps,
         max_time=datetime.timedelta(minutes=train.max_minutes),

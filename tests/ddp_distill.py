@@ -1,0 +1,34 @@
+"""Helper for test_distillation: train a few steps on a prepared workdir with N CPU processes and
+save each rank's soft prompt. Run as a script (Lightning's DDP relaunches it for every rank)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from pipeline.config import StudentParams  # noqa: E402
+from pipeline.data import Layout  # noqa: E402
+from pipeline.distillation import MeanFlowDistillation, TeacherCacheDataModule  # noqa: E402
+from pipeline.student import Student  # noqa: E402
+from pipeline.teacher import load_teacher  # noqa: E402
+
+
+def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int) -> None:
+    L.seed_everything(0)
+    base, _, _ = load_teacher(workdir / "artifacts" / "teacher")
+    params = StudentParams(prompt_length=2, hidden_size=8, batch_size=batch_size, max_steps=steps, warmup_steps=1, lr=1e-2)
+    student = Student(base, prompt_length=2, hidden_size=8)
+    module = MeanFlowDistillation(student, params, Layout.load(workdir / "data").gen_length)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, gradient_clip_val=1.0)
+    trainer.fit(module, datamodule=TeacherCacheDataModule(workdir / "artifacts" / "cache", batch_size, shuffle=False))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(student.soft_prompt_state_dict(), str(out / f"rank{trainer.global_rank}.safetensors"))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

@@ -1,0 +1,162 @@
+"""Stage two: the cache data module, the Lightning distillation module, DDP, checkpoints, the stage."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.config import CacheParams, StudentParams
+from pipeline.data import Layout
+from pipeline.distillation import CacheMiniBatches, MeanFlowDistillation, TeacherCacheDataModule
+from pipeline.student import Student
+from pipeline.teacher import load_teacher
+from pipeline.teacher_cache import open_cache
+from pipeline.teacher_targets import cache_header, fill_cache, load_train_split
+from tests.conftest import make_workdir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    work = make_workdir(tmp_path_factory.mktemp("distill"), train_per_task=16)
+    params = CacheParams(samples_per_example=2, top_k=6, rows_per_shard=64, record_batch_rows=16)
+    model, _, record = load_teacher(work / "artifacts" / "teacher")
+    layout = Layout.load(work / "data")
+    fill_cache(model, load_train_split(work / "data", None), layout, params, work / "artifacts" / "cache",
+               cache_header(record, layout, params, work / "data", model))
+    return work
+
+
+def make_module(workdir, **overrides):
+    base, _, _ = load_teacher(workdir / "artifacts" / "teacher")
+    params = StudentParams(**{"prompt_length": 2, "hidden_size": 8, "batch_size": 8, "max_steps": 3,
+                              "warmup_steps": 1, "lr": 1e-2, **overrides})
+    student = Student(base, prompt_length=2, hidden_size=8)
+    return MeanFlowDistillation(student, params, Layout.load(workdir / "data").gen_length), params
+
+
+def trainer(**options):
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, **{"enable_checkpointing": False, **options})
+
+
+def test_mini_batches_are_the_cache_rows(workdir):
+    cache = open_cache(workdir / "artifacts" / "cache")
+    batches = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=5)
+    assert sum(len(batches[i]["t"]) for i in range(len(batches))) == len(cache) == 128
+    batch = batches[1]  # rows 5..9 of the first record batch
+    rows = [cache[i] for i in range(5, 10)]
+    assert torch.equal(batch["input_ids"], torch.tensor(np.stack([r["input_ids"] for r in rows])).long())
+    assert torch.equal(batch["masked"].nonzero()[:, 1], torch.tensor(np.concatenate([r["masked_positions"] for r in rows])).long())
+    assert torch.equal(batch["topk_ids"], torch.tensor(np.concatenate([r["topk_ids"] for r in rows])).long())
+    assert torch.allclose(batch["topk_logprobs"], torch.tensor(np.concatenate([r["topk_logprobs"] for r in rows])).float())
+
+
+@pytest.mark.parametrize("jvp", ["no_grad", "grad"])
+def test_training_moves_only_the_soft_prompt(workdir, jvp):
+    module, params = make_module(workdir, jvp=jvp)
+    base_before = copy.deepcopy(module.student.base.state_dict())
+    prompt_before = copy.deepcopy(module.student.soft_prompt.state_dict())
+    fit = trainer(max_steps=3)
+    fit.fit(module, datamodule=TeacherCacheDataModule(workdir / "artifacts" / "cache", params.batch_size))
+    assert fit.global_step == 3
+    for key, value in module.student.base.state_dict().items():
+        assert torch.equal(value, base_before[key]), key  # bit for bit
+    assert any(not torch.equal(v, prompt_before[k]) for k, v in module.student.soft_prompt.state_dict().items())
+    metrics = fit.callback_metrics
+    assert {"train/loss", "train/du_dt_abs", "train/grad_norm"} <= set(metrics)
+    assert torch.isfinite(metrics["train/loss"])
+
+
+def test_loss_at_r_equal_t_is_distillation_of_v(workdir):
+    module, _ = make_module(workdir, equal_fraction=1.0, adaptive_power=0.0)
+    batch = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=8)[0]
+    out = module.forward_step(batch)
+    assert out["equal"].all()
+    # the target is v itself: the KL logged equals KL(v || u) computed directly
+    from pipeline.meanflow import dense_logprobs
+
+    v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], module.student.base.config.embedding_size)
+    with torch.no_grad():
+        u = module.student(input_ids=batch["input_ids"], r=batch["t"], t=batch["t"], attention_mask=batch["attention_mask"])
+    kl = (v.exp() * (v - torch.log_softmax(u[batch["masked"]], -1))).sum(-1)
+    assert torch.allclose(out["kl"], kl, atol=1e-5)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(workdir):
+    module, params = make_module(workdir)
+    with torch.no_grad():
+        module.student.soft_prompt.prompt_gate.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite MeanFlow loss"):
+        trainer(max_steps=1).fit(module, datamodule=TeacherCacheDataModule(workdir / "artifacts" / "cache", 8))
+
+
+def test_checkpoints_hold_only_the_soft_prompt_and_resume(workdir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module, params = make_module(workdir, max_steps=4)
+    data = lambda: TeacherCacheDataModule(workdir / "artifacts" / "cache", 8)  # noqa: E731
+    first = trainer(max_steps=2, enable_checkpointing=True,
+                    callbacks=[ModelCheckpoint(dirpath=str(tmp_path), save_last=True, every_n_train_steps=2)])
+    first.fit(module, datamodule=data())
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    keys = set(checkpoint["state_dict"])
+    assert keys and all(k.startswith("student.soft_prompt.") for k in keys)
+    saved = {k.removeprefix("student.soft_prompt."): v for k, v in checkpoint["state_dict"].items()}
+
+    resumed, _ = make_module(workdir, max_steps=4)
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update(step=trainer.global_step, state=copy.deepcopy(pl_module.student.soft_prompt.state_dict()))
+
+    second = trainer(max_steps=4, callbacks=[Capture()])
+    second.fit(resumed, datamodule=data(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert seen["step"] == 2 and second.global_step == 4
+    assert all(torch.equal(seen["state"][k], v) for k, v in saved.items())
+
+
+def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path):
+    """Two gloo ranks with 4 rows each = one process with 8 rows: the same soft prompt after training,
+    and identical on both ranks."""
+    script = ROOT / "tests" / "ddp_distill.py"
+    for devices, batch, out in ((2, 4, tmp_path / "ddp"), (1, 8, tmp_path / "single")):
+        result = subprocess.run([sys.executable, str(script), str(workdir), str(out), str(devices), str(batch), "3"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = load_file(str(tmp_path / "ddp" / "rank0.safetensors")), load_file(str(tmp_path / "ddp" / "rank1.safetensors"))
+    single = load_file(str(tmp_path / "single" / "rank0.safetensors"))
+    initial = Student(load_teacher(workdir / "artifacts" / "teacher")[0], prompt_length=2, hidden_size=8)
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        assert torch.allclose(rank0[key], single[key], atol=1e-5, rtol=1e-4), key
+    assert not torch.equal(single["prompt_gate"], initial.soft_prompt.prompt_gate.detach())
+
+
+def test_train_student_stage_end_to_end(workdir, tmp_path):
+    params = {"student": {"prompt_length": 2, "hidden_size": 8, "batch_size": 8, "max_steps": 2, "eval_every": 1,
+                          "warmup_steps": 1}}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py")], cwd=workdir,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    student = Student.from_pretrained(workdir / "artifacts" / "student")
+    assert student.config.prompt_length == 2
+    summary = json.loads((workdir / "metrics" / "student" / "summary.json").read_text())
+    assert summary["steps"] == 2 and "mean" in summary["val_accuracy_one_step"]
+    from pipeline.generate import main as generate_main
+
+    out = tmp_path / "out.jsonl"
+    assert generate_main(["--model", str(workdir / "artifacts" / "student"), "--prompts",
+                          str(workdir / "data" / "prompts" / "test.jsonl"), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 8
