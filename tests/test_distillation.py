@@ -158,5 +158,5 @@ def test_train_student_stage_end_to_end(workdir, tmp_path):
 
     out = tmp_path / "out.jsonl"
     assert generate_main(["--model", str(workdir / "artifacts" / "student"), "--prompts",
-                          str(workdir / "data" / "prompts" / "test.jsonl"), "--out", str(out)]) == 0
+                          str(workdir / "data" / "prompts" / "test.jsonl"), "--out", str(out), "--gen-length", "7"]) == 0
     assert len(out.read_text().splitlines()) == 8
