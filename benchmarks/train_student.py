@@ -56,12 +56,12 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
         loss.backward()
         optimizer.step()
 
+    rss_before = psutil.Process().memory_info().rss  # model, batch and optimizer in memory
     for _ in range(2):  # warm-up
         step()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss_before = psutil.Process().memory_info().rss
     started = time.perf_counter()
     for _ in range(steps):
         step()
@@ -70,7 +70,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
     seconds = (time.perf_counter() - started) / steps
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
-    else:  # peak RSS of this process (KiB on Linux) above the RSS before timing
+    else:  # peak RSS of this process (KiB on Linux) above its RSS once set up
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     return {"seconds_per_step": seconds, "peak_memory_bytes": max(peak, 0), "device": device}
 

@@ -123,10 +123,17 @@ class MeanFlowDistillation(L.LightningModule):
         embedding = base.transformer["wte"].weight.detach()
         dz_dt = tangent(p.tangent, v, masked, embedding, base.config.mask_token_id, t)
 
-        def average_velocity(z_, t_):
-            return self.student(inputs_embeds=z_, r=r, t=t_, attention_mask=mask, attention="math")
+        # du/dt only matters where r < t (the target is v itself at r = t): with the no-grad JVP,
+        # only those rows pay for it.
+        jvp_rows = torch.ones_like(t, dtype=torch.bool) if p.jvp == "grad" else r < t
 
-        u, du_dt = average_velocity_jvp(average_velocity, z, t, dz_dt.to(z.dtype), keep_graph=p.jvp == "grad")
+        def average_velocity(z_, t_):
+            return self.student(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=mask[jvp_rows], attention="math")
+
+        du_dt = torch.zeros(*masked.shape, base.config.embedding_size, dtype=z.dtype, device=z.device)
+        if jvp_rows.any():
+            u, du_dt[jvp_rows] = average_velocity_jvp(average_velocity, z[jvp_rows], t[jvp_rows],
+                                                      dz_dt[jvp_rows].to(z.dtype), keep_graph=p.jvp == "grad")
         if p.jvp == "no_grad":
             u = self.student(inputs_embeds=z, r=r, t=t, attention_mask=mask)
         row = masked.nonzero()[:, 0]  # (M,) row of each masked position
