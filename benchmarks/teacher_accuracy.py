@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("artifacts/teacher"))
     parser.add_argument("--prompts", type=Path, default=Path("data/prompts/test.jsonl"))
-    parser.add_argument("--out", type=Path, default=Path("metrics/teacher/test_accuracy.json"))
+    parser.add_argument("--out", type=Path, default=Path("metrics/benchmarks/teacher_accuracy.json"))
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args()
     gen_length = generation_hints(args.model).get("gen_length", 128)
