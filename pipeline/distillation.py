@@ -18,7 +18,8 @@ import torch
 
 from pipeline.config import StudentParams
 from pipeline.meanflow import (
-    adaptive_weighted_mean, average_velocity_jvp, counter_uniform, dense_logprobs, sample_r, tangent, token_losses,
+    adaptive_weighted_mean, average_velocity_jvp, counter_uniform, dense_logprobs, meanflow_target, sample_r, tangent,
+    token_losses,
 )
 from pipeline.student import Student
 from pipeline.teacher_cache import open_cache, record_batch_arrays
@@ -79,14 +80,17 @@ class CacheMiniBatches(torch.utils.data.Dataset):
 
 
 class TeacherCacheDataModule(L.LightningDataModule):
-    def __init__(self, cache_dir: str | Path, batch_size: int, num_workers: int = 0, shuffle: bool = True):
+    def __init__(self, cache_dir: str | Path, batch_size: int, num_workers: int = 0, shuffle: bool = True,
+                 seed: int = 0):
         super().__init__()
         self.cache_dir, self.batch_size, self.num_workers, self.shuffle = Path(cache_dir), batch_size, num_workers, shuffle
+        self.seed = seed
         self.dataset: CacheMiniBatches | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = CacheMiniBatches(self.cache_dir, self.batch_size)
+        if self.dataset is None:  # checksums are read once, by rank 0, not by every rank
+            verify = self.trainer is None or self.trainer.is_global_zero
+            self.dataset = CacheMiniBatches(self.cache_dir, self.batch_size, verify=verify)
 
     def train_dataloader(self):
         # Items are whole mini-batches (batch_size=None), so the sampler is ours to choose: under
@@ -96,7 +100,7 @@ class TeacherCacheDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.world_size > 1:
             sampler = torch.utils.data.DistributedSampler(
                 self.dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
-                shuffle=self.shuffle, seed=torch.initial_seed() % 2**31,
+                shuffle=self.shuffle, seed=self.seed,
             )
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=None, sampler=sampler, shuffle=self.shuffle if sampler is None else None,
@@ -138,7 +142,7 @@ class MeanFlowDistillation(L.LightningModule):
             u = self.student(inputs_embeds=z, r=r, t=t, attention_mask=mask)
         row = masked.nonzero()[:, 0]  # (M,) row of each masked position
         du_dt = du_dt[masked].float()  # (M, V)
-        target = (v - (t - r)[row, None] * du_dt).detach()
+        target = meanflow_target(v, du_dt, r[row], t[row])
         u_masked = u[masked].float()
         losses = token_losses(p.loss, u_masked, target)
         normalizer = masked.shape[0] * self.gen_length  # per row, like LLaDA: rank means average exactly
@@ -146,9 +150,10 @@ class MeanFlowDistillation(L.LightningModule):
         if p.ce_weight:
             loss = loss + p.ce_weight * token_losses("ce", u_masked, target, batch["x0"][masked]).sum() / normalizer
         with torch.no_grad():
-            kl = token_losses("kl", u_masked, target)
+            kl = losses.detach() if p.loss == "kl" else token_losses("kl", u_masked, target)
             equal = (r == t)[row]
-        return {"loss": loss, "kl": kl, "equal": equal, "du_dt": du_dt.abs().mean()}
+            du_dt_abs = du_dt[~equal].abs().mean() if (~equal).any() else du_dt.new_zeros(())
+        return {"loss": loss, "kl": kl, "equal": equal, "du_dt": du_dt_abs, "target": target}
 
     def training_step(self, batch, batch_idx):
         out = self.forward_step(batch)
@@ -192,7 +197,8 @@ def check_cache_matches_teacher(cache_dir: Path, record) -> None:
 
 def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, data_dir: Path, out_dir: Path,
                   metrics_dir: Path, checkpoint_dir: Path, resume: Path | None = None) -> dict:
-    """Distil a student from the cache and save it (soft prompt + base pointer) to ``out_dir``."""
+    """Distil a student from the cache and save it (soft prompt + base pointer) to ``out_dir``.
+    Returns a summary on global rank 0, None on the other ranks."""
     import datetime
     import time
 
@@ -230,10 +236,12 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
         gradient_clip_val=1.0,
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers),
+    trainer.fit(module, datamodule=TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers,
+                                                          seed=params.seed),
                 ckpt_path=str(resume) if resume else None)
-    if trainer.is_global_zero:
-        student.cpu().save_pretrained(out_dir)
+    if not trainer.is_global_zero:
+        return None
+    student.cpu().save_pretrained(out_dir)
     return {"steps": trainer.global_step, "minutes": round((time.perf_counter() - started) / 60, 2),
             "trainable_parameters": sum(p.numel() for p in student.soft_prompt.parameters()),
             "val_accuracy_one_step": accuracy.history[-1] if accuracy.history else None, "curve": accuracy.history}

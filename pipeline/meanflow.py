@@ -134,8 +134,10 @@ def average_velocity_jvp(
 
 
 def meanflow_target(v: torch.Tensor, du_dt: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """u_tgt = v - (t - r) du/dt, detached (stop-gradient). v, du_dt (B, T, V); r, t (B,)."""
-    gap = (t - r).to(du_dt.dtype)[:, None, None]
+    """u_tgt = v - (t - r) du/dt, detached (stop-gradient). v, du_dt (N, ..., V); r, t (N,): one
+    interval per leading index (a row (B, T, V), or a masked position (M, V))."""
+    gap = (t - r).to(du_dt.dtype)
+    gap = gap.view(*gap.shape, *([1] * (du_dt.dim() - gap.dim())))
     return (v.to(du_dt.dtype) - gap * du_dt).detach()
 
 

@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shard-index", type=int, default=rank, help="this process's index (default: rank)")
     parser.add_argument("--num-shards", type=int, default=world, help="processes sharing the work (default: world size)")
     parser.add_argument("--out", type=Path, default=OUT)
-    default_device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))
+    default_device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device)
     args = parser.parse_args(argv)
     if not 0 <= args.shard_index < args.num_shards:

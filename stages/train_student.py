@@ -32,6 +32,8 @@ def main() -> None:
     params = load_section(StudentParams, "student")
     METRICS.mkdir(parents=True, exist_ok=True)
     summary = train_student(params, TEACHER, CACHE, DATA, OUT, METRICS, CHECKPOINTS, args.resume)
+    if summary is None:  # not global rank 0: rank 0 writes the student and the metrics
+        return
     (METRICS / "accuracy_curve.json").write_text(json.dumps(summary.pop("curve"), indent=2) + "\n")
     (METRICS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

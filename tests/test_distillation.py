@@ -160,3 +160,34 @@ def test_train_student_stage_end_to_end(workdir, tmp_path):
     assert generate_main(["--model", str(workdir / "artifacts" / "student"), "--prompts",
                           str(workdir / "data" / "prompts" / "test.jsonl"), "--out", str(out), "--gen-length", "7"]) == 0
     assert len(out.read_text().splitlines()) == 8
+
+
+def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
+    """The target forward_step trains on, recomputed independently, on rows with r < t; and the two
+    JVP patterns give the same loss on a batch mixing r = t and r < t."""
+    from pipeline.meanflow import dense_logprobs, tangent
+
+    module, _ = make_module(workdir, equal_fraction=0.5)
+    module.student.double()
+    with torch.no_grad():
+        module.student.soft_prompt.prompt_gate.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    batch = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=8)[0]
+    batch["t"] = batch["t"].double()
+    out = module.forward_step(batch)
+    assert out["equal"].any() and (~out["equal"]).any()
+    base, masked, t = module.student.base, batch["masked"], batch["t"]
+    from pipeline.meanflow import counter_uniform, sample_r
+
+    keys = (0, 0, batch["example_index"], batch["sample_index"])
+    r = sample_r(t, 0.5, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
+    v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], base.config.embedding_size).double()
+    dz = tangent("linear", v, masked, base.transformer["wte"].weight.detach(), base.config.mask_token_id, t)
+    z = base.embed(batch["input_ids"]).detach()
+    fn = lambda z_, t_: module.student(inputs_embeds=z_, r=r, t=t_, attention_mask=batch["attention_mask"],  # noqa: E731
+                                       attention="math")
+    _, du_dt = torch.func.jvp(fn, (z, t), (dz, torch.ones_like(t)))
+    expected = v - (t - r)[masked.nonzero()[:, 0], None] * du_dt[masked]
+    assert torch.allclose(out["target"].double(), expected, atol=1e-4, rtol=1e-4)
+    grad_mode, _ = make_module(workdir, equal_fraction=0.5, jvp="grad")
+    grad_mode.student = module.student
+    assert torch.allclose(grad_mode.forward_step(batch)["loss"], out["loss"], rtol=1e-6)
