@@ -201,18 +201,18 @@ def check_sampling_options(args: argparse.Namespace, gen_length: int, steps: int
 
 
 def load_model(path: Path, dtype: torch.dtype, device: str):
-    """(model, base checkpoint directory, is_student) for a student directory, a LLaDA directory or
-    a Hugging Face id."""
+    """(model, base checkpoint directory) for a student directory, a LLaDA directory or a Hugging
+    Face id."""
     from pipeline.checkpoint_io import resolve_checkpoint
     from pipeline.llada import LLaDA
     from pipeline.student import Student
 
     if Student.is_student_dir(path):
-        return Student.from_pretrained(path, dtype=dtype, device=device), Student.base_path_of(path), True
+        return Student.from_pretrained(path, dtype=dtype, device=device), Student.base_path_of(path)
     path = resolve_checkpoint(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"{path}: neither a LLaDA checkpoint (config.json) nor a student (student_config.json)")
-    return LLaDA.from_pretrained(path, dtype=dtype, device=device), path, False
+    return LLaDA.from_pretrained(path, dtype=dtype, device=device), path
 
 
 def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> None:
             raise UsageError(f"{args.model} is a one-step student; --steps must be 1, got {steps}")
         dtype = getattr(torch, args.dtype) if args.dtype else (
             torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-        model, base_dir, _ = load_model(args.model, dtype, args.device)
+        model, base_dir = load_model(args.model, dtype, args.device)
         tokenizer = load_tokenizer(base_dir)
         config = (model.base if is_student else model).config
         stops = stop_token_ids(tokenizer, config, base_dir)

@@ -257,13 +257,15 @@ def concat_rows(blocks: list[CacheRows]) -> CacheRows:
 
 
 def read_manifest(directory: Path) -> dict:
+    from pipeline.checkpoint_io import CheckpointError, read_json
+
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise CacheError(f"{path}: not found (not a teacher cache, or stage one never started)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CacheError(f"{path}: not valid JSON ({err})") from err
+        manifest = read_json(path)
+    except CheckpointError as err:
+        raise CacheError(str(err)) from err
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CacheError(f"{path}: not a {FORMAT} v{VERSION} manifest")
     return manifest
