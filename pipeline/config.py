@@ -301,3 +301,30 @@ class StudentParams:
         require(self.lr > 0, "lr", "must be > 0")
         require(self.adaptive_eps > 0, "adaptive_eps", "must be > 0")
         require(self.max_minutes > 0, "max_minutes", "must be > 0")
+
+
+@dataclasses.dataclass
+class EvaluateParams:
+    """``evaluate``: the held-out comparison of teacher and student (stage ``evaluate``)."""
+
+    teacher_steps: list[int] | None = None
+    """Teacher step counts; null: 1, 2, 4, ... and ``gen_length``."""
+    cfg_scale: float = 0.5
+    """Guidance scale w of the "with CFG" settings (logits un + (w + 1)(cond - un)); 0: none."""
+    temperature: float = 1.0
+    """Temperature of the sampled settings."""
+    samples: int = 8
+    """Completions per prompt in the sampled settings (accuracy and distinct valid completions)."""
+    batch_size: int = 256
+    """Sequences per forward batch, the same for every setting (seconds per sample depend on it)."""
+    seed: int = 0
+    num_threads: int = 0
+    """CPU threads for torch; 0: torch's default."""
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "samples", "batch_size")
+        require_at_least(self, 0, "cfg_scale", "num_threads")
+        require(self.temperature > 0, "temperature", "must be > 0 (greedy settings are always included)")
+        if self.teacher_steps is not None:
+            require(len(self.teacher_steps) > 0 and all(n >= 1 for n in self.teacher_steps), "teacher_steps",
+                    "must be a non-empty list of positive step counts")

@@ -7,17 +7,9 @@ distillation (one step), so the learning curve that matters is logged, not just 
 from __future__ import annotations
 
 import lightning as L
-import torch
 
 from pipeline.data import Layout
-from pipeline.generate import generate, mask_predictor
-from pipeline.tasks import score
-from pipeline.tokenizer import decode_answer
-
-
-def mask_id_of(model) -> int:
-    """The mask id of a LLaDA or of a student's base."""
-    return (model.base if hasattr(model, "base") else model).config.mask_token_id
+from pipeline.evaluation import complete_split, score_records
 
 
 class GenerationAccuracy(L.Callback):
@@ -32,23 +24,13 @@ class GenerationAccuracy(L.Callback):
         self.every_n_steps, self.steps, self.model_of, self.batch_size = every_n_steps, steps, model_of, batch_size
         self.history: list[dict] = []
 
-    @torch.no_grad()
     def evaluate(self, model) -> dict:
         was_training = model.training
         model.eval()
-        predictor = mask_predictor(model)
-        device = next(model.parameters()).device
-        P, G = self.layout.prompt_length, self.layout.gen_length
-        records = []
-        for start in range(0, len(self.rows), self.batch_size):
-            rows = self.rows[start : start + self.batch_size]
-            ids = torch.as_tensor(rows["input_ids"])[:, :P].long().to(device)
-            mask = torch.as_tensor(rows["attention_mask"])[:, :P].long().to(device)
-            out = generate(predictor, ids, mask, steps=self.steps, gen_length=G, block_length=G, mask_id=mask_id_of(model))
-            for prompt, answer in zip(rows["prompt"], out[:, P:].tolist()):
-                records.append({"prompt": prompt, "completions": [decode_answer(self.tokenizer, answer, self.stops)]})
+        records, _ = complete_split(model, self.rows, self.tokenizer, self.stops, self.layout, steps=self.steps,
+                                    batch_size=self.batch_size)
         model.train(was_training)
-        return score(records)
+        return score_records(records)
 
     def record(self, trainer, pl_module) -> None:
         metrics = self.evaluate(self.model_of(pl_module))

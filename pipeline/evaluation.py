@@ -1,0 +1,234 @@
+"""Held-out evaluation: the teacher at 1, 2, 4, ..., ``gen_length`` steps against the one-step
+student, with and without classifier-free guidance, greedy and sampled, in one run.
+
+Every setting decodes the whole test split with the same batch size on the same device, so its wall
+seconds per sample are comparable with the others'. Forward passes per sample are counted, not
+estimated: ``steps`` network calls, twice that with CFG (the unconditional branch is a second
+batch row).
+
+Scoring: prompts of the built-in task suite are judged by their task (``pipeline.tasks``); any
+other prompt counts as correct when the completion equals its reference answer (``exact_match``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from pipeline.data import Layout
+from pipeline.generate import generate, mask_predictor
+from pipeline.tasks import TASKS, score
+from pipeline.tokenizer import decode_answer
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One way of decoding the test split."""
+
+    model: str
+    """``teacher`` or ``student``."""
+    steps: int
+    cfg_scale: float
+    temperature: float
+    samples: int
+    """Completions per prompt."""
+
+    @property
+    def forward_passes(self) -> int:
+        """Network calls per completion (CFG doubles the batch, so it counts twice)."""
+        return self.steps * (2 if self.cfg_scale > 0 else 1)
+
+    @property
+    def name(self) -> str:
+        decoding = "greedy" if self.temperature == 0 else f"sampled_t{self.temperature:g}x{self.samples}"
+        guidance = f"_cfg{self.cfg_scale:g}" if self.cfg_scale > 0 else ""
+        return f"{self.model}_steps{self.steps}_{decoding}{guidance}"
+
+
+def default_teacher_steps(gen_length: int) -> list[int]:
+    """1, 2, 4, ... below ``gen_length``, then ``gen_length`` itself."""
+    steps, n = [], 1
+    while n < gen_length:
+        steps.append(n)
+        n *= 2
+    return steps + [gen_length]
+
+
+def settings_for(teacher_steps: list[int], cfg_scale: float, temperature: float, samples: int) -> list[Setting]:
+    """Teacher at each step count and the student at one step; each greedy and sampled, each without
+    and (when ``cfg_scale > 0``) with guidance."""
+    guidance = [0.0] + ([cfg_scale] if cfg_scale > 0 else [])
+    decodings = [(0.0, 1), (temperature, samples)]
+    models = [("teacher", n) for n in teacher_steps] + [("student", 1)]
+    return [Setting(model, steps, w, temp, k) for model, steps in models for w in guidance for temp, k in decodings]
+
+
+def is_task_prompt(prompt: str) -> bool:
+    name, colon, _ = prompt.partition(":")
+    return bool(colon) and name in TASKS
+
+
+def score_records(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per-task metrics (see ``pipeline.tasks.score``); prompts outside the task suite are scored by
+    exact match against ``answer`` under the name ``exact_match``."""
+    builtin = [r for r in records if is_task_prompt(r["prompt"])]
+    other = [r for r in records if not is_task_prompt(r["prompt"])]
+    metrics = {name: m for name, m in score(builtin).items() if name != "mean"} if builtin else {}
+    if other:
+        hits = sum(c.strip() == r["answer"].strip() for r in other for c in r["completions"])
+        metrics["exact_match"] = {"accuracy": hits / sum(len(r["completions"]) for r in other), "prompts": len(other)}
+    metrics["mean"] = {"accuracy": sum(m["accuracy"] for m in metrics.values()) / len(metrics)}
+    return metrics
+
+
+@torch.inference_mode()
+def complete_split(
+    model,
+    rows,
+    tokenizer,
+    stops: set[int],
+    layout: Layout,
+    steps: int,
+    cfg_scale: float = 0.0,
+    temperature: float = 0.0,
+    samples: int = 1,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+) -> tuple[list[dict], float]:
+    """Decode every row of a tokenized split (``input_ids``, ``attention_mask``, ``prompt``, and
+    ``answer``) ``samples`` times with ``model`` (a LLaDA or a Student); returns records
+    ``{"prompt", "answer", "completions"}`` and the wall seconds spent in generation."""
+    predictor = mask_predictor(model)
+    device = next(model.parameters()).device
+    mask_id = (model.base if hasattr(model, "base") else model).config.mask_token_id
+    P, G = layout.prompt_length, layout.gen_length
+    ids = torch.as_tensor(rows["input_ids"])[:, :P].long()  # (N, P)
+    attention = torch.as_tensor(rows["attention_mask"])[:, :P].long()
+    order = torch.arange(len(ids)).repeat_interleave(samples)  # (N * samples,)
+    completions: list[list[str]] = [[] for _ in range(len(ids))]
+    seconds = 0.0
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        began = time.perf_counter()
+        out = generate(predictor, ids[index].to(device), attention[index].to(device), steps=steps, gen_length=G,
+                       block_length=G, temperature=temperature, cfg_scale=cfg_scale, mask_id=mask_id,
+                       generator=generator)
+        answers = out[:, P:].tolist()  # the copy to the host waits for the device
+        seconds += time.perf_counter() - began
+        for row, answer in zip(index.tolist(), answers):
+            completions[row].append(decode_answer(tokenizer, answer, stops))
+    answers = rows["answer"] if "answer" in rows.column_names else [""] * len(ids)
+    records = [{"prompt": p, "answer": a, "completions": c} for p, a, c in zip(rows["prompt"], answers, completions)]
+    return records, seconds
+
+
+def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, stops: set[int], layout: Layout,
+                      batch_size: int, seed: int, progress=None) -> list[dict]:
+    """One result row per setting: accuracy per task (and ``distinct_valid`` for many-answer tasks),
+    forward passes and wall seconds per completion. ``models`` maps ``teacher``/``student`` to
+    networks; a warm-up batch per model keeps one-off costs out of the timings."""
+    for model in models.values():
+        complete_split(model, rows.select(range(min(len(rows), batch_size))), tokenizer, stops, layout, steps=1)
+    results = []
+    for setting in settings:
+        generator = torch.Generator(device=next(models[setting.model].parameters()).device).manual_seed(seed)
+        records, seconds = complete_split(
+            models[setting.model], rows, tokenizer, stops, layout, setting.steps, setting.cfg_scale,
+            setting.temperature, setting.samples, batch_size, generator,
+        )
+        metrics = score_records(records)
+        results.append({
+            **dataclasses.asdict(setting),
+            "name": setting.name,
+            "forward_passes": setting.forward_passes,
+            "seconds_per_sample": seconds / (len(records) * setting.samples),
+            "accuracy": {task: m["accuracy"] for task, m in metrics.items()},
+            "distinct_valid": {task: m["distinct_valid"] for task, m in metrics.items() if "distinct_valid" in m},
+        })
+        if progress is not None:
+            progress(results[-1])
+    return results
+
+
+def summarize(results: list[dict], gen_length: int) -> dict:
+    """``metrics/eval.json``: each setting's numbers under its name, plus the one-step student's
+    speedup over the teacher at ``gen_length`` steps (greedy, no guidance) and its accuracy gain over
+    the one-step teacher."""
+    by = {(r["model"], r["steps"], r["cfg_scale"], r["temperature"]): r for r in results}
+    summary: dict = {"settings": {}}
+    for r in results:
+        entry = {"forward_passes": r["forward_passes"], "seconds_per_sample": round(r["seconds_per_sample"], 6),
+                 "accuracy": {k: round(v, 4) for k, v in r["accuracy"].items()}}
+        if r["distinct_valid"]:
+            entry["distinct_valid"] = {k: round(v, 3) for k, v in r["distinct_valid"].items()}
+        summary["settings"][r["name"]] = entry
+    student = by.get(("student", 1, 0.0, 0.0))
+    full = by.get(("teacher", gen_length, 0.0, 0.0))
+    one = by.get(("teacher", 1, 0.0, 0.0))
+    if student and full:
+        summary["student_speedup_vs_teacher_gen_length"] = round(full["seconds_per_sample"] / student["seconds_per_sample"], 2)
+    if student and one:
+        summary["student_minus_one_step_teacher"] = round(student["accuracy"]["mean"] - one["accuracy"]["mean"], 4)
+    if student and full:
+        summary["student_minus_gen_length_teacher"] = round(student["accuracy"]["mean"] - full["accuracy"]["mean"], 4)
+    return summary
+
+
+def curve_rows(results: list[dict]) -> dict[str, list[dict]]:
+    """Plot data: greedy mean accuracy against forward passes, one list per (model, guidance)."""
+    series: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        if r["temperature"] == 0:
+            key = r["model"] + ("_cfg" if r["cfg_scale"] > 0 else "")
+            series[key].append({"forward_passes": r["forward_passes"], "seconds_per_sample": r["seconds_per_sample"],
+                                **{f"accuracy_{task}": v for task, v in r["accuracy"].items()}})
+    return dict(series)
+
+
+def plot_accuracy(results: list[dict], path: Path) -> None:
+    """PNG: greedy mean accuracy against forward passes per sample (the teacher's curve, the
+    student's point), and against wall seconds per sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = curve_rows(results)
+    style = {"teacher": ("tab:blue", "o-"), "teacher_cfg": ("tab:blue", "s--"),
+             "student": ("tab:red", "*"), "student_cfg": ("tab:orange", "*")}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, rows in series.items():
+        color, marker = style.get(key, ("gray", "x-"))
+        rows = sorted(rows, key=lambda r: r["forward_passes"])
+        for ax, x in zip(axes, ("forward_passes", "seconds_per_sample")):
+            ax.plot([r[x] for r in rows], [r["accuracy_mean"] for r in rows], marker, color=color, label=key,
+                    markersize=14 if key.startswith("student") else 6)
+    for ax, label in zip(axes, ("forward passes per sample", "wall seconds per sample")):
+        ax.set_xscale("log", base=2 if label.startswith("forward") else 10)
+        ax.set_xlabel(label)
+        ax.set_ylabel("greedy accuracy (mean over tasks)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.suptitle("held-out test split: teacher by step count vs one-step student")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(results: list[dict], temperature: float = 0.0) -> str:
+    """Results at one temperature as a markdown table: accuracy per task, forward passes, seconds."""
+    rows = [r for r in results if r["temperature"] == temperature]
+    tasks = [t for t in rows[0]["accuracy"] if t != "mean"] + ["mean"]
+    lines = ["| model | steps | CFG | " + " | ".join(tasks) + " | passes | ms / sample |",
+             "|---" * (len(tasks) + 5) + "|"]
+    for r in rows:
+        cells = [f"{r['accuracy'][t]:.3f}" for t in tasks]
+        lines.append(f"| {r['model']} | {r['steps']} | {r['cfg_scale']:g} | " + " | ".join(cells)
+                     + f" | {r['forward_passes']} | {1000 * r['seconds_per_sample']:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Stage ``evaluate``: teacher at 1, 2, 4, ..., gen_length steps against the one-step student on the
+held-out test split, with and without CFG, greedy and sampled (params: ``evaluate``).
+
+Writes ``metrics/eval.json`` (every setting's accuracy per task, distinct valid completions, forward
+passes and wall seconds per sample; the student's speedup and accuracy gains),
+``metrics/eval/*.json`` (plot data) and ``metrics/eval/accuracy_vs_forward_passes.png``.
+
+    python stages/evaluate.py          # what dvc repro runs
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from pipeline.config import EvaluateParams, ParamsError, load_section  # noqa: E402
+from pipeline.data import Layout  # noqa: E402
+from pipeline.evaluation import (  # noqa: E402
+    curve_rows, default_teacher_steps, evaluate_settings, markdown_table, plot_accuracy, settings_for, summarize,
+)
+from pipeline.stage import run_stage  # noqa: E402
+from pipeline.student import Student  # noqa: E402
+from pipeline.teacher import checkpoint_dir, load_teacher  # noqa: E402
+from pipeline.tokenizer import stop_token_ids  # noqa: E402
+
+DATA = Path("data")
+TEACHER = Path("artifacts/teacher")
+STUDENT = Path("artifacts/student")
+METRICS = Path("metrics")
+
+
+def main() -> None:
+    params = load_section(EvaluateParams, "evaluate")
+    if params.num_threads:
+        torch.set_num_threads(params.num_threads)
+    layout = Layout.load(DATA)
+    steps = params.teacher_steps or default_teacher_steps(layout.gen_length)
+    if max(steps) > layout.gen_length:
+        raise ParamsError(f"params.yaml:evaluate.teacher_steps: {max(steps)} exceeds gen_length {layout.gen_length}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    teacher, tokenizer, record = load_teacher(TEACHER, dtype=dtype, device=device)
+    student = Student.from_pretrained(STUDENT, base=teacher).to(device)  # shares the teacher's weights
+    stops = stop_token_ids(tokenizer, teacher.config, checkpoint_dir(TEACHER, record))
+    rows = datasets.load_from_disk(str(DATA / "test"))
+    settings = settings_for(sorted(set(steps)), params.cfg_scale, params.temperature, params.samples)
+
+    bar = tqdm(total=len(settings), desc="evaluate", unit="setting", file=sys.stderr)
+    def progress(result):  # noqa: E306
+        bar.set_postfix_str(f"{result['name']}: {result['accuracy']['mean']:.3f}")
+        bar.update()
+    results = evaluate_settings({"teacher": teacher.eval(), "student": student.eval()}, settings, rows, tokenizer,
+                                stops, layout, params.batch_size, params.seed, progress)
+    bar.close()
+
+    summary = {"test_prompts": len(rows), "device": device, **summarize(results, layout.gen_length)}
+    (METRICS / "eval").mkdir(parents=True, exist_ok=True)
+    (METRICS / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name, series in curve_rows(results).items():
+        (METRICS / "eval" / f"{name}.json").write_text(json.dumps(series, indent=2) + "\n")
+    plot_accuracy(results, METRICS / "eval" / "accuracy_vs_forward_passes.png")
+    print(markdown_table(results, 0.0))
+    print(f"\nstudent speedup over the teacher at {layout.gen_length} steps: "
+          f"{summary.get('student_speedup_vs_teacher_gen_length')}x")
+
+
+if __name__ == "__main__":
+    run_stage(main)
