@@ -317,12 +317,14 @@ class EvaluateParams:
     """Completions per prompt in the sampled settings (accuracy and distinct valid completions)."""
     batch_size: int = 256
     """Sequences per forward batch, the same for every setting (seconds per sample depend on it)."""
+    timing_repeats: int = 3
+    """Greedy settings are decoded this many times and the fastest time is reported."""
     seed: int = 0
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
 
     def __post_init__(self) -> None:
-        require_at_least(self, 1, "samples", "batch_size")
+        require_at_least(self, 1, "samples", "batch_size", "timing_repeats")
         require_at_least(self, 0, "cfg_scale", "num_threads")
         require(self.temperature > 0, "temperature", "must be > 0 (greedy settings are always included)")
         if self.teacher_steps is not None:

@@ -55,7 +55,7 @@ def main() -> None:
         bar.set_postfix_str(f"{result['name']}: {result['accuracy']['mean']:.3f}")
         bar.update()
     results = evaluate_settings({"teacher": teacher.eval(), "student": student.eval()}, settings, rows, tokenizer,
-                                stops, layout, params.batch_size, params.seed, progress)
+                                stops, layout, params.batch_size, params.seed, params.timing_repeats, progress)
     bar.close()
 
     summary = {"test_prompts": len(rows), "device": device, **summarize(results, layout.gen_length)}

@@ -1,0 +1,101 @@
+"""The evaluation: settings grid, scoring, decoding of a split, timing bookkeeping, the stage's errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import yaml
+
+from pipeline.data import Layout
+from pipeline.evaluation import (
+    complete_split, default_teacher_steps, evaluate_settings, score_records, settings_for, summarize,
+)
+from pipeline.generate import generate
+from pipeline.student import Student
+from pipeline.teacher import load_teacher
+from pipeline.tokenizer import decode_answer
+from tests.conftest import make_workdir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return make_workdir(tmp_path_factory.mktemp("eval"), train_per_task=4)
+
+
+def test_default_teacher_steps_double_up_to_gen_length():
+    assert default_teacher_steps(7) == [1, 2, 4, 7]
+    assert default_teacher_steps(8) == [1, 2, 4, 8]
+    assert default_teacher_steps(1) == [1]
+
+
+def test_settings_grid_and_forward_passes():
+    grid = settings_for([1, 2, 7], cfg_scale=0.5, temperature=1.0, samples=4)
+    assert len(grid) == 4 * 2 * 2  # (3 teacher step counts + student) x (no CFG, CFG) x (greedy, sampled)
+    passes = {s.name: s.forward_passes for s in grid}
+    assert passes["teacher_steps7_greedy"] == 7 and passes["teacher_steps7_greedy_cfg0.5"] == 14
+    assert passes["student_steps1_sampled_t1x4"] == 1 and passes["student_steps1_sampled_t1x4_cfg0.5"] == 2
+    assert all(s.cfg_scale == 0 for s in settings_for([1], cfg_scale=0.0, temperature=1.0, samples=2))
+
+
+def test_scoring_mixes_task_prompts_and_exact_match():
+    records = [
+        {"prompt": "sort:cab", "answer": "abc", "completions": ["abc", "acb"]},
+        {"prompt": "perm:abc", "answer": "abc", "completions": ["bca", "bca"]},
+        {"prompt": "What is 2+2?", "answer": "4", "completions": ["4", "5"]},
+        {"prompt": "Capital of France?", "answer": "Paris", "completions": ["Paris ", "Paris"]},
+    ]
+    metrics = score_records(records)
+    assert metrics["sort"]["accuracy"] == 0.5 and metrics["perm"]["accuracy"] == 1.0
+    assert metrics["perm"]["distinct_valid"] == 1.0
+    assert metrics["exact_match"]["accuracy"] == 0.75
+    assert metrics["mean"]["accuracy"] == pytest.approx((0.5 + 1.0 + 0.75) / 3)
+
+
+def test_complete_split_decodes_every_row_like_generate(workdir):
+    teacher, tokenizer, _ = load_teacher(workdir / "artifacts" / "teacher")
+    layout = Layout.load(workdir / "data")
+    rows = datasets.load_from_disk(str(workdir / "data" / "test"))
+    records, seconds = complete_split(teacher, rows, tokenizer, {0}, layout, steps=2, batch_size=3)
+    assert [r["prompt"] for r in records] == rows["prompt"] and seconds > 0
+    P = layout.prompt_length
+    ids = torch.as_tensor(rows["input_ids"])[:, :P].long()
+    mask = torch.as_tensor(rows["attention_mask"])[:, :P].long()
+    out = generate(lambda x, m: teacher(input_ids=x, attention_mask=m), ids, mask, steps=2,
+                   gen_length=layout.gen_length, block_length=layout.gen_length, mask_id=2)
+    assert [r["completions"] for r in records] == [[decode_answer(tokenizer, a, {0})] for a in out[:, P:].tolist()]
+
+    sampled, _ = complete_split(teacher, rows, tokenizer, {0}, layout, steps=1, temperature=1.0, samples=3,
+                                batch_size=5, generator=torch.Generator().manual_seed(0))
+    assert all(len(r["completions"]) == 3 for r in sampled)
+
+
+def test_initial_student_scores_like_the_one_step_teacher(workdir):
+    teacher, tokenizer, _ = load_teacher(workdir / "artifacts" / "teacher")
+    student = Student(teacher, prompt_length=2, hidden_size=8).eval()  # zero gate: equals its base
+    layout = Layout.load(workdir / "data")
+    rows = datasets.load_from_disk(str(workdir / "data" / "test"))
+    grid = settings_for([1], 0.5, 1.0, 2)
+    results = evaluate_settings({"teacher": teacher, "student": student}, grid, rows, tokenizer, {0}, layout,
+                                batch_size=4, seed=0)
+    by = {(r["model"], r["cfg_scale"], r["temperature"]): r for r in results}
+    for key in [(0.0, 0.0), (0.5, 0.0), (0.0, 1.0), (0.5, 1.0)]:
+        assert by[("student", *key)]["accuracy"] == by[("teacher", *key)]["accuracy"]
+    summary = summarize(results, gen_length=1)
+    assert summary["student_minus_one_step_teacher"] == 0.0
+    expected = by[("teacher", 0.0, 0.0)]["seconds_per_sample"] / by[("student", 0.0, 0.0)]["seconds_per_sample"]
+    assert summary["student_speedup_vs_teacher_gen_length"] == pytest.approx(expected, rel=0.01)
+
+
+def test_stage_refuses_steps_beyond_gen_length(workdir):
+    (workdir / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"teacher_steps": [1, 9]}}))
+    result = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py")], cwd=workdir,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "evaluate.teacher_steps" in last and "gen_length 7" in last
+    assert not (workdir / "metrics" / "eval.json").exists()

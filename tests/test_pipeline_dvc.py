@@ -1,0 +1,89 @@
+"""The whole pipeline as a new user runs it: the repository's dvc.yaml, stages and package copied into
+a fresh git + DVC repository, micro params, ``dvc repro``, then ``dvc exp run -S``."""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["prepare_data", "teacher", "cache_teacher", "train_student", "evaluate"]
+MICRO = {
+    "data": {"train_per_task": 24, "val_per_task": 2, "test_per_task": 2},
+    "teacher": {
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "mlp_hidden_size": 48},
+        "train": {"max_steps": 3, "batch_size": 16, "warmup_steps": 1},
+    },
+    "cache": {"samples_per_example": 1, "rows_per_shard": 64, "record_batch_rows": 16, "batch_size": 32},
+    "student": {"max_steps": 3, "batch_size": 8, "eval_every": 2, "warmup_steps": 1, "hidden_size": 8},
+    "evaluate": {"samples": 2, "batch_size": 16},
+}
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def run(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
+           "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com", "DVC_NO_ANALYTICS": "1"}
+    command = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_dvc_repro_and_exp_run_in_a_fresh_repository(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    params = merged(yaml.safe_load((ROOT / "params.yaml").read_text()), MICRO)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(repo, "git", "init", "-q")
+    run(repo, "dvc", "init", "-q")
+    run(repo, "dvc", "config", "core.analytics", "false")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "pipeline")
+
+    run(repo, "dvc", "repro")
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert list(lock["stages"]) == STAGES
+    for stage in ("prepare_data", "teacher", "cache_teacher", "train_student"):
+        assert all(out.get("md5") for out in lock["stages"][stage]["outs"]), stage
+    assert lock["stages"]["train_student"]["params"]["params.yaml"]["student"]["max_steps"] == 3
+    assert "Data and pipelines are up to date" in run(repo, "dvc", "status")
+
+    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
+    settings = evaluation["settings"]
+    assert {f"teacher_steps{n}_greedy" for n in (1, 2, 4, 7)} | {"student_steps1_greedy", "student_steps1_greedy_cfg0.5",
+                                                                   "student_steps1_sampled_t1x2"} <= set(settings)
+    assert settings["student_steps1_greedy"]["forward_passes"] == 1
+    assert settings["student_steps1_greedy_cfg0.5"]["forward_passes"] == 2
+    assert settings["teacher_steps7_greedy"]["forward_passes"] == 7
+    assert set(settings["teacher_steps7_greedy"]["accuracy"]) == {"add", "sort", "perm", "word", "mean"}
+    assert evaluation["student_speedup_vs_teacher_gen_length"] > 0
+    assert (repo / "metrics" / "eval" / "accuracy_vs_forward_passes.png").read_bytes()[:4] == b"\x89PNG"
+
+    metrics = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
+    assert "metrics/eval.json" in json.dumps(metrics)
+    plots = json.loads(run(repo, "dvc", "plots", "show", "--json"))["data"]
+    assert {"accuracy_vs_forward_passes", "metrics/eval/accuracy_vs_forward_passes.png"} <= set(plots)
+
+    # An experiment changes one value; only the stages that read it rerun.
+    out = run(repo, "dvc", "exp", "run", "-S", "student.max_steps=2")
+    assert "Running stage 'train_student'" in out and "Running stage 'teacher'" not in out
+    assert json.loads((repo / "metrics" / "student" / "summary.json").read_text())["steps"] == 2
+    shown = run(repo, "dvc", "exp", "show", "--json")
+    assert '"max_steps": 2' in shown.replace(" ", "").replace('":', '": ')
