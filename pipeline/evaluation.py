@@ -227,13 +227,16 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
 
 
 def markdown_table(results: list[dict], temperature: float = 0.0) -> str:
-    """Results at one temperature as a markdown table: accuracy per task, forward passes, seconds."""
+    """Results at one temperature as a markdown table: accuracy per task, distinct valid completions
+    (sampled settings), forward passes and milliseconds per sample."""
     rows = [r for r in results if r["temperature"] == temperature]
     tasks = [t for t in rows[0]["accuracy"] if t != "mean"] + ["mean"]
-    lines = ["| model | steps | CFG | " + " | ".join(tasks) + " | passes | ms / sample |",
-             "|---" * (len(tasks) + 5) + "|"]
+    distinct = list(rows[0]["distinct_valid"]) if temperature > 0 else []
+    lines = ["| model | steps | CFG | " + " | ".join(tasks) + "".join(f" | {t} distinct" for t in distinct)
+             + " | passes | ms / sample |",
+             "|---" * (len(tasks) + len(distinct) + 5) + "|"]
     for r in rows:
-        cells = [f"{r['accuracy'][t]:.3f}" for t in tasks]
+        cells = [f"{r['accuracy'][t]:.3f}" for t in tasks] + [f"{r['distinct_valid'][t]:.2f}" for t in distinct]
         lines.append(f"| {r['model']} | {r['steps']} | {r['cfg_scale']:g} | " + " | ".join(cells)
                      + f" | {r['forward_passes']} | {1000 * r['seconds_per_sample']:.3f} |")
     return "\n".join(lines)

@@ -64,7 +64,8 @@ def main() -> None:
     for name, series in curve_rows(results).items():
         (METRICS / "eval" / f"{name}.json").write_text(json.dumps(series, indent=2) + "\n")
     plot_accuracy(results, METRICS / "eval" / "accuracy_vs_forward_passes.png")
-    print(markdown_table(results, 0.0))
+    print(f"greedy\n{markdown_table(results, 0.0)}\n\ntemperature {params.temperature:g}, {params.samples} samples per prompt\n"
+          + markdown_table(results, params.temperature))
     print(f"\nstudent speedup over the teacher at {layout.gen_length} steps: "
           f"{summary.get('student_speedup_vs_teacher_gen_length')}x")
 
