@@ -3,7 +3,8 @@ held-out test split, with and without CFG, greedy and sampled (params: ``evaluat
 
 Writes ``metrics/eval.json`` (every setting's accuracy per task, distinct valid completions, forward
 passes and wall seconds per sample; the student's speedup and accuracy gains),
-``metrics/eval/*.json`` (plot data) and ``metrics/eval/accuracy_vs_forward_passes.png``.
+``metrics/eval/*.json`` (plot data), ``metrics/eval/accuracy_vs_forward_passes.png`` and
+``metrics/eval/results.md`` (the tables the README quotes).
 
     python stages/evaluate.py          # what dvc repro runs
 """
@@ -64,10 +65,13 @@ def main() -> None:
     for name, series in curve_rows(results).items():
         (METRICS / "eval" / f"{name}.json").write_text(json.dumps(series, indent=2) + "\n")
     plot_accuracy(results, METRICS / "eval" / "accuracy_vs_forward_passes.png")
-    print(f"greedy\n{markdown_table(results, 0.0)}\n\ntemperature {params.temperature:g}, {params.samples} samples per prompt\n"
-          + markdown_table(results, params.temperature))
-    print(f"\nstudent speedup over the teacher at {layout.gen_length} steps: "
-          f"{summary.get('student_speedup_vs_teacher_gen_length')}x")
+    tables = (f"Greedy, {len(rows)} held-out prompts\n\n{markdown_table(results, 0.0)}\n\n"
+              f"Temperature {params.temperature:g}, {params.samples} samples per prompt\n\n"
+              f"{markdown_table(results, params.temperature)}\n\n"
+              f"One-step student speedup over the teacher at {layout.gen_length} steps: "
+              f"{summary.get('student_speedup_vs_teacher_gen_length')}x ({device})\n")
+    (METRICS / "eval" / "results.md").write_text(tables)
+    print(tables)
 
 
 if __name__ == "__main__":

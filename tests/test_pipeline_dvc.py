@@ -75,6 +75,7 @@ def test_dvc_repro_and_exp_run_in_a_fresh_repository(tmp_path):
     assert set(settings["teacher_steps7_greedy"]["accuracy"]) == {"add", "sort", "perm", "word", "mean"}
     assert evaluation["student_speedup_vs_teacher_gen_length"] > 0
     assert (repo / "metrics" / "eval" / "accuracy_vs_forward_passes.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| student | 1 | 0 |" in (repo / "metrics" / "eval" / "results.md").read_text()
 
     metrics = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
     assert "metrics/eval.json" in json.dumps(metrics)
