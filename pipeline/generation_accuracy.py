@@ -45,5 +45,4 @@ class GenerationAccuracy(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero and (not self.history or self.history[-1]["step"] != trainer.global_step):
-            metrics = self.evaluate(self.model_of(pl_module))
-            self.history.append({"step": trainer.global_step, **{k: v["accuracy"] for k, v in metrics.items()}})
+            self.record(trainer, pl_module)

@@ -145,8 +145,9 @@ def token_losses(kind: Loss, u: torch.Tensor, target: torch.Tensor, labels: torc
     """Per-token losses (N,) for student logits u (N, V) against target logits (N, V).
 
     ``kl``: KL(softmax(target) || softmax(u)); ``mse``: mean squared difference of the log-softmax
-    vectors (logits are shift invariant, so raw logits would penalize an irrelevant offset);
-    ``ce``: cross-entropy of u to the hard ``labels`` (N,)."""
+    vectors (logits are shift invariant, so raw logits would penalize an irrelevant offset) over the
+    ids the target gives mass (a dropped or fp16-vanished tail has log-probability -inf: nothing to
+    match there); ``ce``: cross-entropy of u to the hard ``labels`` (N,)."""
     log_u = F.log_softmax(u.float(), dim=-1)
     if kind == "kl":
         log_target = F.log_softmax(target.float(), dim=-1)
@@ -154,7 +155,10 @@ def token_losses(kind: Loss, u: torch.Tensor, target: torch.Tensor, labels: torc
         # 0 log 0 = 0 where the target gives an id no mass (a dropped tail); NaN stays NaN.
         return torch.where(p == 0, torch.zeros_like(p), p * (log_target - log_u)).sum(dim=-1)
     if kind == "mse":
-        return (log_u - F.log_softmax(target.float(), dim=-1)).pow(2).mean(dim=-1)
+        log_target = F.log_softmax(target.float(), dim=-1)
+        defined = ~torch.isneginf(log_target)  # NaN stays in, so a broken target still raises
+        squared = torch.where(defined, log_u - log_target, torch.zeros_like(log_u)).pow(2)
+        return squared.sum(dim=-1) / defined.sum(dim=-1).clamp(min=1)
     if kind == "ce":
         if labels is None:
             raise ValueError("the ce loss needs labels")

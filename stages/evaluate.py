@@ -40,16 +40,23 @@ def main() -> None:
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     layout = Layout.load(DATA)
-    steps = params.teacher_steps or default_teacher_steps(layout.gen_length)
-    if max(steps) > layout.gen_length:
-        raise ParamsError(f"params.yaml:evaluate.teacher_steps: {max(steps)} exceeds gen_length {layout.gen_length}")
+    G = layout.gen_length
+    block_length = params.block_length or G
+    if G % block_length:
+        raise ParamsError(f"params.yaml:evaluate.block_length: gen_length {G} is not a multiple of {block_length}")
+    num_blocks = G // block_length
+    steps = sorted(set(params.teacher_steps or default_teacher_steps(G, num_blocks)) | {G})
+    for n in steps:
+        if n > G or n % num_blocks:
+            raise ParamsError(f"params.yaml:evaluate.teacher_steps: {n} steps does not fit gen_length {G} "
+                              f"in {num_blocks} block(s) (at most {G}, a multiple of {num_blocks})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     teacher, tokenizer, record = load_teacher(TEACHER, dtype=dtype, device=device)
     student = Student.from_pretrained(STUDENT, base=teacher).to(device)  # shares the teacher's weights
     stops = stop_token_ids(tokenizer, teacher.config, checkpoint_dir(TEACHER, record))
     rows = datasets.load_from_disk(str(DATA / "test"))
-    settings = settings_for(sorted(set(steps)), params.cfg_scale, params.temperature, params.samples)
+    settings = settings_for(steps, params.cfg_scale, params.temperature, params.samples, G, block_length)
 
     bar = tqdm(total=len(settings), desc="evaluate", unit="setting", file=sys.stderr)
     def progress(result):  # noqa: E306
@@ -59,7 +66,7 @@ def main() -> None:
                                 stops, layout, params.batch_size, params.seed, params.timing_repeats, progress)
     bar.close()
 
-    summary = {"test_prompts": len(rows), "device": device, **summarize(results, layout.gen_length)}
+    summary = {"test_prompts": len(rows), "device": device, **summarize(results, G)}
     (METRICS / "eval").mkdir(parents=True, exist_ok=True)
     (METRICS / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name, series in curve_rows(results).items():
@@ -68,7 +75,7 @@ def main() -> None:
     tables = (f"Greedy, {len(rows)} held-out prompts\n\n{markdown_table(results, 0.0)}\n\n"
               f"Temperature {params.temperature:g}, {params.samples} samples per prompt\n\n"
               f"{markdown_table(results, params.temperature)}\n\n"
-              f"One-step student speedup over the teacher at {layout.gen_length} steps: "
+              f"One-step student speedup over the teacher at {G} steps: "
               f"{summary.get('student_speedup_vs_teacher_gen_length')}x ({device})\n")
     (METRICS / "eval" / "results.md").write_text(tables)
     print(tables)

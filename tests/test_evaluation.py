@@ -27,33 +27,63 @@ def workdir(tmp_path_factory) -> Path:
     return make_workdir(tmp_path_factory.mktemp("eval"), train_per_task=4)
 
 
+class CountingLLaDA(torch.nn.Module):
+    """A teacher that counts the rows it is run on."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.rows = inner, inner.config, 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.rows += input_ids.shape[0]
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
 def test_default_teacher_steps_double_up_to_gen_length():
     assert default_teacher_steps(7) == [1, 2, 4, 7]
     assert default_teacher_steps(8) == [1, 2, 4, 8]
     assert default_teacher_steps(1) == [1]
+    assert default_teacher_steps(256, num_blocks=8) == [8, 16, 32, 64, 128, 256]
 
 
-def test_settings_grid_and_forward_passes():
-    grid = settings_for([1, 2, 7], cfg_scale=0.5, temperature=1.0, samples=4)
+def test_settings_grid():
+    grid = settings_for([1, 2, 7], cfg_scale=0.5, temperature=1.0, samples=4, gen_length=7)
     assert len(grid) == 4 * 2 * 2  # (3 teacher step counts + student) x (no CFG, CFG) x (greedy, sampled)
     passes = {s.name: s.forward_passes for s in grid}
     assert passes["teacher_steps7_greedy"] == 7 and passes["teacher_steps7_greedy_cfg0.5"] == 14
     assert passes["student_steps1_sampled_t1x4"] == 1 and passes["student_steps1_sampled_t1x4_cfg0.5"] == 2
-    assert all(s.cfg_scale == 0 for s in settings_for([1], cfg_scale=0.0, temperature=1.0, samples=2))
+    assert all(s.cfg_scale == 0 for s in settings_for([1], cfg_scale=0.0, temperature=1.0, samples=2, gen_length=7))
+    blocks = settings_for([8, 16], 0.0, 1.0, 2, gen_length=16, block_length=4)
+    assert {(s.model, s.block_length) for s in blocks} == {("teacher", 4), ("student", 16)}
 
 
-def test_scoring_mixes_task_prompts_and_exact_match():
+@pytest.mark.parametrize("steps", [1, 2, 7])
+@pytest.mark.parametrize("cfg_scale", [0.0, 0.5])
+def test_forward_passes_are_the_network_evaluations_per_completion(workdir, steps, cfg_scale):
+    teacher, tokenizer, _ = load_teacher(workdir / "artifacts" / "teacher")
+    counting = CountingLLaDA(teacher)
+    layout = Layout.load(workdir / "data")
+    rows = datasets.load_from_disk(str(workdir / "data" / "test"))
+    (setting,) = [s for s in settings_for([steps], cfg_scale, 1.0, 3, layout.gen_length)
+                  if s.model == "teacher" and s.temperature > 0 and s.cfg_scale == cfg_scale]
+    complete_split(counting, rows, tokenizer, {0}, layout, setting.steps, cfg_scale=cfg_scale, temperature=1.0,
+                   samples=3, batch_size=5, generator=torch.Generator().manual_seed(0))
+    assert counting.rows == setting.forward_passes * len(rows) * 3
+
+
+def test_scoring_mixes_task_rows_and_exact_match():
     records = [
-        {"prompt": "sort:cab", "answer": "abc", "completions": ["abc", "acb"]},
-        {"prompt": "perm:abc", "answer": "abc", "completions": ["bca", "bca"]},
+        {"task": "sort", "prompt": "sort:cab", "answer": "abc", "completions": ["abc", "acb"]},
+        {"task": "perm", "prompt": "perm:abc", "answer": "abc", "completions": ["bca", "bca"]},
         {"prompt": "What is 2+2?", "answer": "4", "completions": ["4", "5"]},
         {"prompt": "Capital of France?", "answer": "Paris", "completions": ["Paris ", "Paris"]},
+        {"prompt": "word: a word with a colon", "answer": "yes", "completions": ["yes", "no"]},
     ]
     metrics = score_records(records)
     assert metrics["sort"]["accuracy"] == 0.5 and metrics["perm"]["accuracy"] == 1.0
     assert metrics["perm"]["distinct_valid"] == 1.0
-    assert metrics["exact_match"]["accuracy"] == 0.75
-    assert metrics["mean"]["accuracy"] == pytest.approx((0.5 + 1.0 + 0.75) / 3)
+    assert metrics["exact_match"]["accuracy"] == 4 / 6  # external prompts that look like task prompts too
+    assert metrics["mean"]["accuracy"] == pytest.approx((0.5 + 1.0 + 4 / 6) / 3)
 
 
 def test_complete_split_decodes_every_row_like_generate(workdir):
@@ -69,9 +99,17 @@ def test_complete_split_decodes_every_row_like_generate(workdir):
                    gen_length=layout.gen_length, block_length=layout.gen_length, mask_id=2)
     assert [r["completions"] for r in records] == [[decode_answer(tokenizer, a, {0})] for a in out[:, P:].tolist()]
 
-    sampled, _ = complete_split(teacher, rows, tokenizer, {0}, layout, steps=1, temperature=1.0, samples=3,
-                                batch_size=5, generator=torch.Generator().manual_seed(0))
-    assert all(len(r["completions"]) == 3 for r in sampled)
+    sampled = [complete_split(teacher, rows, tokenizer, {0}, layout, steps=1, temperature=1.0, samples=3,
+                              batch_size=batch, generator=torch.Generator().manual_seed(0))[0] for batch in (5, 5, 4)]
+    assert all(len(r["completions"]) == 3 for r in sampled[0])
+    assert sampled[0] == sampled[1]  # the seed fixes the draws
+    assert [r["task"] for r in sampled[2]] == rows["task"]
+
+    external = rows.remove_columns("task")  # external data: scored by exact match to the answer
+    records, _ = complete_split(teacher, external, tokenizer, {0}, layout, steps=2, batch_size=3)
+    assert "task" not in records[0] and set(score_records(records)) == {"exact_match", "mean"}
+    with pytest.raises(ValueError, match="answer"):
+        complete_split(teacher, rows.remove_columns("answer"), tokenizer, {0}, layout, steps=1)
 
 
 def test_initial_student_scores_like_the_one_step_teacher(workdir):
@@ -79,16 +117,15 @@ def test_initial_student_scores_like_the_one_step_teacher(workdir):
     student = Student(teacher, prompt_length=2, hidden_size=8).eval()  # zero gate: equals its base
     layout = Layout.load(workdir / "data")
     rows = datasets.load_from_disk(str(workdir / "data" / "test"))
-    grid = settings_for([1], 0.5, 1.0, 2)
+    grid = settings_for([1], 0.5, 1.0, 2, gen_length=layout.gen_length)
     results = evaluate_settings({"teacher": teacher, "student": student}, grid, rows, tokenizer, {0}, layout,
                                 batch_size=4, seed=0)
     by = {(r["model"], r["cfg_scale"], r["temperature"]): r for r in results}
     for key in [(0.0, 0.0), (0.5, 0.0), (0.0, 1.0), (0.5, 1.0)]:
         assert by[("student", *key)]["accuracy"] == by[("teacher", *key)]["accuracy"]
+    assert all(r["seconds_per_sample"] > 0 for r in results)
     summary = summarize(results, gen_length=1)
-    assert summary["student_minus_one_step_teacher"] == 0.0
-    expected = by[("teacher", 0.0, 0.0)]["seconds_per_sample"] / by[("student", 0.0, 0.0)]["seconds_per_sample"]
-    assert summary["student_speedup_vs_teacher_gen_length"] == pytest.approx(expected, rel=0.01)
+    assert summary["student_minus_teacher_1_steps"] == 0.0 and summary["student_minus_gen_length_teacher"] == 0.0
 
 
 def test_stage_refuses_steps_beyond_gen_length(workdir):
@@ -97,5 +134,5 @@ def test_stage_refuses_steps_beyond_gen_length(workdir):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "evaluate.teacher_steps" in last and "gen_length 7" in last
+    assert last.startswith("error:") and "evaluate.teacher_steps: 9 steps" in last and "gen_length 7" in last
     assert not (workdir / "metrics" / "eval.json").exists()

@@ -131,8 +131,15 @@ def test_loss_is_zero_at_the_target_and_positive_elsewhere(kind):
     assert token_losses(kind, target + 3.0, target).abs().max() < 1e-5  # logits are shift invariant
     assert (token_losses(kind, target.flip(-1), target) > 0).all()
     dropped = target.clone()
-    dropped[:, 10:] = -torch.inf  # a dropped tail: no NaN
-    assert torch.isfinite(token_losses("kl", target, dropped)).all()
+    dropped[:, 10:] = -torch.inf  # a dropped (or fp16-vanished) tail: finite, and only the defined ids count
+    losses = token_losses(kind, target, dropped)
+    assert torch.isfinite(losses).all() and (losses > 0).all()
+    if kind == "mse":
+        log_u, log_target = target.log_softmax(-1)[:, :10], dropped[:, :10].log_softmax(-1)
+        assert torch.allclose(losses, (log_u - log_target).pow(2).mean(-1))
+    broken = target.clone()
+    broken[0, 3] = torch.nan  # a broken target must not be silently ignored
+    assert torch.isnan(token_losses(kind, target, broken)[0])
 
 
 def test_ce_and_adaptive_weighting():
