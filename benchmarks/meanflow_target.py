@@ -1,0 +1,90 @@
+"""How good is the MeanFlow target at the one-step inference point?
+
+On the held-out test prompts with the whole answer masked (t = 1), decode argmax of the teacher's v,
+of the student's u(r = 0, t = 1), and of the target u_tgt = v - (t - r) du/dt for t - r in
+{1, 0.5, 0.25} and both tangents, with du/dt the JVP of the initial student (= the teacher: zero
+gate) and of the trained one. If argmax u_tgt at t - r = 1 scores below argmax v, the one-step
+regression target is worse than the teacher's own one-step prediction. Prints a markdown table and
+writes JSON. Float64 throughout.
+
+    python benchmarks/meanflow_target.py        # needs artifacts/teacher, artifacts/student (dvc repro)
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.data import Layout  # noqa: E402
+from pipeline.evaluation import score_records  # noqa: E402
+from pipeline.meanflow import average_velocity_jvp, meanflow_target, tangent  # noqa: E402
+from pipeline.student import Student  # noqa: E402
+from pipeline.teacher import load_teacher  # noqa: E402
+from pipeline.tokenizer import decode_answer  # noqa: E402
+
+
+def accuracy(logits: torch.Tensor, rows, tokenizer, layout: Layout, mask_id: int) -> dict[str, float]:
+    logits = logits.clone()
+    logits[..., mask_id] = -torch.inf  # as the sampler: never commit [MASK]
+    answers = logits[:, layout.prompt_length:].argmax(-1).tolist()
+    records = [{"task": task, "prompt": prompt, "answer": answer,
+                "completions": [decode_answer(tokenizer, ids, {layout.pad_token_id})]}
+               for task, prompt, answer, ids in zip(rows["task"], rows["prompt"], rows["answer"], answers)]
+    return {task: round(m["accuracy"], 3) for task, m in score_records(records).items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("metrics/benchmarks/meanflow_target.json"))
+    args = parser.parse_args()
+    base, tokenizer, _ = load_teacher(ROOT / "artifacts" / "teacher", dtype=torch.float64)
+    layout = Layout.load(ROOT / "data")
+    rows = datasets.load_from_disk(str(ROOT / "data" / "test"))
+    mask_id, P = base.config.mask_token_id, layout.prompt_length
+    x = torch.as_tensor(rows["input_ids"]).long()
+    x[:, P:] = mask_id  # (B, T): the answer fully masked, the inference point
+    attention_mask = torch.as_tensor(rows["attention_mask"]).long()
+    masked = torch.zeros_like(x, dtype=torch.bool)
+    masked[:, P:] = True
+    t = torch.ones(len(x), dtype=torch.float64)
+    trained = Student.from_pretrained(ROOT / "artifacts" / "student", base=base).double()
+    students = {"initial student (= teacher)": Student(base, config=trained.config).double(), "trained student": trained}
+    embedding = base.transformer["wte"].weight.detach()
+
+    with torch.no_grad():
+        z = base.embed(x)  # (B, T, C)
+        v = base(input_ids=x, attention_mask=attention_mask).log_softmax(-1)  # (B, T, V)
+    results = {"teacher v": accuracy(v, rows, tokenizer, layout, mask_id)}
+    for name, student in students.items():
+        with torch.no_grad():
+            u = student(input_ids=x, r=0.0, t=1.0, attention_mask=attention_mask)
+        results[f"{name}: u(r=0, t=1)"] = accuracy(u, rows, tokenizer, layout, mask_id)
+        for kind in ("linear", "seed"):
+            dz_dt = tangent(kind, v[masked], masked, embedding, mask_id, t)
+            for gap in (1.0, 0.5, 0.25):
+                r = t - gap
+
+                def average_velocity(z_, t_, r=r, student=student):
+                    return student(inputs_embeds=z_, r=r, t=t_, attention_mask=attention_mask, attention="math")
+
+                _, du_dt = average_velocity_jvp(average_velocity, z, t, dz_dt, keep_graph=False)
+                target = meanflow_target(v, du_dt, r, t)
+                results[f"{name}: u_tgt, {kind}, t - r = {gap:g}"] = accuracy(target, rows, tokenizer, layout, mask_id)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    tasks = list(results["teacher v"])
+    print("| argmax of | " + " | ".join(tasks) + " |")
+    print("|---" * (len(tasks) + 1) + "|")
+    for name, scores in results.items():
+        print(f"| {name} | " + " | ".join(f"{scores[task]:.2f}" for task in tasks) + " |")
+
+
+if __name__ == "__main__":
+    main()
