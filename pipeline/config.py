@@ -222,7 +222,7 @@ class CacheParams:
     """Draws of (t, mask) per training example."""
     max_examples: int | None = None
     """Use only the first N training examples (None: all)."""
-    top_k: int = 32
+    top_k: int = 16
     """Log-probs kept per masked position (the rest is the tail mass)."""
     t_distribution: Literal["uniform", "logit_normal"] = "uniform"
     """Law of t for the non-fully-masked samples."""
@@ -270,7 +270,7 @@ class StudentParams:
     adaptive_power: float = 1.0
     """MeanFlow's adaptive weight sg(1 / (loss + eps) ** p); 0 disables it."""
     adaptive_eps: float = 1e-3
-    equal_fraction: float = 0.5
+    equal_fraction: float = 0.75
     """Fraction of samples with r = t (plain distillation of v); MeanFlow uses 25-75%."""
     tail: Literal["uniform", "drop"] = "uniform"
     """Dense reconstruction of v from the cached top-k."""
@@ -282,8 +282,8 @@ class StudentParams:
     warmup_steps: int = 50
     batch_size: int = 64
     """Rows per device per step."""
-    max_steps: int = 1000
-    max_minutes: float = 10.0
+    max_steps: int = 600
+    max_minutes: float = 6.0
     eval_every: int = 100
     """Steps between one-step validation accuracy measurements."""
     devices: int = 1

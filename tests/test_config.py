@@ -3,7 +3,9 @@
 import pytest
 import yaml
 
-from pipeline.config import DataParams, ParamsError, TeacherParams, load_section, params_hash
+from pipeline.config import (
+    CacheParams, DataParams, EvaluateParams, ParamsError, StudentParams, TeacherParams, load_section, params_hash,
+)
 
 ROOT_PARAMS = __import__("pathlib").Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -11,6 +13,13 @@ ROOT_PARAMS = __import__("pathlib").Path(__file__).resolve().parents[1] / "param
 def test_repository_params_are_valid():
     assert load_section(DataParams, "data", ROOT_PARAMS).gen_length >= 1
     assert load_section(TeacherParams, "teacher", ROOT_PARAMS).model.d_model >= 1
+
+
+@pytest.mark.parametrize("section, cls", [("data", DataParams), ("teacher", TeacherParams), ("cache", CacheParams),
+                                          ("student", StudentParams), ("evaluate", EvaluateParams)])
+def test_code_defaults_are_the_repository_params(section, cls):
+    """A section written in part gets the rest from the code: the same values as params.yaml."""
+    assert cls() == load_section(cls, section, ROOT_PARAMS)
 
 
 def write(tmp_path, data):
