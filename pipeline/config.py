@@ -121,7 +121,7 @@ class DataParams:
     """Seed of the built-in generator and of the split of external data."""
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["add", "sort", "perm", "word"])
     """Built-in tasks to include."""
-    train_per_task: int = 20000
+    train_per_task: int = 100000
     """Built-in training examples per task."""
     val_per_task: int = 64
     """Built-in validation prompts per task."""
@@ -179,10 +179,11 @@ class TeacherModelParams:
 class TeacherTrainParams:
     """Pretraining of the built-in teacher with LLaDA's SFT objective."""
 
-    max_steps: int = 1000
+    max_steps: int = 2500
     """Optimizer steps (the run also stops at ``max_minutes``)."""
-    max_minutes: float = 12.0
-    """Wall-clock budget; training stops cleanly when it is spent."""
+    max_minutes: float = 30.0
+    """Wall-clock safety cap; training stops cleanly when it is spent (the teacher then depends on the
+    machine's speed, so the default leaves ``max_steps`` to decide)."""
     batch_size: int = 256
     lr: float = 2e-3
     """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
@@ -190,6 +191,10 @@ class TeacherTrainParams:
     weight_decay: float = 0.01
     min_mask_ratio: float = 1e-3
     """eps of LLaDA's t ~ U(eps, 1]."""
+    task_weights: dict[str, float] | None = dataclasses.field(
+        default_factory=lambda: {"add": 3.0, "sort": 1.0, "perm": 1.0, "word": 0.5})
+    """Relative rate at which each built-in task's training examples are drawn (tasks learned slowly,
+    like ``add``, oversampled); null: every training example equally often (external data)."""
     seed: int = 0
     num_threads: int = 0
     """torch CPU threads (0: torch's default)."""
@@ -198,6 +203,11 @@ class TeacherTrainParams:
         require_at_least(self, 1, "max_steps", "batch_size")
         require_at_least(self, 0, "warmup_steps", "num_threads")
         require(self.max_minutes > 0, "max_minutes", "must be > 0")
+        if self.task_weights is not None:
+            for task, weight in self.task_weights.items():
+                require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+                        f"task_weights.{task}", f"must be a number >= 0, got {weight!r}")
+            require(any(w > 0 for w in self.task_weights.values()), "task_weights", "needs a weight > 0")
         require(self.lr > 0, "lr", "must be > 0")
         require(0 < self.min_mask_ratio < 1, "min_mask_ratio", "must be in (0, 1)")
 
@@ -220,8 +230,9 @@ class CacheParams:
 
     samples_per_example: int = 4
     """Draws of (t, mask) per training example."""
-    max_examples: int | None = None
-    """Use only the first N training examples (None: all)."""
+    max_examples: int | None = 80000
+    """Use only the first N training examples (None: all); the built-in train split interleaves its
+    tasks, so a prefix is balanced."""
     top_k: int = 16
     """Log-probs kept per masked position (the rest is the tail mass)."""
     t_distribution: Literal["uniform", "logit_normal"] = "uniform"

@@ -2,7 +2,7 @@
 
 | task   | prompt                 | valid completions                        |
 |--------|------------------------|------------------------------------------|
-| add    | ``add:{a}+{b}=``       | ``str(a + b)``, a, b in 0..999           |
+| add    | ``add:{a:03d}+{b:03d}=`` | ``{a+b:04d}``, a, b in 0..999          |
 | sort   | ``sort:{s}``, 6 letters| the letters of s in ascending order      |
 | perm   | ``perm:{s}``, 5 distinct letters | any permutation of s           |
 | word   | ``word:{d}``, a digit  | any word of ``lexicon[d]``               |
@@ -74,11 +74,11 @@ class Add(Task):
     name = "add"
 
     def sample_prompt(self, rng):
-        return f"add:{rng.randrange(1000)}+{rng.randrange(1000)}="
+        return f"add:{rng.randrange(1000):03d}+{rng.randrange(1000):03d}="
 
     def sample_answer(self, prompt, rng):
         a, b = self.argument(prompt).rstrip("=").split("+")
-        return str(int(a) + int(b))
+        return f"{int(a) + int(b):04d}"
 
     def is_valid(self, prompt, completion):
         return completion == self.sample_answer(prompt, None)
@@ -141,9 +141,11 @@ def make_splits(
 ) -> dict[str, list[Example]]:
     """Seeded ``train``/``val``/``test`` examples. Held-out prompts (test first, then val) are drawn
     without repeats and never appear in ``train``, except for a task whose whole prompt set is small
-    (``word``), whose held-out prompts cycle through that set."""
+    (``word``), whose held-out prompts cycle through that set. ``train`` interleaves the tasks (one
+    example of each in turn), so any prefix of it (``cache.max_examples``) is balanced."""
     splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
-    for index, name in enumerate(tasks):
+    train_by_task: list[list[Example]] = []
+    for name in tasks:
         task = TASKS[name]
         rng = random.Random(f"{seed}:{name}")
         held_out: set[str] = set()
@@ -157,11 +159,13 @@ def make_splits(
                         prompt = task.sample_prompt(rng)
                     held_out.add(prompt)
                 splits[split].append(Example(name, prompt, task.sample_answer(prompt, rng)))
+        train_by_task.append([])
         for _ in range(train_per_task):
             prompt = task.sample_prompt(rng)
             while prompt in held_out:
                 prompt = task.sample_prompt(rng)
-            splits["train"].append(Example(name, prompt, task.sample_answer(prompt, rng)))
+            train_by_task[-1].append(Example(name, prompt, task.sample_answer(prompt, rng)))
+    splits["train"] = [example for group in zip(*train_by_task) for example in group]
     return splits
 
 

@@ -82,27 +82,51 @@ class MaskedDiffusionSFT(L.LightningModule):
 
 
 class SequenceDataModule(L.LightningDataModule):
-    """Tokenized ``train``/``val`` splits written by ``prepare_data`` (``datasets`` on disk)."""
+    """Tokenized ``train``/``val`` splits written by ``prepare_data`` (``datasets`` on disk).
 
-    def __init__(self, data_dir: str | Path, batch_size: int, num_workers: int = 0):
+    With ``task_weights``, training rows are drawn with replacement at a rate proportional to their
+    task's weight (a seeded sampler: the same rows in the same order on every run); otherwise each
+    epoch is a seeded shuffle."""
+
+    def __init__(self, data_dir: str | Path, batch_size: int, num_workers: int = 0,
+                 task_weights: dict[str, float] | None = None, seed: int = 0):
         super().__init__()
         self.data_dir, self.batch_size, self.num_workers = Path(data_dir), batch_size, num_workers
+        self.task_weights, self.seed = task_weights, seed
 
     def split(self, name: str):
         import datasets
 
-        return datasets.load_from_disk(str(self.data_dir / name)).with_format(
-            "torch", columns=["input_ids", "attention_mask"]
-        )
+        return datasets.load_from_disk(str(self.data_dir / name))
+
+    def row_weights(self, train) -> torch.Tensor:
+        """(N,) sampling weight of each training row: its task's weight."""
+        where = f"teacher.train.task_weights ({self.data_dir / 'train'})"
+        if "task" not in train.column_names:
+            raise ValueError(f"{where}: the data has no task column (only the built-in suite has tasks); "
+                             "set task_weights to null")
+        tasks = train["task"]
+        missing = sorted(set(tasks) - set(self.task_weights))  # weights of absent tasks are unused
+        if missing:
+            raise ValueError(f"{where}: no weight for the data's tasks {missing}")
+        return torch.tensor([float(self.task_weights[task]) for task in tasks], dtype=torch.float64)
 
     def train_dataloader(self):
+        train = self.split("train")
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.task_weights is None:
+            sampler = torch.utils.data.RandomSampler(train, generator=generator)
+        else:
+            sampler = torch.utils.data.WeightedRandomSampler(self.row_weights(train), num_samples=len(train),
+                                                             replacement=True, generator=generator)
         return torch.utils.data.DataLoader(
-            self.split("train"), batch_size=self.batch_size, shuffle=True, drop_last=True,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            train.with_format("torch", columns=["input_ids", "attention_mask"]), batch_size=self.batch_size,
+            sampler=sampler, drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self):
-        return torch.utils.data.DataLoader(self.split("val"), batch_size=self.batch_size, num_workers=self.num_workers)
+        val = self.split("val").with_format("torch", columns=["input_ids", "attention_mask"])
+        return torch.utils.data.DataLoader(val, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
 def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -> dict:
@@ -152,7 +176,8 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
         log_every_n_steps=10,
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=SequenceDataModule(data_dir, train.batch_size))
+    trainer.fit(module, datamodule=SequenceDataModule(data_dir, train.batch_size, task_weights=train.task_weights,
+                                                      seed=train.seed))
     minutes = (time.perf_counter() - started) / 60
     model.cpu().eval()
     with atomic_directory(out_dir) as tmp:

@@ -8,7 +8,7 @@ import pytest
 from pipeline.tasks import TASKS, lexicon, main, make_splits, score, task_of
 
 FORMATS = {
-    "add": r"add:(\d{1,3})\+(\d{1,3})=",
+    "add": r"add:(\d{3})\+(\d{3})=",
     "sort": r"sort:[a-z]{6}",
     "perm": r"perm:[a-z]{5}",
     "word": r"word:\d",
@@ -25,12 +25,17 @@ def test_prompt_formats_and_answers_are_valid(splits):
         assert re.fullmatch(FORMATS[example.task], example.prompt), example
         assert TASKS[example.task].is_valid(example.prompt, example.answer), example
         assert task_of(example.prompt).name == example.task
+        if example.task == "add":  # fixed width: digit columns align, carries included
+            a, b = re.fullmatch(FORMATS["add"], example.prompt).groups()
+            assert example.answer == f"{int(a) + int(b):04d}" and len(example.answer) == 4
     perm = [e for e in splits["train"] if e.task == "perm"]
     assert all(len(set(e.prompt[5:])) == 5 for e in perm)  # distinct letters
 
 
 def test_validity_rules():
-    assert TASKS["add"].is_valid("add:999+1=", "1000") and not TASKS["add"].is_valid("add:999+1=", "0100")
+    assert TASKS["add"].is_valid("add:999+001=", "1000") and not TASKS["add"].is_valid("add:999+001=", "0100")
+    assert TASKS["add"].is_valid("add:012+034=", "0046")
+    assert not TASKS["add"].is_valid("add:012+034=", "46")  # the answer is zero padded to 4 digits
     assert TASKS["sort"].is_valid("sort:dcbaaz", "aabcdz") and not TASKS["sort"].is_valid("sort:dcbaaz", "abcdz")
     assert TASKS["perm"].is_valid("perm:abcde", "edcba") and not TASKS["perm"].is_valid("perm:abcde", "abcdd")
     assert TASKS["word"].is_valid("word:6", "night") and not TASKS["word"].is_valid("word:6", "stone")
@@ -48,11 +53,24 @@ def test_held_out_prompts_never_trained_on(splits):
     assert {e.prompt for e in splits["test"] if e.task == "word"} == {f"word:{d}" for d in range(10)}
 
 
+def test_train_split_interleaves_the_tasks(splits):
+    assert [e.task for e in splits["train"][:8]] == list(TASKS) * 2  # a prefix is balanced
+    assert Counter(e.task for e in splits["train"]) == {name: 3000 for name in TASKS}
+
+
 def test_splits_are_seeded(splits):
     again = make_splits(list(TASKS), seed=3, train_per_task=3000, val_per_task=40, test_per_task=60)
     assert again == splits
     other = make_splits(list(TASKS), seed=4, train_per_task=3000, val_per_task=40, test_per_task=60)
     assert other["test"] != splits["test"]
+
+
+def test_add_operands_cover_the_range(splits):
+    operands = [int(x) for e in splits["train"] if e.task == "add"
+                for x in re.fullmatch(FORMATS["add"], e.prompt).groups()]
+    assert min(operands) < 10 and max(operands) > 989  # small operands are zero padded, not shorter
+    carries = sum(int(e.answer[0]) for e in splits["train"] if e.task == "add")
+    assert 0.4 < carries / 3000 < 0.6  # a + b >= 1000 about half the time
 
 
 def test_many_answer_tasks_have_many_training_answers(splits):
@@ -64,7 +82,7 @@ def test_many_answer_tasks_have_many_training_answers(splits):
 
 def test_scorer():
     records = [
-        {"prompt": "add:1+2=", "completions": ["3", "4"]},
+        {"prompt": "add:001+002=", "completions": ["0003", "3"]},
         {"prompt": "perm:abcde", "completions": ["edcba", "edcba", "abcde", "xbcde"]},
         {"prompt": "word:4", "completions": ["mint", "mist", "must", "dust"]},
     ]
