@@ -192,7 +192,7 @@ class TeacherTrainParams:
     min_mask_ratio: float = 1e-3
     """eps of LLaDA's t ~ U(eps, 1]."""
     task_weights: dict[str, float] | None = dataclasses.field(
-        default_factory=lambda: {"add": 3.0, "sort": 1.0, "perm": 1.0, "word": 0.5})
+        default_factory=lambda: {"add": 2.5, "sort": 1.25, "perm": 1.25, "word": 0.5})
     """Relative rate at which each built-in task's training examples are drawn (tasks learned slowly,
     like ``add``, oversampled); null: every training example equally often (external data)."""
     seed: int = 0
