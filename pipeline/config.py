@@ -13,12 +13,10 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from pipeline.errors import ParamsError
+
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
-
-
-class ParamsError(ValueError):
-    """A params file or section is invalid; the message names the file and key."""
 
 
 def _check(where: str, value: Any, hint: Any) -> Any:

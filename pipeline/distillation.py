@@ -187,7 +187,8 @@ class MeanFlowDistillation(L.LightningModule):
 
 
 def check_cache_matches_teacher(cache_dir: Path, record) -> None:
-    from pipeline.teacher_cache import CacheError, read_manifest
+    from pipeline.errors import CacheError
+    from pipeline.teacher_cache import read_manifest
 
     manifest = read_manifest(Path(cache_dir))
     if manifest["teacher_fingerprint"] != record.fingerprint:

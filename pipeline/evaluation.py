@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import DataError, Layout
+from pipeline.data import Layout
+from pipeline.errors import DataError
 from pipeline.generate import generate, mask_predictor
 from pipeline.tasks import TASKS, score
 from pipeline.tokenizer import decode_answer

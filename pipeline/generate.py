@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
-    from pipeline.checkpoint_io import CheckpointError
+    from pipeline.errors import CheckpointError
     from pipeline.student import Student
     from pipeline.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
 

@@ -5,17 +5,12 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from pipeline.checkpoint_io import CheckpointError
-from pipeline.config import ParamsError
-from pipeline.data import DataError
-from pipeline.teacher_cache import CacheError
-
-EXPECTED_ERRORS = (CheckpointError, ParamsError, DataError, CacheError)
+from pipeline.errors import PipelineError
 
 
 def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
-    except EXPECTED_ERRORS as err:
+    except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

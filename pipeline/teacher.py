@@ -12,14 +12,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from pipeline.checkpoint_io import (
-    CheckpointError,
-    checkpoint_fingerprint,
-    file_sha256,
-    read_json,
-    resolve_checkpoint,
-    resolve_weight_files,
-)
+from pipeline.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint, resolve_weight_files
+from pipeline.errors import CheckpointError
+from pipeline.files import file_sha256
 from pipeline.llada import LLaDA, LLaDAConfig
 from pipeline.tokenizer import load_tokenizer
 

@@ -115,7 +115,8 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     import datasets
     from dvclive.lightning import DVCLiveLogger
 
-    from pipeline.checkpoint_io import atomic_directory, checkpoint_fingerprint, file_sha256
+    from pipeline.checkpoint_io import checkpoint_fingerprint
+    from pipeline.files import atomic_directory, file_sha256
     from pipeline.llada import LLaDAConfig
     from pipeline.teacher import TeacherRecord
     from pipeline.tokenizer import load_tokenizer

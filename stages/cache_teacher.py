@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.checkpoint_io import file_sha256  # noqa: E402
 from pipeline.config import CacheParams, load_section  # noqa: E402
-from pipeline.data import DataError, Layout  # noqa: E402
+from pipeline.data import Layout  # noqa: E402
+from pipeline.errors import DataError  # noqa: E402
+from pipeline.files import file_sha256  # noqa: E402
 from pipeline.stage import run_stage  # noqa: E402
 from pipeline.teacher import load_teacher  # noqa: E402
 from pipeline.teacher_cache import cache_statistics  # noqa: E402

@@ -19,7 +19,8 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.config import EvaluateParams, ParamsError, load_section  # noqa: E402
+from pipeline.config import EvaluateParams, load_section  # noqa: E402
+from pipeline.errors import ParamsError  # noqa: E402
 from pipeline.data import Layout  # noqa: E402
 from pipeline.evaluation import (  # noqa: E402
     curve_rows, default_teacher_steps, evaluate_settings, markdown_table, plot_accuracy, settings_for, summarize,

@@ -12,7 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.checkpoint_io import CheckpointError, atomic_directory, file_sha256, resolve_checkpoint  # noqa: E402
+from pipeline.checkpoint_io import resolve_checkpoint  # noqa: E402
+from pipeline.errors import CheckpointError  # noqa: E402
+from pipeline.files import atomic_directory, file_sha256  # noqa: E402
 from pipeline.config import TeacherParams, load_section  # noqa: E402
 from pipeline.stage import run_stage  # noqa: E402
 from pipeline.teacher import validate_checkpoint  # noqa: E402

@@ -48,7 +48,8 @@ def tiny_checkpoint(tmp_path) -> Path:
 def make_workdir(path: Path, train_per_task: int = 30, **model_overrides) -> Path:
     """A stage working directory with ``data/`` (built-in tasks, tiny) and ``artifacts/teacher/``
     (a random tiny LLaDA recorded as the teacher), as the prepare_data and teacher stages leave it."""
-    from pipeline.checkpoint_io import checkpoint_fingerprint, file_sha256
+    from pipeline.checkpoint_io import checkpoint_fingerprint
+    from pipeline.files import file_sha256
     from pipeline.config import DataParams
     from pipeline.data import prepare_data
     from pipeline.teacher import TeacherRecord
