@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from pipeline.config import StudentParams
+from pipeline.lr_schedule import warmup_cosine
 from pipeline.meanflow import (
     adaptive_weighted_mean, average_velocity_jvp, counter_uniform, dense_logprobs, meanflow_target, sample_r, tangent,
     token_losses,
 )
 from pipeline.student import Student
 from pipeline.teacher_cache import open_cache, record_batch_arrays
-from pipeline.teacher_pretraining import warmup_cosine
 
 
 # The frozen base stays in eval mode on purpose (Student.train keeps it there).
