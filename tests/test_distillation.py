@@ -154,7 +154,7 @@ def test_train_student_stage_end_to_end(workdir, tmp_path):
     assert student.config.prompt_length == 2
     summary = json.loads((workdir / "metrics" / "student" / "summary.json").read_text())
     assert summary["steps"] == 2 and "mean" in summary["val_accuracy_one_step"]
-    from pipeline.generate import main as generate_main
+    from pipeline.generate_cli import main as generate_main
 
     out = tmp_path / "out.jsonl"
     assert generate_main(["--model", str(workdir / "artifacts" / "student"), "--prompts",
