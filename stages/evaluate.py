@@ -22,9 +22,8 @@ from tqdm import tqdm  # noqa: E402
 from pipeline.config import EvaluateParams, load_section  # noqa: E402
 from pipeline.errors import ParamsError  # noqa: E402
 from pipeline.data import Layout  # noqa: E402
-from pipeline.evaluation import (  # noqa: E402
-    curve_rows, default_teacher_steps, evaluate_settings, markdown_table, plot_accuracy, settings_for, summarize,
-)
+from pipeline.evaluation import default_teacher_steps, evaluate_settings, settings_for  # noqa: E402
+from pipeline.evaluation_report import curve_rows, plot_accuracy, results_markdown, summarize  # noqa: E402
 from pipeline.stage import run_stage  # noqa: E402
 from pipeline.student import Student  # noqa: E402
 from pipeline.teacher import checkpoint_dir, load_teacher  # noqa: E402
@@ -73,11 +72,7 @@ def main() -> None:
     for name, series in curve_rows(results).items():
         (METRICS / "eval" / f"{name}.json").write_text(json.dumps(series, indent=2) + "\n")
     plot_accuracy(results, METRICS / "eval" / "accuracy_vs_forward_passes.png")
-    tables = (f"Greedy, {len(rows)} held-out prompts\n\n{markdown_table(results, 0.0)}\n\n"
-              f"Temperature {params.temperature:g}, {params.samples} samples per prompt\n\n"
-              f"{markdown_table(results, params.temperature)}\n\n"
-              f"One-step student speedup over the teacher at {G} steps: "
-              f"{summary.get('student_speedup_vs_teacher_gen_length')}x ({device})\n")
+    tables = results_markdown(results, summary, params.temperature, params.samples, G)
     (METRICS / "eval" / "results.md").write_text(tables)
     print(tables)
 
