@@ -39,8 +39,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
     defaults = load_section(StudentParams, "student", ROOT / "params.yaml")
     jvp = "grad" if variant == "meanflow_grad_jvp" else "no_grad"
     params = StudentParams(**{**vars(defaults), "jvp": jvp, "batch_size": batch_size})
-    student = Student(base, prompt_length=params.prompt_length, hidden_size=params.hidden_size,
-                      time_features=params.time_features, max_frequency=params.max_frequency)
+    student = Student(base, config=params.soft_prompt)
     module = MeanFlowDistillation(student, params, Layout.load(ROOT / "data").gen_length).to(device)
     batch = {k: v.to(device) for k, v in CacheMiniBatches(ROOT / "artifacts" / "cache", batch_size)[0].items()}
     optimizer = torch.optim.AdamW(student.soft_prompt.parameters(), lr=1e-4)

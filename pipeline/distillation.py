@@ -160,7 +160,7 @@ class MeanFlowDistillation(L.LightningModule):
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(
                 f"non-finite MeanFlow loss ({out['loss'].item()}) at step {self.global_step}; |du/dt| = "
-                f"{out['du_dt'].item():.3g}. Lower student.lr or student.max_frequency, or use tangent=seed."
+                f"{out['du_dt'].item():.3g}. Lower student.lr or student.soft_prompt.max_frequency, or use tangent=seed."
             )
         kl, equal = out["kl"], out["equal"]
         self.log("train/loss", out["loss"], prog_bar=True)
@@ -209,17 +209,13 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
 
     from pipeline.data import Layout
     from pipeline.generation_accuracy import GenerationAccuracy
-    from pipeline.soft_prompt import SoftPromptConfig
     from pipeline.teacher import load_teacher
 
     L.seed_everything(params.seed, workers=True)
     base, tokenizer, record = load_teacher(teacher_dir)
     check_cache_matches_teacher(cache_dir, record)
     layout = Layout.load(data_dir)
-    config = SoftPromptConfig(prompt_length=params.prompt_length, time_features=params.time_features,
-                              max_frequency=params.max_frequency, hidden_size=params.hidden_size,
-                              conditioning=params.conditioning)
-    student = Student(base, config=config)
+    student = Student(base, config=params.soft_prompt)
     module = MeanFlowDistillation(student, params, layout.gen_length)
     accuracy = GenerationAccuracy(datasets.load_from_disk(str(data_dir / "val")), tokenizer, {layout.pad_token_id},
                                   layout, every_n_steps=params.eval_every, steps=1, model_of=lambda m: m.student)

@@ -20,7 +20,8 @@ from pipeline.checkpoint_io import checkpoint_fingerprint, read_json, resolve_ch
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_directory
 from pipeline.llada import LLaDA, Attention
-from pipeline.soft_prompt import SoftPrompt, SoftPromptConfig
+from pipeline.config import SoftPromptConfig
+from pipeline.soft_prompt import SoftPrompt
 
 STUDENT_CONFIG = "student_config.json"
 SOFT_PROMPT_WEIGHTS = "soft_prompt.safetensors"

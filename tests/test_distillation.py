@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.config import CacheParams, StudentParams
+from pipeline.config import CacheParams, SoftPromptConfig, StudentParams
 from pipeline.data import Layout
 from pipeline.distillation import CacheMiniBatches, MeanFlowDistillation, TeacherCacheDataModule
 from pipeline.student import Student
@@ -38,9 +38,9 @@ def workdir(tmp_path_factory):
 
 def make_module(workdir, **overrides):
     base, _, _ = load_teacher(workdir / "artifacts" / "teacher")
-    params = StudentParams(**{"prompt_length": 2, "hidden_size": 8, "batch_size": 8, "max_steps": 3,
-                              "warmup_steps": 1, "lr": 1e-2, **overrides})
-    student = Student(base, prompt_length=2, hidden_size=8)
+    params = StudentParams(**{"soft_prompt": SoftPromptConfig(prompt_length=2, hidden_size=8), "batch_size": 8,
+                              "max_steps": 3, "warmup_steps": 1, "lr": 1e-2, **overrides})
+    student = Student(base, config=params.soft_prompt)
     return MeanFlowDistillation(student, params, Layout.load(workdir / "data").gen_length), params
 
 
@@ -144,8 +144,8 @@ def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path):
 
 
 def test_train_student_stage_end_to_end(workdir, tmp_path):
-    params = {"student": {"prompt_length": 2, "hidden_size": 8, "batch_size": 8, "max_steps": 2, "eval_every": 1,
-                          "warmup_steps": 1}}
+    params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8}, "batch_size": 8, "max_steps": 2,
+                          "eval_every": 1, "warmup_steps": 1}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py")], cwd=workdir,
                             capture_output=True, text=True, timeout=600)

@@ -20,7 +20,7 @@ MICRO = {
         "train": {"max_steps": 3, "batch_size": 16, "warmup_steps": 1},
     },
     "cache": {"samples_per_example": 1, "rows_per_shard": 64, "record_batch_rows": 16, "batch_size": 32},
-    "student": {"max_steps": 3, "batch_size": 8, "eval_every": 2, "warmup_steps": 1, "hidden_size": 8},
+    "student": {"max_steps": 3, "batch_size": 8, "eval_every": 2, "warmup_steps": 1, "soft_prompt": {"hidden_size": 8}},
     "evaluate": {"samples": 2, "batch_size": 16},
 }
 
