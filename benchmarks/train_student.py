@@ -50,7 +50,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
             u = student(input_ids=batch["input_ids"], r=batch["t"], t=batch["t"], attention_mask=batch["attention_mask"])
             loss = token_losses("kl", u[batch["masked"]], v).mean()
         else:
-            loss = module.forward_step(batch)["loss"]
+            loss = module.forward_step(batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -18,10 +18,7 @@ import torch
 
 from pipeline.config import StudentParams
 from pipeline.lr_schedule import warmup_cosine
-from pipeline.meanflow import (
-    adaptive_weighted_mean, average_velocity_jvp, counter_uniform, dense_logprobs, meanflow_target, sample_r, tangent,
-    token_losses,
-)
+from pipeline.meanflow import MeanFlowLoss, counter_uniform, dense_logprobs, meanflow_loss, sample_r
 from pipeline.student import Student
 from pipeline.teacher_cache import open_cache, record_batch_arrays
 
@@ -116,60 +113,31 @@ class MeanFlowDistillation(L.LightningModule):
         self.student, self.params, self.gen_length = student, params, gen_length
         self.strict_loading = False  # checkpoints omit the frozen base
 
-    def forward_step(self, batch) -> dict[str, torch.Tensor]:
-        p, base = self.params, self.student.base
-        masked, t, mask = batch["masked"], batch["t"], batch["attention_mask"]
-        with torch.no_grad():
-            z = base.embed(batch["input_ids"])  # (B, T, C)
+    def forward_step(self, batch) -> MeanFlowLoss:
+        """The objective on a cache batch. r comes from a counter-based hash of (seed, epoch, example,
+        sample), so a row draws the same r on any rank; v is rebuilt from the cached top-k."""
+        p = self.params
         keys = (p.seed, self.current_epoch, batch["example_index"], batch["sample_index"])
-        r = sample_r(t, p.equal_fraction, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
-        v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], base.config.embedding_size, p.tail)  # (M, V)
-        embedding = base.transformer["wte"].weight.detach()
-        dz_dt = tangent(p.tangent, v, masked, embedding, base.config.mask_token_id, t)
-
-        # du/dt only matters where r < t (the target is v itself at r = t): with the no-grad JVP,
-        # only those rows pay for it.
-        jvp_rows = torch.ones_like(t, dtype=torch.bool) if p.jvp == "grad" else r < t
-
-        def average_velocity(z_, t_):
-            return self.student(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=mask[jvp_rows], attention="math")
-
-        du_dt = torch.zeros(*masked.shape, base.config.embedding_size, dtype=z.dtype, device=z.device)
-        if jvp_rows.any():
-            u, du_dt[jvp_rows] = average_velocity_jvp(average_velocity, z[jvp_rows], t[jvp_rows],
-                                                      dz_dt[jvp_rows].to(z.dtype), keep_graph=p.jvp == "grad")
-        if p.jvp == "no_grad":
-            u = self.student(inputs_embeds=z, r=r, t=t, attention_mask=mask)
-        row = masked.nonzero()[:, 0]  # (M,) row of each masked position
-        du_dt = du_dt[masked].float()  # (M, V)
-        target = meanflow_target(v, du_dt, r[row], t[row])
-        u_masked = u[masked].float()
-        losses = token_losses(p.loss, u_masked, target)
-        normalizer = masked.shape[0] * self.gen_length  # per row, like LLaDA: rank means average exactly
-        loss = adaptive_weighted_mean(losses, p.adaptive_power, p.adaptive_eps, normalizer=normalizer)
-        if p.ce_weight:
-            loss = loss + p.ce_weight * token_losses("ce", u_masked, target, batch["x0"][masked]).sum() / normalizer
-        with torch.no_grad():
-            kl = losses.detach() if p.loss == "kl" else token_losses("kl", u_masked, target)
-            equal = (r == t)[row]
-            du_dt_abs = du_dt[~equal].abs().mean() if (~equal).any() else du_dt.new_zeros(())
-        return {"loss": loss, "kl": kl, "equal": equal, "du_dt": du_dt_abs, "target": target}
+        r = sample_r(batch["t"], p.equal_fraction, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
+        v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], self.student.base.config.embedding_size, p.tail)
+        return meanflow_loss(self.student, batch["input_ids"], batch["attention_mask"], batch["masked"], batch["t"], r, v,
+                             p, self.gen_length, batch["x0"])
 
     def training_step(self, batch, batch_idx):
         out = self.forward_step(batch)
-        if not torch.isfinite(out["loss"]):
+        if not torch.isfinite(out.loss):
             raise FloatingPointError(
-                f"non-finite MeanFlow loss ({out['loss'].item()}) at step {self.global_step}; |du/dt| = "
-                f"{out['du_dt'].item():.3g}. Lower student.lr or student.soft_prompt.max_frequency, or use tangent=seed."
+                f"non-finite MeanFlow loss ({out.loss.item()}) at step {self.global_step}; |du/dt| = "
+                f"{out.du_dt_abs.item():.3g}. Lower student.lr or student.soft_prompt.max_frequency, or use tangent=seed."
             )
-        kl, equal = out["kl"], out["equal"]
-        self.log("train/loss", out["loss"], prog_bar=True)
-        self.log("train/du_dt_abs", out["du_dt"])
+        kl, equal = out.kl, out.equal
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log("train/du_dt_abs", out.du_dt_abs)
         if equal.any():
             self.log("train/kl_r_eq_t", kl[equal].mean())
         if (~equal).any():
             self.log("train/kl_r_lt_t", kl[~equal].mean())
-        return out["loss"]
+        return out.loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.student.soft_prompt.parameters() if p.grad is not None]

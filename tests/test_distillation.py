@@ -81,7 +81,7 @@ def test_loss_at_r_equal_t_is_distillation_of_v(workdir):
     module, _ = make_module(workdir, equal_fraction=1.0, adaptive_power=0.0)
     batch = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=8)[0]
     out = module.forward_step(batch)
-    assert out["equal"].all()
+    assert out.equal.all()
     # the target is v itself: the KL logged equals KL(v || u) computed directly
     from pipeline.meanflow import dense_logprobs
 
@@ -89,7 +89,7 @@ def test_loss_at_r_equal_t_is_distillation_of_v(workdir):
     with torch.no_grad():
         u = module.student(input_ids=batch["input_ids"], r=batch["t"], t=batch["t"], attention_mask=batch["attention_mask"])
     kl = (v.exp() * (v - torch.log_softmax(u[batch["masked"]], -1))).sum(-1)
-    assert torch.allclose(out["kl"], kl, atol=1e-5)
+    assert torch.allclose(out.kl, kl, atol=1e-5)
 
 
 def test_non_finite_loss_stops_with_a_clear_error(workdir):
@@ -174,7 +174,7 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
     batch = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=8)[0]
     batch["t"] = batch["t"].double()
     out = module.forward_step(batch)
-    assert out["equal"].any() and (~out["equal"]).any()
+    assert out.equal.any() and (~out.equal).any()
     base, masked, t = module.student.base, batch["masked"], batch["t"]
     from pipeline.meanflow import counter_uniform, sample_r
 
@@ -187,7 +187,7 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
                                        attention="math")
     _, du_dt = torch.func.jvp(fn, (z, t), (dz, torch.ones_like(t)))
     expected = v - (t - r)[masked.nonzero()[:, 0], None] * du_dt[masked]
-    assert torch.allclose(out["target"].double(), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(out.target.double(), expected, atol=1e-4, rtol=1e-4)
     grad_mode, _ = make_module(workdir, equal_fraction=0.5, jvp="grad")
     grad_mode.student = module.student
-    assert torch.allclose(grad_mode.forward_step(batch)["loss"], out["loss"], rtol=1e-6)
+    assert torch.allclose(grad_mode.forward_step(batch).loss, out.loss, rtol=1e-6)
