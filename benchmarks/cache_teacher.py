@@ -26,7 +26,7 @@ from pipeline.data import Layout  # noqa: E402
 from pipeline.llada import LLaDA, LLaDAConfig  # noqa: E402
 from pipeline.teacher import load_teacher  # noqa: E402
 from pipeline.teacher_cache import cache_statistics  # noqa: E402
-from pipeline.teacher_targets import (  # noqa: E402
+from pipeline.teacher_cache_fill import (  # noqa: E402
     cache_header, draw_noisy_inputs, examples_per_shard, fill_cache, load_train_split, num_shards_for, shard_generator,
 )
 

@@ -29,10 +29,11 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
 
     from pipeline.config import StudentParams, load_section
     from pipeline.data import Layout
-    from pipeline.distillation import CacheMiniBatches, MeanFlowDistillation
+    from pipeline.distillation import MeanFlowDistillation
     from pipeline.meanflow import dense_logprobs, token_losses
     from pipeline.student import Student
     from pipeline.teacher import load_teacher
+    from pipeline.teacher_cache_loader import CacheMiniBatches
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _, _ = load_teacher(ROOT / "artifacts" / "teacher", device=device)
@@ -75,7 +76,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
 
 
 def loader_throughput(batch_size: int, batches: int) -> float:
-    from pipeline.distillation import TeacherCacheDataModule
+    from pipeline.teacher_cache_loader import TeacherCacheDataModule
 
     data = TeacherCacheDataModule(ROOT / "artifacts" / "cache", batch_size)
     data.setup()

@@ -27,7 +27,7 @@ from pipeline.files import file_sha256  # noqa: E402
 from pipeline.stage import run_stage  # noqa: E402
 from pipeline.teacher import load_teacher  # noqa: E402
 from pipeline.teacher_cache import cache_statistics  # noqa: E402
-from pipeline.teacher_targets import cache_header, fill_cache, load_train_split  # noqa: E402
+from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split  # noqa: E402
 
 DATA = Path("data")
 TEACHER = Path("artifacts/teacher")

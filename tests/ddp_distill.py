@@ -11,9 +11,10 @@ from safetensors.torch import save_file  # noqa: E402
 
 from pipeline.config import SoftPromptConfig, StudentParams  # noqa: E402
 from pipeline.data import Layout  # noqa: E402
-from pipeline.distillation import MeanFlowDistillation, TeacherCacheDataModule  # noqa: E402
+from pipeline.distillation import MeanFlowDistillation  # noqa: E402
 from pipeline.student import Student  # noqa: E402
 from pipeline.teacher import load_teacher  # noqa: E402
+from pipeline.teacher_cache_loader import TeacherCacheDataModule  # noqa: E402
 
 
 def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int) -> None:

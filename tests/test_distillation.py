@@ -1,4 +1,4 @@
-"""Stage two: the cache data module, the Lightning distillation module, DDP, checkpoints, the stage."""
+"""Stage two: the cache loader, the Lightning distillation module, DDP, checkpoints, the stage."""
 
 import copy
 import json
@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 from pipeline.config import CacheParams, SoftPromptConfig, StudentParams
 from pipeline.data import Layout
-from pipeline.distillation import CacheMiniBatches, MeanFlowDistillation, TeacherCacheDataModule
+from pipeline.distillation import MeanFlowDistillation
 from pipeline.student import Student
 from pipeline.teacher import load_teacher
 from pipeline.teacher_cache import open_cache
-from pipeline.teacher_targets import cache_header, fill_cache, load_train_split
+from pipeline.teacher_cache_loader import CacheMiniBatches, TeacherCacheDataModule
+from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
