@@ -108,9 +108,9 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     from dvclive.lightning import DVCLiveLogger
 
     from pipeline.checkpoint_io import checkpoint_fingerprint
-    from pipeline.files import atomic_directory, file_sha256
+    from pipeline.files import atomic_directory
     from pipeline.llada import LLaDAConfig
-    from pipeline.teacher import TeacherRecord
+    from pipeline.teacher import TeacherRecord, tokenizer_hash
     from pipeline.tokenizer import load_tokenizer
 
     train = params.train
@@ -155,6 +155,6 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
                       "gen_length": layout.gen_length}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         TeacherRecord(checkpoint=".", fingerprint=checkpoint_fingerprint(tmp), mask_token_id=config.mask_token_id,
-                      tokenizer_sha256=file_sha256(tmp / "tokenizer.json"), builtin=True).save(tmp)
+                      tokenizer_sha256=tokenizer_hash(tmp), builtin=True).save(tmp)
     return {"steps": trainer.global_step, "minutes": round(minutes, 2), "parameters": sum(p.numel() for p in model.parameters()),
             "val_accuracy": accuracy.history[-1], "curve": accuracy.history}

@@ -22,10 +22,8 @@ import torch  # noqa: E402
 
 from pipeline.config import CacheParams, load_section  # noqa: E402
 from pipeline.data import Layout  # noqa: E402
-from pipeline.errors import DataError  # noqa: E402
-from pipeline.files import file_sha256  # noqa: E402
 from pipeline.stage import run_stage  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
+from pipeline.teacher import check_data_tokenizer, load_teacher  # noqa: E402
 from pipeline.teacher_cache import cache_statistics  # noqa: E402
 from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split  # noqa: E402
 
@@ -63,8 +61,7 @@ def main() -> None:
     on_gpu = args.device.startswith("cuda")
     model, _, record = load_teacher(TEACHER, dtype=torch.bfloat16 if on_gpu else torch.float32, device=args.device)
     layout = Layout.load(DATA)
-    if record.tokenizer_sha256 != file_sha256(DATA / "tokenizer" / "tokenizer.json"):
-        raise DataError(f"{DATA / 'tokenizer'} is not the teacher's tokenizer; rerun prepare_data")
+    check_data_tokenizer(record, DATA)
     train = load_train_split(DATA, params.max_examples)
     header = cache_header(record, layout, params, DATA, model)
     summary = fill_cache(model, train, layout, params, args.out, header, args.shard_index, args.num_shards)

@@ -13,11 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.checkpoint_io import resolve_checkpoint  # noqa: E402
-from pipeline.errors import CheckpointError  # noqa: E402
-from pipeline.files import atomic_directory, file_sha256  # noqa: E402
+from pipeline.files import atomic_directory  # noqa: E402
 from pipeline.config import TeacherParams, load_section  # noqa: E402
 from pipeline.stage import run_stage  # noqa: E402
-from pipeline.teacher import validate_checkpoint  # noqa: E402
+from pipeline.teacher import check_data_tokenizer, validate_checkpoint  # noqa: E402
 
 DATA = Path("data")
 OUT = Path("artifacts/teacher")
@@ -30,9 +29,7 @@ def main() -> None:
     if params.checkpoint is not None:
         record = validate_checkpoint(resolve_checkpoint(params.checkpoint), params.mask_token_id)
         record.checkpoint = params.checkpoint
-        if record.tokenizer_sha256 != file_sha256(DATA / "tokenizer" / "tokenizer.json"):
-            raise CheckpointError(f"{params.checkpoint}: its tokenizer differs from {DATA / 'tokenizer'}; "
-                                  "rerun prepare_data")
+        check_data_tokenizer(record, DATA)
         with atomic_directory(OUT) as tmp:
             record.save(tmp)
         summary = {"checkpoint": params.checkpoint, "fingerprint": record.fingerprint}
