@@ -12,22 +12,20 @@ writes JSON. Float64 throughout.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+import datasets
+import torch
+
+from pipeline.config import StudentParams
+from pipeline.data import Layout
+from pipeline.evaluation import score_records
+from pipeline.meanflow import meanflow_loss
+from pipeline.student import Student
+from pipeline.teacher import load_teacher
+from pipeline.tokenizer import decode_answer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import datasets  # noqa: E402
-import torch  # noqa: E402
-
-from pipeline.config import StudentParams  # noqa: E402
-from pipeline.data import Layout  # noqa: E402
-from pipeline.evaluation import score_records  # noqa: E402
-from pipeline.meanflow import meanflow_loss  # noqa: E402
-from pipeline.student import Student  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
-from pipeline.tokenizer import decode_answer  # noqa: E402
 
 
 def accuracy(logits: torch.Tensor, rows, tokenizer, layout: Layout, mask_id: int) -> dict[str, float]:

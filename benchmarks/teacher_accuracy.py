@@ -14,11 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.generate_cli import generation_hints
+from pipeline.tasks import score
 
-from pipeline.generate_cli import generation_hints  # noqa: E402
-from pipeline.tasks import score  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_generate(model: Path, prompts: Path, out: Path, *options: str) -> float:

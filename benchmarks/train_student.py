@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 VARIANTS = ("plain", "meanflow_no_grad_jvp", "meanflow_grad_jvp")
 
 

@@ -4,17 +4,15 @@ save each rank's soft prompt. Run as a script (Lightning's DDP relaunches it for
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning as L
+from safetensors.torch import save_file
 
-import lightning as L  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from pipeline.config import SoftPromptConfig, StudentParams  # noqa: E402
-from pipeline.data import Layout  # noqa: E402
-from pipeline.distillation import MeanFlowDistillation  # noqa: E402
-from pipeline.student import Student  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
-from pipeline.teacher_cache_loader import TeacherCacheDataModule  # noqa: E402
+from pipeline.config import SoftPromptConfig, StudentParams
+from pipeline.data import Layout
+from pipeline.distillation import MeanFlowDistillation
+from pipeline.student import Student
+from pipeline.teacher import load_teacher
+from pipeline.teacher_cache_loader import TeacherCacheDataModule
 
 
 def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int) -> None:
