@@ -11,22 +11,18 @@ vocabulary (126464) and tiny layers, whose flat distributions compress worst.
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.config import CacheParams  # noqa: E402
-from pipeline.data import Layout  # noqa: E402
-from pipeline.llada import LLaDA, LLaDAConfig  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
-from pipeline.teacher_cache import cache_statistics  # noqa: E402
-from pipeline.teacher_targets import (  # noqa: E402
+from pipeline.config import CacheParams
+from pipeline.data import Layout
+from pipeline.llada import LLaDA, LLaDAConfig
+from pipeline.teacher import load_teacher
+from pipeline.teacher_cache import cache_statistics
+from pipeline.teacher_cache_fill import (
     cache_header, draw_noisy_inputs, examples_per_shard, fill_cache, load_train_split, num_shards_for, shard_generator,
 )
 

@@ -1,4 +1,4 @@
-"""Accuracy of a teacher checkpoint on the held-out test prompts, through ``python -m pipeline.generate``.
+"""Accuracy of a teacher checkpoint on the held-out test prompts, through ``python -m pipeline.generate_cli``.
 
 Greedy accuracy per task at 1, 2, 4, ... and gen_length steps, and distinct valid completions for
 ``perm``/``word`` at temperature 1 with 8 samples. Prints a markdown table and writes JSON.
@@ -14,16 +14,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.generate_cli import generation_hints
+from pipeline.tasks import score
 
-from pipeline.generate import generation_hints  # noqa: E402
-from pipeline.tasks import score  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_generate(model: Path, prompts: Path, out: Path, *options: str) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.generate", "--model", str(model), "--prompts", str(prompts),
+    subprocess.run([sys.executable, "-m", "pipeline.generate_cli", "--model", str(model), "--prompts", str(prompts),
                     "--out", str(out), *options], cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
 

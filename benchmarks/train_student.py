@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 VARIANTS = ("plain", "meanflow_no_grad_jvp", "meanflow_grad_jvp")
 
 
@@ -29,18 +27,18 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
 
     from pipeline.config import StudentParams, load_section
     from pipeline.data import Layout
-    from pipeline.distillation import CacheMiniBatches, MeanFlowDistillation
+    from pipeline.distillation import MeanFlowDistillation
     from pipeline.meanflow import dense_logprobs, token_losses
     from pipeline.student import Student
     from pipeline.teacher import load_teacher
+    from pipeline.teacher_cache_loader import CacheMiniBatches
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _, _ = load_teacher(ROOT / "artifacts" / "teacher", device=device)
     defaults = load_section(StudentParams, "student", ROOT / "params.yaml")
     jvp = "grad" if variant == "meanflow_grad_jvp" else "no_grad"
     params = StudentParams(**{**vars(defaults), "jvp": jvp, "batch_size": batch_size})
-    student = Student(base, prompt_length=params.prompt_length, hidden_size=params.hidden_size,
-                      time_features=params.time_features, max_frequency=params.max_frequency)
+    student = Student(base, config=params.soft_prompt)
     module = MeanFlowDistillation(student, params, Layout.load(ROOT / "data").gen_length).to(device)
     batch = {k: v.to(device) for k, v in CacheMiniBatches(ROOT / "artifacts" / "cache", batch_size)[0].items()}
     optimizer = torch.optim.AdamW(student.soft_prompt.parameters(), lr=1e-4)
@@ -51,7 +49,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
             u = student(input_ids=batch["input_ids"], r=batch["t"], t=batch["t"], attention_mask=batch["attention_mask"])
             loss = token_losses("kl", u[batch["masked"]], v).mean()
         else:
-            loss = module.forward_step(batch)["loss"]
+            loss = module.forward_step(batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -76,7 +74,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
 
 
 def loader_throughput(batch_size: int, batches: int) -> float:
-    from pipeline.distillation import TeacherCacheDataModule
+    from pipeline.teacher_cache_loader import TeacherCacheDataModule
 
     data = TeacherCacheDataModule(ROOT / "artifacts" / "cache", batch_size)
     data.setup()

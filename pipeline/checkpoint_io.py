@@ -1,25 +1,19 @@
-"""Files of a Hugging Face style checkpoint directory: weights, index, fingerprint, atomic writes."""
+"""Files of a Hugging Face style checkpoint directory: weights, index, fingerprint, hub resolution."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from pipeline.errors import CheckpointError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing, malformed or incompatible. The message names the file."""
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -104,27 +98,6 @@ def checkpoint_fingerprint(path: str | Path, window: int = 1 << 20, windows: int
     return digest.hexdigest()[:16]
 
 
-@contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename, on failure
-    it is removed, so a killed writer never leaves something that reads as complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def resolve_checkpoint(name: str | Path) -> Path:
     """A local checkpoint directory, or a Hugging Face id downloaded (config, tokenizer, weights)
     into the local hub cache. A name that is neither is a clear error."""
@@ -142,10 +115,3 @@ def resolve_checkpoint(name: str | Path) -> Path:
             raise CheckpointError(f"{text}: not a local directory, and the hub download failed ({err})") from err
     raise CheckpointError(f"{text}: checkpoint directory not found")
 
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

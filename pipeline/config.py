@@ -13,12 +13,10 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from pipeline.errors import ParamsError
+
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
-
-
-class ParamsError(ValueError):
-    """A params file or section is invalid; the message names the file and key."""
 
 
 def _check(where: str, value: Any, hint: Any) -> Any:
@@ -263,16 +261,34 @@ class CacheParams:
 
 
 @dataclasses.dataclass
+class SoftPromptConfig:
+    """``student.soft_prompt``: shape and time conditioning of the soft prompt (``pipeline.soft_prompt``).
+    A saved student records it in its ``student_config.json``."""
+
+    prompt_length: int = 8
+    """P: prefix positions per layer."""
+    time_features: int = 32
+    """Sinusoidal features per time scalar (half sine, half cosine)."""
+    max_frequency: float = 16.0
+    """Largest angular frequency of the features; t lives in [0, 1]. Large values (the 1000*t of
+    image diffusion) make du/dt huge under the JVP and training unstable."""
+    hidden_size: int = 64
+    """Width of the 2-layer MLP (its output layer has hidden_size x n_layers*2*Hkv*P*D weights)."""
+    conditioning: Literal["r_t", "t_interval"] = "r_t"
+    """Inputs of the time encoder: ``r_t`` embeds (r, t) (the seed's choice); ``t_interval`` embeds
+    (t, t - r), which MeanFlow reports slightly better."""
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "prompt_length", "hidden_size", "max_frequency")
+        require(self.time_features >= 2 and self.time_features % 2 == 0, "time_features", "must be an even number >= 2")
+        require(self.conditioning in ("r_t", "t_interval"), "conditioning", "must be 'r_t' or 't_interval'")
+
+
+@dataclasses.dataclass
 class StudentParams:
     """``student``: the soft prompt and its MeanFlow distillation (stage ``train_student``)."""
 
-    prompt_length: int = 8
-    """Soft-prompt positions per layer."""
-    hidden_size: int = 64
-    """Width of the soft prompt's MLP (its output layer has hidden_size x n_layers*2*Hkv*P*D weights)."""
-    time_features: int = 32
-    max_frequency: float = 16.0
-    conditioning: Literal["r_t", "t_interval"] = "r_t"
+    soft_prompt: SoftPromptConfig = dataclasses.field(default_factory=SoftPromptConfig)
     tangent: Literal["linear", "seed"] = "linear"
     """dz/dt of the JVP: the forward process's mean-embedding path, or the seed's literal form."""
     loss: Literal["kl", "mse"] = "kl"
@@ -306,7 +322,7 @@ class StudentParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require_at_least(self, 1, "prompt_length", "hidden_size", "batch_size", "max_steps", "eval_every", "devices")
+        require_at_least(self, 1, "batch_size", "max_steps", "eval_every", "devices")
         require_at_least(self, 0, "warmup_steps", "num_workers", "ce_weight", "adaptive_power", "weight_decay")
         require(0.0 <= self.equal_fraction <= 1.0, "equal_fraction", "must be in [0, 1]")
         require(self.lr > 0, "lr", "must be > 0")

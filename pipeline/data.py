@@ -20,13 +20,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+from pipeline.errors import DataError
 from pipeline.tokenizer import encode_prompts
 
 LAYOUT_FILE = "layout.json"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file or example."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +149,7 @@ def split_fingerprint(split_dir: Path) -> str:
     """sha256 over the Arrow files of a split written by ``prepare_data`` (identifies its content)."""
     import hashlib
 
-    from pipeline.checkpoint_io import file_sha256
+    from pipeline.files import file_sha256
 
     files = sorted(Path(split_dir).glob("*.arrow"))
     if not files:
@@ -213,7 +210,7 @@ def prepare_data(params, tokenizer, out_dir: Path) -> dict[str, int]:
     into ``out_dir`` atomically. Returns rows per split."""
     import datasets
 
-    from pipeline.checkpoint_io import atomic_directory
+    from pipeline.files import atomic_directory
 
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
     if pad is None:

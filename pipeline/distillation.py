@@ -1,10 +1,8 @@
 """Stage two in Lightning: MeanFlow distillation of the student from the teacher cache.
 
 The network is the plain ``Student`` (frozen LLaDA + soft prompt); ``MeanFlowDistillation`` is a thin
-LightningModule around the pure functions of ``pipeline.meanflow``. The data module serves
-mini-batches cut from the cache's record batches, so a sample is a contiguous slice of one
-decompressed Arrow batch (no per-row decoding), and Lightning's distributed sampler gives every rank
-the same number of mini-batches.
+LightningModule around ``pipeline.meanflow.meanflow_loss``; batches come from
+``pipeline.teacher_cache_loader``.
 """
 
 from __future__ import annotations
@@ -13,99 +11,17 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 
 from pipeline.config import StudentParams
-from pipeline.meanflow import (
-    adaptive_weighted_mean, average_velocity_jvp, counter_uniform, dense_logprobs, meanflow_target, sample_r, tangent,
-    token_losses,
-)
+from pipeline.lr_schedule import warmup_cosine
+from pipeline.meanflow import MeanFlowLoss, counter_uniform, dense_logprobs, meanflow_loss, sample_r
 from pipeline.student import Student
-from pipeline.teacher_cache import open_cache, record_batch_arrays
-from pipeline.teacher_pretraining import warmup_cosine
+from pipeline.teacher_cache_loader import TeacherCacheDataModule
 
 
 # The frozen base stays in eval mode on purpose (Student.train keeps it there).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-
-
-def collate_rows(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Tensors of a block of cache rows: per row (B,) / (B, L), ``masked`` (B, L) bool, and the
-    teacher's top-k (M, k) in the row-major order of ``masked``."""
-    n, length = arrays["input_ids"].shape
-    rows = np.repeat(np.arange(n), np.diff(arrays["offsets"]))
-    masked = torch.zeros(n, length, dtype=torch.bool)
-    masked[torch.from_numpy(rows), torch.from_numpy(arrays["masked_positions"].astype(np.int64))] = True
-    tensor = lambda key, dtype: torch.from_numpy(np.array(arrays[key])).to(dtype)  # noqa: E731  (copy: Arrow memory is read-only)
-    return {
-        "input_ids": tensor("input_ids", torch.long),
-        "attention_mask": tensor("attention_mask", torch.long),
-        "x0": tensor("x0", torch.long),
-        "t": tensor("t", torch.float32),
-        "example_index": tensor("example_index", torch.long),
-        "sample_index": tensor("sample_index", torch.long),
-        "masked": masked,
-        "topk_ids": tensor("topk_ids", torch.long),
-        "topk_logprobs": tensor("topk_logprobs", torch.float32),
-    }
-
-
-class CacheMiniBatches(torch.utils.data.Dataset):
-    """Item i = rows [start, stop) of one record batch of the cache, collated. The cache is opened
-    lazily in each worker process (memory maps do not cross process boundaries)."""
-
-    def __init__(self, cache_dir: str | Path, batch_size: int, verify: bool = True):
-        self.cache_dir, self.batch_size = Path(cache_dir), batch_size
-        cache = open_cache(self.cache_dir, verify=verify)
-        self.manifest = cache.manifest
-        self.chunks = [
-            (j, start, min(start + batch_size, rows))
-            for j, (_, _, rows) in enumerate(cache.batch_index)
-            for start in range(0, rows, batch_size)
-        ]
-        self._cache = None
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if self._cache is None:
-            self._cache = open_cache(self.cache_dir, verify=False)
-        j, start, stop = self.chunks[i]
-        return collate_rows(record_batch_arrays(self._cache.record_batch(j).slice(start, stop - start)))
-
-    def __getstate__(self):
-        return {**self.__dict__, "_cache": None}
-
-
-class TeacherCacheDataModule(L.LightningDataModule):
-    def __init__(self, cache_dir: str | Path, batch_size: int, num_workers: int = 0, shuffle: bool = True,
-                 seed: int = 0):
-        super().__init__()
-        self.cache_dir, self.batch_size, self.num_workers, self.shuffle = Path(cache_dir), batch_size, num_workers, shuffle
-        self.seed = seed
-        self.dataset: CacheMiniBatches | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:  # checksums are read once, by rank 0, not by every rank
-            verify = self.trainer is None or self.trainer.is_global_zero
-            self.dataset = CacheMiniBatches(self.cache_dir, self.batch_size, verify=verify)
-
-    def train_dataloader(self):
-        # Items are whole mini-batches (batch_size=None), so the sampler is ours to choose: under
-        # DDP a DistributedSampler gives each rank a disjoint slice and (padding by repetition) the
-        # same number of steps; Lightning calls its set_epoch.
-        sampler = None
-        if self.trainer is not None and self.trainer.world_size > 1:
-            sampler = torch.utils.data.DistributedSampler(
-                self.dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
-                shuffle=self.shuffle, seed=self.seed,
-            )
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, sampler=sampler, shuffle=self.shuffle if sampler is None else None,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
 
 
 class MeanFlowDistillation(L.LightningModule):
@@ -116,60 +32,31 @@ class MeanFlowDistillation(L.LightningModule):
         self.student, self.params, self.gen_length = student, params, gen_length
         self.strict_loading = False  # checkpoints omit the frozen base
 
-    def forward_step(self, batch) -> dict[str, torch.Tensor]:
-        p, base = self.params, self.student.base
-        masked, t, mask = batch["masked"], batch["t"], batch["attention_mask"]
-        with torch.no_grad():
-            z = base.embed(batch["input_ids"])  # (B, T, C)
+    def forward_step(self, batch) -> MeanFlowLoss:
+        """The objective on a cache batch. r comes from a counter-based hash of (seed, epoch, example,
+        sample), so a row draws the same r on any rank; v is rebuilt from the cached top-k."""
+        p = self.params
         keys = (p.seed, self.current_epoch, batch["example_index"], batch["sample_index"])
-        r = sample_r(t, p.equal_fraction, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
-        v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], base.config.embedding_size, p.tail)  # (M, V)
-        embedding = base.transformer["wte"].weight.detach()
-        dz_dt = tangent(p.tangent, v, masked, embedding, base.config.mask_token_id, t)
-
-        # du/dt only matters where r < t (the target is v itself at r = t): with the no-grad JVP,
-        # only those rows pay for it.
-        jvp_rows = torch.ones_like(t, dtype=torch.bool) if p.jvp == "grad" else r < t
-
-        def average_velocity(z_, t_):
-            return self.student(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=mask[jvp_rows], attention="math")
-
-        du_dt = torch.zeros(*masked.shape, base.config.embedding_size, dtype=z.dtype, device=z.device)
-        if jvp_rows.any():
-            u, du_dt[jvp_rows] = average_velocity_jvp(average_velocity, z[jvp_rows], t[jvp_rows],
-                                                      dz_dt[jvp_rows].to(z.dtype), keep_graph=p.jvp == "grad")
-        if p.jvp == "no_grad":
-            u = self.student(inputs_embeds=z, r=r, t=t, attention_mask=mask)
-        row = masked.nonzero()[:, 0]  # (M,) row of each masked position
-        du_dt = du_dt[masked].float()  # (M, V)
-        target = meanflow_target(v, du_dt, r[row], t[row])
-        u_masked = u[masked].float()
-        losses = token_losses(p.loss, u_masked, target)
-        normalizer = masked.shape[0] * self.gen_length  # per row, like LLaDA: rank means average exactly
-        loss = adaptive_weighted_mean(losses, p.adaptive_power, p.adaptive_eps, normalizer=normalizer)
-        if p.ce_weight:
-            loss = loss + p.ce_weight * token_losses("ce", u_masked, target, batch["x0"][masked]).sum() / normalizer
-        with torch.no_grad():
-            kl = losses.detach() if p.loss == "kl" else token_losses("kl", u_masked, target)
-            equal = (r == t)[row]
-            du_dt_abs = du_dt[~equal].abs().mean() if (~equal).any() else du_dt.new_zeros(())
-        return {"loss": loss, "kl": kl, "equal": equal, "du_dt": du_dt_abs, "target": target}
+        r = sample_r(batch["t"], p.equal_fraction, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
+        v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], self.student.base.config.embedding_size, p.tail)
+        return meanflow_loss(self.student, batch["input_ids"], batch["attention_mask"], batch["masked"], batch["t"], r, v,
+                             p, self.gen_length, batch["x0"])
 
     def training_step(self, batch, batch_idx):
         out = self.forward_step(batch)
-        if not torch.isfinite(out["loss"]):
+        if not torch.isfinite(out.loss):
             raise FloatingPointError(
-                f"non-finite MeanFlow loss ({out['loss'].item()}) at step {self.global_step}; |du/dt| = "
-                f"{out['du_dt'].item():.3g}. Lower student.lr or student.max_frequency, or use tangent=seed."
+                f"non-finite MeanFlow loss ({out.loss.item()}) at step {self.global_step}; |du/dt| = "
+                f"{out.du_dt_abs.item():.3g}. Lower student.lr or student.soft_prompt.max_frequency, or use tangent=seed."
             )
-        kl, equal = out["kl"], out["equal"]
-        self.log("train/loss", out["loss"], prog_bar=True)
-        self.log("train/du_dt_abs", out["du_dt"])
+        kl, equal = out.kl, out.equal
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log("train/du_dt_abs", out.du_dt_abs)
         if equal.any():
             self.log("train/kl_r_eq_t", kl[equal].mean())
         if (~equal).any():
             self.log("train/kl_r_lt_t", kl[~equal].mean())
-        return out["loss"]
+        return out.loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.student.soft_prompt.parameters() if p.grad is not None]
@@ -187,7 +74,8 @@ class MeanFlowDistillation(L.LightningModule):
 
 
 def check_cache_matches_teacher(cache_dir: Path, record) -> None:
-    from pipeline.teacher_cache import CacheError, read_manifest
+    from pipeline.errors import CacheError
+    from pipeline.teacher_cache import read_manifest
 
     manifest = read_manifest(Path(cache_dir))
     if manifest["teacher_fingerprint"] != record.fingerprint:
@@ -208,17 +96,13 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
 
     from pipeline.data import Layout
     from pipeline.generation_accuracy import GenerationAccuracy
-    from pipeline.soft_prompt import SoftPromptConfig
     from pipeline.teacher import load_teacher
 
     L.seed_everything(params.seed, workers=True)
     base, tokenizer, record = load_teacher(teacher_dir)
     check_cache_matches_teacher(cache_dir, record)
     layout = Layout.load(data_dir)
-    config = SoftPromptConfig(prompt_length=params.prompt_length, time_features=params.time_features,
-                              max_frequency=params.max_frequency, hidden_size=params.hidden_size,
-                              conditioning=params.conditioning)
-    student = Student(base, config=config)
+    student = Student(base, config=params.soft_prompt)
     module = MeanFlowDistillation(student, params, layout.gen_length)
     accuracy = GenerationAccuracy(datasets.load_from_disk(str(data_dir / "val")), tokenizer, {layout.pad_token_id},
                                   layout, every_n_steps=params.eval_every, steps=1, model_of=lambda m: m.student)

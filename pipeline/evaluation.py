@@ -1,5 +1,7 @@
 """Held-out evaluation: the teacher at 1, 2, 4, ..., ``gen_length`` steps against the one-step
-student, with and without classifier-free guidance, greedy and sampled, in one run.
+student, with and without classifier-free guidance, greedy and sampled, in one run. This module
+decodes and scores (validation during training uses it too); ``pipeline.evaluation_report`` turns
+the results into metrics, tables and plots.
 
 Every setting decodes the whole test split in batches of the same number of prompts on the same
 device, so its wall seconds per sample are comparable with the others'. Forward passes per sample:
@@ -15,11 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import torch
 
-from pipeline.data import DataError, Layout
+from pipeline.data import Layout
+from pipeline.errors import DataError
 from pipeline.generate import generate, mask_predictor
 from pipeline.tasks import TASKS, score
 from pipeline.tokenizer import decode_answer
@@ -170,90 +172,3 @@ def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, st
         if progress is not None:
             progress(results[-1])
     return results
-
-
-def summarize(results: list[dict], gen_length: int) -> dict:
-    """``metrics/eval.json``: each setting's numbers under its name, plus the one-step student's
-    speedup over the teacher at ``gen_length`` steps (greedy, no guidance) and its accuracy gain over
-    the one-step teacher."""
-    by_key = {(r["model"], r["steps"], r["cfg_scale"], r["temperature"]): r for r in results}
-    summary: dict = {"settings": {}}
-    for r in results:
-        entry = {"forward_passes": r["forward_passes"], "seconds_per_sample": round(r["seconds_per_sample"], 6),
-                 "accuracy": {k: round(v, 4) for k, v in r["accuracy"].items()}}
-        if r["distinct_valid"]:
-            entry["distinct_valid"] = {k: round(v, 3) for k, v in r["distinct_valid"].items()}
-        summary["settings"][r["name"]] = entry
-    student = by_key.get(("student", 1, 0.0, 0.0))
-    teacher_full_steps = by_key.get(("teacher", gen_length, 0.0, 0.0))
-    teacher_fewest_steps = min((r for r in results if r["model"] == "teacher" and r["cfg_scale"] == 0
-                                and r["temperature"] == 0), key=lambda r: r["steps"], default=None)
-    if student and teacher_full_steps:
-        speedup = teacher_full_steps["seconds_per_sample"] / student["seconds_per_sample"]
-        summary["student_speedup_vs_teacher_gen_length"] = round(speedup, 2)
-        gain = student["accuracy"]["mean"] - teacher_full_steps["accuracy"]["mean"]
-        summary["student_minus_gen_length_teacher"] = round(gain, 4)
-    if student and teacher_fewest_steps:
-        gain = student["accuracy"]["mean"] - teacher_fewest_steps["accuracy"]["mean"]
-        summary[f"student_minus_teacher_{teacher_fewest_steps['steps']}_steps"] = round(gain, 4)
-    return summary
-
-
-def curve_rows(results: list[dict]) -> dict[str, list[dict]]:
-    """Plot data: greedy accuracy against forward passes, one list per (model, guidance); every
-    series is present (empty without guidance), so DVC always finds the files it declares."""
-    series: dict[str, list[dict]] = {key: [] for key in ("teacher", "teacher_cfg", "student", "student_cfg")}
-    for r in results:
-        if r["temperature"] == 0:
-            key = r["model"] + ("_cfg" if r["cfg_scale"] > 0 else "")
-            series[key].append({"forward_passes": r["forward_passes"], "seconds_per_sample": r["seconds_per_sample"],
-                                **{f"accuracy_{task}": v for task, v in r["accuracy"].items()}})
-    return series
-
-
-def plot_accuracy(results: list[dict], path: Path) -> None:
-    """PNG: greedy mean accuracy against forward passes per sample (the teacher's curve, the
-    student's point), and against wall seconds per sample."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = curve_rows(results)
-    style = {"teacher": ("tab:blue", "o-"), "teacher_cfg": ("tab:blue", "s--"),
-             "student": ("tab:red", "*"), "student_cfg": ("tab:orange", "*")}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key, rows in ((k, v) for k, v in series.items() if v):
-        color, marker = style.get(key, ("gray", "x-"))
-        rows = sorted(rows, key=lambda r: r["forward_passes"])
-        for ax, x in zip(axes, ("forward_passes", "seconds_per_sample")):
-            ax.plot([r[x] for r in rows], [r["accuracy_mean"] for r in rows], marker, color=color, label=key,
-                    markersize=14 if key.startswith("student") else 6)
-    for ax, label in zip(axes, ("forward passes per sample", "wall seconds per sample")):
-        ax.set_xscale("log", base=2 if label.startswith("forward") else 10)
-        ax.set_xlabel(label)
-        ax.set_ylabel("greedy accuracy (mean over tasks)")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right")
-    fig.suptitle("held-out test split: teacher by step count vs one-step student")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def markdown_table(results: list[dict], temperature: float = 0.0) -> str:
-    """Results at one temperature as a markdown table: accuracy per task, distinct valid completions
-    (sampled settings), forward passes and milliseconds per sample."""
-    rows = [r for r in results if r["temperature"] == temperature]
-    tasks = [t for t in rows[0]["accuracy"] if t != "mean"] + ["mean"]
-    distinct = list(rows[0]["distinct_valid"]) if temperature > 0 else []
-    lines = ["| model | steps | CFG | " + " | ".join(tasks) + "".join(f" | {t} distinct" for t in distinct)
-             + " | passes | ms / sample |",
-             "|---" * (len(tasks) + len(distinct) + 5) + "|"]
-    for r in rows:
-        cells = [f"{r['accuracy'][t]:.3f}" for t in tasks] + [f"{r['distinct_valid'][t]:.2f}" for t in distinct]
-        lines.append(f"| {r['model']} | {r['steps']} | {r['cfg_scale']:g} | " + " | ".join(cells)
-                     + f" | {r['forward_passes']} | {1000 * r['seconds_per_sample']:.3f} |")
-    return "\n".join(lines)

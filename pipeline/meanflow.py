@@ -7,15 +7,20 @@ MeanFlow identity gives the regression target
     u_tgt = v - (t - r) * du/dt,    du/dt = d/dt u(z(t), r, t) = J_z u . dz/dt + d_t u,
 
 a Jacobian-vector product of the student along the tangent (dz/dt, 1) with r held fixed, taken without
-gradient. With r = t the target is exactly v.
+gradient. With r = t the target is exactly v. ``meanflow_loss`` chains the pieces into the training
+objective on one batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.config import StudentParams
+from pipeline.llada import upcast
 
 Tail = Literal["uniform", "drop"]
 Tangent = Literal["linear", "seed"]
@@ -173,3 +178,78 @@ def adaptive_weighted_mean(
     ``normalizer`` (default: the number of losses); power 0 is a plain mean."""
     weighted = losses if power == 0 else losses / (losses.detach() + eps) ** power
     return weighted.sum() / (len(losses) if normalizer is None else normalizer)
+
+
+# ---------------------------------------------------------------------- the objective
+
+
+@dataclasses.dataclass
+class MeanFlowLoss:
+    """The MeanFlow objective on one batch. Per-token tensors run over the masked positions in the
+    row-major order of ``masked``."""
+
+    loss: torch.Tensor
+    """Scalar to minimize; its gradient reaches the soft prompt only."""
+    kl: torch.Tensor
+    """(M,) KL(softmax(u_tgt) || softmax(u)) per token, without gradient."""
+    equal: torch.Tensor
+    """(M,) bool: the token's row has r = t (its target is v itself)."""
+    du_dt_abs: torch.Tensor
+    """Mean |du/dt| over the tokens of rows with r < t (0 when there are none)."""
+    target: torch.Tensor
+    """(M, V) u_tgt = v - (t - r) du/dt."""
+
+
+def meanflow_loss(
+    student,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    masked: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    v: torch.Tensor,
+    params: StudentParams,
+    answer_length: int,
+    x0: torch.Tensor | None = None,
+) -> MeanFlowLoss:
+    """Tangent, JVP, target and loss for rows x_t = ``input_ids`` (B, T) with ``masked`` (B, T) bool,
+    times ``t`` and ``r`` (B,), and the teacher's v (M, V) at the masked positions.
+
+    ``student`` is a ``Student``; ``params`` chooses the tangent, the JVP pattern (``no_grad``: the JVP
+    without a graph on the rows with r < t, then an ordinary forward for u; ``grad``: one grad-mode
+    JVP whose primal is u), the loss and its adaptive weight, and the weight of the auxiliary
+    cross-entropy to ``x0`` (B, T). The loss is summed over tokens and divided by B x
+    ``answer_length`` (per row, like LLaDA's: means over ranks average exactly)."""
+    base = student.base
+    with torch.no_grad():
+        z = base.embed(input_ids)  # (B, T, C)
+    embedding = base.transformer["wte"].weight.detach()
+    dz_dt = tangent(params.tangent, v, masked, embedding, base.config.mask_token_id, t)
+
+    # du/dt only matters where r < t (the target is v itself at r = t): with the no-grad JVP,
+    # only those rows pay for it.
+    jvp_rows = torch.ones_like(t, dtype=torch.bool) if params.jvp == "grad" else r < t
+
+    def average_velocity(z_, t_):
+        return student(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=attention_mask[jvp_rows], attention="math")
+
+    du_dt = torch.zeros(*masked.shape, base.config.embedding_size, dtype=z.dtype, device=z.device)
+    if jvp_rows.any():
+        u, du_dt[jvp_rows] = average_velocity_jvp(average_velocity, z[jvp_rows], t[jvp_rows],
+                                                  dz_dt[jvp_rows].to(z.dtype), keep_graph=params.jvp == "grad")
+    if params.jvp == "no_grad":
+        u = student(inputs_embeds=z, r=r, t=t, attention_mask=attention_mask)
+    row = masked.nonzero()[:, 0]  # (M,) row of each masked position
+    du_dt = upcast(du_dt[masked])  # (M, V)
+    target = meanflow_target(v, du_dt, r[row], t[row])
+    u_masked = upcast(u[masked])
+    losses = token_losses(params.loss, u_masked, target)
+    normalizer = masked.shape[0] * answer_length
+    loss = adaptive_weighted_mean(losses, params.adaptive_power, params.adaptive_eps, normalizer=normalizer)
+    if params.ce_weight:
+        loss = loss + params.ce_weight * token_losses("ce", u_masked, target, x0[masked]).sum() / normalizer
+    with torch.no_grad():
+        kl = losses.detach() if params.loss == "kl" else token_losses("kl", u_masked, target)
+        equal = (r == t)[row]
+        du_dt_abs = du_dt[~equal].abs().mean() if (~equal).any() else du_dt.new_zeros(())
+    return MeanFlowLoss(loss=loss, kl=kl, equal=equal, du_dt_abs=du_dt_abs, target=target)

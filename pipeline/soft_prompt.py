@@ -2,44 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Literal
 
 import torch
 from torch import nn
 
-Conditioning = Literal["r_t", "t_interval"]
-
-
-@dataclasses.dataclass
-class SoftPromptConfig:
-    """Shape and time conditioning of the soft prompt."""
-
-    prompt_length: int = 8
-    """P: prefix positions per layer."""
-    time_features: int = 32
-    """Sinusoidal features per time scalar (half sine, half cosine)."""
-    max_frequency: float = 16.0
-    """Largest angular frequency of the features; t lives in [0, 1]. Large values (the 1000*t of
-    image diffusion) make du/dt huge under the JVP and training unstable."""
-    hidden_size: int = 256
-    """Width of the 2-layer MLP."""
-    conditioning: Conditioning = "r_t"
-    """Inputs of the time encoder: ``r_t`` embeds (r, t) (the seed's choice); ``t_interval`` embeds
-    (t, t - r), which MeanFlow reports slightly better."""
-
-    def __post_init__(self) -> None:
-        if self.prompt_length < 1:
-            raise ValueError(f"soft prompt: prompt_length must be >= 1, got {self.prompt_length}")
-        if self.time_features < 2 or self.time_features % 2:
-            raise ValueError(f"soft prompt: time_features must be an even number >= 2, got {self.time_features}")
-        if not self.max_frequency >= 1.0:
-            raise ValueError(f"soft prompt: max_frequency must be >= 1, got {self.max_frequency}")
-        if self.hidden_size < 1:
-            raise ValueError(f"soft prompt: hidden_size must be >= 1, got {self.hidden_size}")
-        if self.conditioning not in ("r_t", "t_interval"):
-            raise ValueError(f"soft prompt: conditioning must be 'r_t' or 't_interval', got {self.conditioning!r}")
+from pipeline.config import SoftPromptConfig
 
 
 class TimeFeatures(nn.Module):

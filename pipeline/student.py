@@ -16,15 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.checkpoint_io import (
-    CheckpointError,
-    atomic_directory,
-    checkpoint_fingerprint,
-    read_json,
-    resolve_checkpoint,
-)
+from pipeline.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint
+from pipeline.errors import CheckpointError
+from pipeline.files import atomic_directory
 from pipeline.llada import LLaDA, Attention
-from pipeline.soft_prompt import SoftPrompt, SoftPromptConfig
+from pipeline.config import SoftPromptConfig
+from pipeline.soft_prompt import SoftPrompt
 
 STUDENT_CONFIG = "student_config.json"
 SOFT_PROMPT_WEIGHTS = "soft_prompt.safetensors"

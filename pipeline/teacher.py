@@ -3,7 +3,7 @@
 ``teacher.json`` records the checkpoint (``.`` for the built-in teacher saved in the same
 directory, otherwise the path or hub id the user gave; weights are never copied), its fingerprint,
 the mask id and the tokenizer hash. ``load_teacher`` re-resolves it and refuses a checkpoint whose
-fingerprint changed since it was recorded.
+fingerprint changed since it was recorded; ``check_data_tokenizer`` refuses data tokenized otherwise.
 """
 
 from __future__ import annotations
@@ -12,14 +12,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from pipeline.checkpoint_io import (
-    CheckpointError,
-    checkpoint_fingerprint,
-    file_sha256,
-    read_json,
-    resolve_checkpoint,
-    resolve_weight_files,
-)
+from pipeline.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint, resolve_weight_files
+from pipeline.errors import CheckpointError, DataError
+from pipeline.files import file_sha256
 from pipeline.llada import LLaDA, LLaDAConfig
 from pipeline.tokenizer import load_tokenizer
 
@@ -47,6 +42,17 @@ class TeacherRecord:
             raise CheckpointError(f"{Path(directory) / RECORD}: {err}") from err
 
 
+def tokenizer_hash(directory: str | Path) -> str:
+    """What identifies a tokenizer: the sha256 of the ``tokenizer.json`` in ``directory``."""
+    return file_sha256(Path(directory) / "tokenizer.json")
+
+
+def check_data_tokenizer(record: TeacherRecord, data_dir: str | Path) -> None:
+    """Refuse data that ``prepare_data`` tokenized with another tokenizer than the teacher's."""
+    if record.tokenizer_sha256 != tokenizer_hash(Path(data_dir) / "tokenizer"):
+        raise DataError(f"the teacher's tokenizer differs from {Path(data_dir) / 'tokenizer'}; rerun prepare_data")
+
+
 def checkpoint_dir(directory: Path, record: TeacherRecord) -> Path:
     return Path(directory) if record.checkpoint == "." else resolve_checkpoint(record.checkpoint)
 
@@ -69,7 +75,7 @@ def validate_checkpoint(path: Path, mask_token_id: int | None = None) -> Teacher
         checkpoint=str(path),
         fingerprint=checkpoint_fingerprint(path),
         mask_token_id=mask,
-        tokenizer_sha256=file_sha256(path / "tokenizer.json"),
+        tokenizer_sha256=tokenizer_hash(path),
         builtin=False,
     )
 

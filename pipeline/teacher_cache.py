@@ -33,7 +33,6 @@ int32 and reads only the stream format).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -44,13 +43,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import CacheError, CheckpointError
+from pipeline.files import atomic_write_text, file_sha256
+
 FORMAT = "llada-meanflow-teacher-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class CacheError(ValueError):
-    """A cache is damaged, incomplete or incompatible; the message names the file."""
 
 
 def shard_name(index: int) -> str:
@@ -174,18 +172,8 @@ def decode_record_batch(batch: pa.RecordBatch) -> list[dict[str, Any]]:
     return rows
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class ShardWriter:
@@ -227,7 +215,7 @@ class ShardWriter:
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
         info = {"rows": self.rows, "masked_positions": self.masked, "bytes": self.tmp.stat().st_size,
-                "sha256": file_digest(self.tmp)}
+                "sha256": file_sha256(self.tmp)}
         os.replace(self.tmp, self.path)
         write_json_atomic(self.directory / sidecar_name(self.index), info)
         return info
@@ -257,7 +245,7 @@ def concat_rows(blocks: list[CacheRows]) -> CacheRows:
 
 
 def read_manifest(directory: Path) -> dict:
-    from pipeline.checkpoint_io import CheckpointError, read_json
+    from pipeline.checkpoint_io import read_json
 
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -344,7 +332,7 @@ class TeacherCache(Sequence):
                 raise CacheError(f"{path}: missing shard")
             if path.stat().st_size != entry["bytes"]:
                 raise CacheError(f"{path}: size {path.stat().st_size} != {entry['bytes']} recorded (truncated?)")
-            if verify and file_digest(path) != entry["sha256"]:
+            if verify and file_sha256(path) != entry["sha256"]:
                 raise CacheError(f"{path}: checksum mismatch (the shard is damaged)")
             try:
                 reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))

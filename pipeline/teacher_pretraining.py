@@ -7,7 +7,6 @@ normalized by the answer length and the batch size (LLaDA's SFT loss).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from pipeline.data import Layout, forward_mask, sample_mask_ratio
 from pipeline.generation_accuracy import GenerationAccuracy
 from pipeline.llada import LLaDA
+from pipeline.lr_schedule import warmup_cosine
 
 
 def sft_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, answer_length: int):
@@ -26,14 +26,6 @@ def sft_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: to
     token_ce = F.cross_entropy(logits[masked].float(), x0[masked], reduction="none")  # (N,)
     weights = (1.0 / t)[:, None].expand_as(masked)[masked]  # (N,)
     return (token_ce * weights).sum() / (answer_length * x0.shape[0])
-
-
-def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    """LR multiplier: linear warmup, then cosine decay to ``floor``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class MaskedDiffusionSFT(L.LightningModule):
@@ -139,9 +131,10 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     import datasets
     from dvclive.lightning import DVCLiveLogger
 
-    from pipeline.checkpoint_io import atomic_directory, checkpoint_fingerprint, file_sha256
+    from pipeline.checkpoint_io import checkpoint_fingerprint
+    from pipeline.files import atomic_directory
     from pipeline.llada import LLaDAConfig
-    from pipeline.teacher import TeacherRecord
+    from pipeline.teacher import TeacherRecord, tokenizer_hash
     from pipeline.tokenizer import load_tokenizer
 
     train = params.train
@@ -187,6 +180,6 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
                       "gen_length": layout.gen_length}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         TeacherRecord(checkpoint=".", fingerprint=checkpoint_fingerprint(tmp), mask_token_id=config.mask_token_id,
-                      tokenizer_sha256=file_sha256(tmp / "tokenizer.json"), builtin=True).save(tmp)
+                      tokenizer_sha256=tokenizer_hash(tmp), builtin=True).save(tmp)
     return {"steps": trainer.global_step, "minutes": round(minutes, 2), "parameters": sum(p.numel() for p in model.parameters()),
             "val_accuracy": accuracy.history[-1], "curve": accuracy.history}

@@ -12,7 +12,8 @@ from typing import Iterable, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from pipeline.checkpoint_io import CheckpointError, read_json
+from pipeline.checkpoint_io import read_json
+from pipeline.errors import CheckpointError
 
 # LLaDA's own names for its special tokens.
 EOS, BOS, MASK, UNK = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|unk|>"

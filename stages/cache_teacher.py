@@ -1,37 +1,30 @@
 """Stage ``cache_teacher`` (stage one): the teacher's top-k log-probs on sampled (x_t, t) pairs in
 zstd Arrow shards under ``artifacts/cache/`` (params: ``cache``; format: ``pipeline/teacher_cache.py``).
 
+    python stages/cache_teacher.py --data data --teacher artifacts/teacher --out artifacts/cache \\
+        --metrics metrics/cache.json
+
 Spare GPUs fill one cache together: each process takes a disjoint, deterministic set of shards,
 
     python stages/cache_teacher.py --shard-index i --num-shards n
 
 (defaults from RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS when set). Rerunning skips complete
 shards; a cache built with other params, data or teacher is refused. The last process to finish
-completes the manifest.
+completes the manifest and writes the metrics.
 """
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.checkpoint_io import file_sha256  # noqa: E402
-from pipeline.config import CacheParams, load_section  # noqa: E402
-from pipeline.data import DataError, Layout  # noqa: E402
-from pipeline.stage import run_stage  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
-from pipeline.teacher_cache import cache_statistics  # noqa: E402
-from pipeline.teacher_targets import cache_header, fill_cache, load_train_split  # noqa: E402
-
-DATA = Path("data")
-TEACHER = Path("artifacts/teacher")
-OUT = Path("artifacts/cache")
-METRICS = Path("metrics/cache.json")
+from pipeline.config import CacheParams, load_section
+from pipeline.data import Layout
+from pipeline.stage import run_stage, stage_parser
+from pipeline.teacher import check_data_tokenizer, load_teacher
+from pipeline.teacher_cache import cache_statistics
+from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
 
 
 def default_rank() -> tuple[int, int]:
@@ -41,12 +34,12 @@ def default_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     rank, world = default_rank()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__, reads=["data", "teacher"], writes="cache")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/cache.json"), help="size accounting, seconds")
     parser.add_argument("--shard-index", type=int, default=rank, help="this process's index (default: rank)")
     parser.add_argument("--num-shards", type=int, default=world, help="processes sharing the work (default: world size)")
-    parser.add_argument("--out", type=Path, default=OUT)
     local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))
     default_device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device)
@@ -60,16 +53,15 @@ def main() -> None:
     args = parse_args()
     params = load_section(CacheParams, "cache")
     on_gpu = args.device.startswith("cuda")
-    model, _, record = load_teacher(TEACHER, dtype=torch.bfloat16 if on_gpu else torch.float32, device=args.device)
-    layout = Layout.load(DATA)
-    if record.tokenizer_sha256 != file_sha256(DATA / "tokenizer" / "tokenizer.json"):
-        raise DataError(f"{DATA / 'tokenizer'} is not the teacher's tokenizer; rerun prepare_data")
-    train = load_train_split(DATA, params.max_examples)
-    header = cache_header(record, layout, params, DATA, model)
+    model, _, record = load_teacher(args.teacher, dtype=torch.bfloat16 if on_gpu else torch.float32, device=args.device)
+    layout = Layout.load(args.data)
+    check_data_tokenizer(record, args.data)
+    train = load_train_split(args.data, params.max_examples)
+    header = cache_header(record, layout, params, args.data, model)
     summary = fill_cache(model, train, layout, params, args.out, header, args.shard_index, args.num_shards)
-    if summary["complete"] and args.out == OUT:
-        METRICS.parent.mkdir(parents=True, exist_ok=True)
-        METRICS.write_text(json.dumps({**cache_statistics(args.out), "seconds": summary["seconds"]}, indent=2) + "\n")
+    if summary["complete"]:
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics.write_text(json.dumps({**cache_statistics(args.out), "seconds": summary["seconds"]}, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

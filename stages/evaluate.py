@@ -2,44 +2,46 @@
 held-out test split, with and without CFG, greedy and sampled (params: ``evaluate``).
 
 Writes ``metrics/eval.json`` (every setting's accuracy per task, distinct valid completions, forward
-passes and wall seconds per sample; the student's speedup and accuracy gains),
-``metrics/eval/*.json`` (plot data), ``metrics/eval/accuracy_vs_forward_passes.png`` and
-``metrics/eval/results.md`` (the tables the README quotes).
+passes and wall seconds per sample; the student's speedup and accuracy gains) and, under
+``metrics/eval/``, the plot data (``*.json``), ``accuracy_vs_forward_passes.png`` and ``results.md``
+(the tables the README quotes).
 
-    python stages/evaluate.py          # what dvc repro runs
+    python stages/evaluate.py --data data --teacher artifacts/teacher --student artifacts/student \\
+        --metrics metrics/eval.json --report metrics/eval
 """
 
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import datasets
+import torch
+from tqdm import tqdm
 
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from pipeline.config import EvaluateParams, load_section
+from pipeline.data import Layout
+from pipeline.errors import ParamsError
+from pipeline.evaluation import default_teacher_steps, evaluate_settings, settings_for
+from pipeline.evaluation_report import curve_rows, plot_accuracy, results_markdown, summarize
+from pipeline.stage import run_stage, stage_parser
+from pipeline.student import Student
+from pipeline.teacher import checkpoint_dir, load_teacher
+from pipeline.tokenizer import stop_token_ids
 
-from pipeline.config import EvaluateParams, ParamsError, load_section  # noqa: E402
-from pipeline.data import Layout  # noqa: E402
-from pipeline.evaluation import (  # noqa: E402
-    curve_rows, default_teacher_steps, evaluate_settings, markdown_table, plot_accuracy, settings_for, summarize,
-)
-from pipeline.stage import run_stage  # noqa: E402
-from pipeline.student import Student  # noqa: E402
-from pipeline.teacher import checkpoint_dir, load_teacher  # noqa: E402
-from pipeline.tokenizer import stop_token_ids  # noqa: E402
 
-DATA = Path("data")
-TEACHER = Path("artifacts/teacher")
-STUDENT = Path("artifacts/student")
-METRICS = Path("metrics")
+def parse_args(argv=None):
+    parser = stage_parser(__doc__, reads=["data", "teacher", "student"])
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"), help="every setting's numbers")
+    parser.add_argument("--report", type=Path, default=Path("metrics/eval"), help="plot data, the plot, results.md")
+    return parser.parse_args(argv)
 
 
 def main() -> None:
+    args = parse_args()
     params = load_section(EvaluateParams, "evaluate")
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
-    layout = Layout.load(DATA)
+    layout = Layout.load(args.data)
     G = layout.gen_length
     block_length = params.block_length or G
     if G % block_length:
@@ -52,10 +54,10 @@ def main() -> None:
                               f"in {num_blocks} block(s) (at most {G}, a multiple of {num_blocks})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    teacher, tokenizer, record = load_teacher(TEACHER, dtype=dtype, device=device)
-    student = Student.from_pretrained(STUDENT, base=teacher).to(device)  # shares the teacher's weights
-    stops = stop_token_ids(tokenizer, teacher.config, checkpoint_dir(TEACHER, record))
-    rows = datasets.load_from_disk(str(DATA / "test"))
+    teacher, tokenizer, record = load_teacher(args.teacher, dtype=dtype, device=device)
+    student = Student.from_pretrained(args.student, base=teacher).to(device)  # shares the teacher's weights
+    stops = stop_token_ids(tokenizer, teacher.config, checkpoint_dir(args.teacher, record))
+    rows = datasets.load_from_disk(str(args.data / "test"))
     settings = settings_for(steps, params.cfg_scale, params.temperature, params.samples, G, block_length)
 
     bar = tqdm(total=len(settings), desc="evaluate", unit="setting", file=sys.stderr)
@@ -67,17 +69,14 @@ def main() -> None:
     bar.close()
 
     summary = {"test_prompts": len(rows), "device": device, **summarize(results, G)}
-    (METRICS / "eval").mkdir(parents=True, exist_ok=True)
-    (METRICS / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.report.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     for name, series in curve_rows(results).items():
-        (METRICS / "eval" / f"{name}.json").write_text(json.dumps(series, indent=2) + "\n")
-    plot_accuracy(results, METRICS / "eval" / "accuracy_vs_forward_passes.png")
-    tables = (f"Greedy, {len(rows)} held-out prompts\n\n{markdown_table(results, 0.0)}\n\n"
-              f"Temperature {params.temperature:g}, {params.samples} samples per prompt\n\n"
-              f"{markdown_table(results, params.temperature)}\n\n"
-              f"One-step student speedup over the teacher at {G} steps: "
-              f"{summary.get('student_speedup_vs_teacher_gen_length')}x ({device})\n")
-    (METRICS / "eval" / "results.md").write_text(tables)
+        (args.report / f"{name}.json").write_text(json.dumps(series, indent=2) + "\n")
+    plot_accuracy(results, args.report / "accuracy_vs_forward_passes.png")
+    tables = results_markdown(results, summary, params.temperature, params.samples, G)
+    (args.report / "results.md").write_text(tables)
     print(tables)
 
 

@@ -2,23 +2,23 @@
 
 Built-in default: the task suite with a character-level tokenizer. With ``teacher.checkpoint`` set,
 the checkpoint's own tokenizer (and chat template) is used.
+
+    python stages/prepare_data.py --out data
 """
 
-import sys
-from pathlib import Path
+from pipeline.config import DataParams, TeacherParams, load_section
+from pipeline.data import prepare_data
+from pipeline.stage import run_stage, stage_parser
+from pipeline.tasks import ALPHABET
+from pipeline.tokenizer import build_char_tokenizer, load_tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import DataParams, TeacherParams, load_section  # noqa: E402
-from pipeline.data import prepare_data  # noqa: E402
-from pipeline.stage import run_stage  # noqa: E402
-from pipeline.tasks import ALPHABET  # noqa: E402
-from pipeline.tokenizer import build_char_tokenizer, load_tokenizer  # noqa: E402
-
-OUT = Path("data")
+def parse_args(argv=None):
+    return stage_parser(__doc__, writes="data").parse_args(argv)
 
 
 def main() -> None:
+    args = parse_args()
     params = load_section(DataParams, "data")
     teacher = load_section(TeacherParams, "teacher")
     if teacher.checkpoint is None:
@@ -27,8 +27,8 @@ def main() -> None:
         from pipeline.checkpoint_io import resolve_checkpoint
 
         tokenizer = load_tokenizer(resolve_checkpoint(teacher.checkpoint))
-    sizes = prepare_data(params, tokenizer, OUT)
-    print(f"wrote {OUT}/: " + ", ".join(f"{name} {n} rows" for name, n in sizes.items()))
+    sizes = prepare_data(params, tokenizer, args.out)
+    print(f"wrote {args.out}/: " + ", ".join(f"{name} {n} rows" for name, n in sizes.items()))
 
 
 if __name__ == "__main__":

@@ -4,45 +4,46 @@
 With ``teacher.checkpoint`` set, validate it (config, weights, tokenizer, mask id; the tokenizer
 must be the one ``prepare_data`` used) and record its fingerprint, without copying weights.
 Otherwise pretrain the built-in tiny LLaDA on ``data/`` with LLaDA's SFT objective.
+
+    python stages/teacher.py --data data --out artifacts/teacher --metrics metrics/teacher
 """
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.checkpoint_io import resolve_checkpoint
+from pipeline.config import TeacherParams, load_section
+from pipeline.files import atomic_directory
+from pipeline.stage import run_stage, stage_parser
+from pipeline.teacher import check_data_tokenizer, validate_checkpoint
 
-from pipeline.checkpoint_io import CheckpointError, atomic_directory, file_sha256, resolve_checkpoint  # noqa: E402
-from pipeline.config import TeacherParams, load_section  # noqa: E402
-from pipeline.stage import run_stage  # noqa: E402
-from pipeline.teacher import validate_checkpoint  # noqa: E402
 
-DATA = Path("data")
-OUT = Path("artifacts/teacher")
-METRICS = Path("metrics/teacher")
+def parse_args(argv=None):
+    parser = stage_parser(__doc__, reads=["data"], writes="teacher")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/teacher"), help="summary and curves")
+    return parser.parse_args(argv)
 
 
 def main() -> None:
+    args = parse_args()
     params = load_section(TeacherParams, "teacher")
-    METRICS.mkdir(parents=True, exist_ok=True)
+    args.metrics.mkdir(parents=True, exist_ok=True)
     if params.checkpoint is not None:
         record = validate_checkpoint(resolve_checkpoint(params.checkpoint), params.mask_token_id)
         record.checkpoint = params.checkpoint
-        if record.tokenizer_sha256 != file_sha256(DATA / "tokenizer" / "tokenizer.json"):
-            raise CheckpointError(f"{params.checkpoint}: its tokenizer differs from {DATA / 'tokenizer'}; "
-                                  "rerun prepare_data")
-        with atomic_directory(OUT) as tmp:
+        check_data_tokenizer(record, args.data)
+        with atomic_directory(args.out) as tmp:
             record.save(tmp)
         summary = {"checkpoint": params.checkpoint, "fingerprint": record.fingerprint}
         # No pretraining, so no curve; the files exist because dvc.yaml declares them.
-        (METRICS / "training" / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+        (args.metrics / "training" / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
         summary["curve"] = []
     else:
         from pipeline.teacher_pretraining import pretrain_teacher
 
-        summary = pretrain_teacher(params, DATA, OUT, METRICS / "training")
-    (METRICS / "accuracy_curve.json").write_text(json.dumps(summary.pop("curve"), indent=2) + "\n")
-    (METRICS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = pretrain_teacher(params, args.data, args.out, args.metrics / "training")
+    (args.metrics / "accuracy_curve.json").write_text(json.dumps(summary.pop("curve"), indent=2) + "\n")
+    (args.metrics / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

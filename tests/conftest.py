@@ -48,15 +48,15 @@ def tiny_checkpoint(tmp_path) -> Path:
 def make_workdir(path: Path, train_per_task: int = 30, **model_overrides) -> Path:
     """A stage working directory with ``data/`` (built-in tasks, tiny) and ``artifacts/teacher/``
     (a random tiny LLaDA recorded as the teacher), as the prepare_data and teacher stages leave it."""
-    from pipeline.checkpoint_io import checkpoint_fingerprint, file_sha256
+    from pipeline.checkpoint_io import checkpoint_fingerprint
     from pipeline.config import DataParams
     from pipeline.data import prepare_data
-    from pipeline.teacher import TeacherRecord
+    from pipeline.teacher import TeacherRecord, tokenizer_hash
 
     params = DataParams(train_per_task=train_per_task, val_per_task=2, test_per_task=2)
     prepare_data(params, build_char_tokenizer(ALPHABET), path / "data")
     teacher = make_checkpoint(path / "artifacts" / "teacher", max_sequence_length=params.prompt_length + params.gen_length,
                               **model_overrides)
     TeacherRecord(checkpoint=".", fingerprint=checkpoint_fingerprint(teacher), mask_token_id=2,
-                  tokenizer_sha256=file_sha256(teacher / "tokenizer.json"), builtin=True).save(teacher)
+                  tokenizer_sha256=tokenizer_hash(teacher), builtin=True).save(teacher)
     return path

@@ -4,23 +4,23 @@ save each rank's soft prompt. Run as a script (Lightning's DDP relaunches it for
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning as L
+from safetensors.torch import save_file
 
-import lightning as L  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from pipeline.config import StudentParams  # noqa: E402
-from pipeline.data import Layout  # noqa: E402
-from pipeline.distillation import MeanFlowDistillation, TeacherCacheDataModule  # noqa: E402
-from pipeline.student import Student  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
+from pipeline.config import SoftPromptConfig, StudentParams
+from pipeline.data import Layout
+from pipeline.distillation import MeanFlowDistillation
+from pipeline.student import Student
+from pipeline.teacher import load_teacher
+from pipeline.teacher_cache_loader import TeacherCacheDataModule
 
 
 def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int) -> None:
     L.seed_everything(0)
     base, _, _ = load_teacher(workdir / "artifacts" / "teacher")
-    params = StudentParams(prompt_length=2, hidden_size=8, batch_size=batch_size, max_steps=steps, warmup_steps=1, lr=1e-2)
-    student = Student(base, prompt_length=2, hidden_size=8)
+    params = StudentParams(soft_prompt=SoftPromptConfig(prompt_length=2, hidden_size=8), batch_size=batch_size,
+                           max_steps=steps, warmup_steps=1, lr=1e-2)
+    student = Student(base, config=params.soft_prompt)
     module = MeanFlowDistillation(student, params, Layout.load(workdir / "data").gen_length)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,

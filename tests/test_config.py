@@ -39,6 +39,8 @@ def write(tmp_path, data):
         ("teacher", TeacherParams, {"model": {"d_model": 130}}, r"teacher.model.d_model: must be divisible"),
         ("teacher", TeacherParams, {"train": {"lr": True}}, r"teacher.train.lr: expected float"),
         ("teacher", TeacherParams, {"train": {"optimizer": "sgd"}}, r"teacher.train.optimizer: unknown key"),
+        ("student", StudentParams, {"soft_prompt": {"time_features": 3}}, r"student.soft_prompt.time_features: must be"),
+        ("student", StudentParams, {"hidden_size": 8}, r"student.hidden_size: unknown key"),
     ],
 )
 def test_bad_params_are_named(tmp_path, section, cls, value, message):

@@ -1,4 +1,4 @@
-"""Stage two: the cache data module, the Lightning distillation module, DDP, checkpoints, the stage."""
+"""Stage two: the cache loader, the Lightning distillation module, DDP, checkpoints, the stage."""
 
 import copy
 import json
@@ -13,13 +13,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.config import CacheParams, StudentParams
+from pipeline.config import CacheParams, SoftPromptConfig, StudentParams
 from pipeline.data import Layout
-from pipeline.distillation import CacheMiniBatches, MeanFlowDistillation, TeacherCacheDataModule
+from pipeline.distillation import MeanFlowDistillation
 from pipeline.student import Student
 from pipeline.teacher import load_teacher
 from pipeline.teacher_cache import open_cache
-from pipeline.teacher_targets import cache_header, fill_cache, load_train_split
+from pipeline.teacher_cache_loader import CacheMiniBatches, TeacherCacheDataModule
+from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +39,9 @@ def workdir(tmp_path_factory):
 
 def make_module(workdir, **overrides):
     base, _, _ = load_teacher(workdir / "artifacts" / "teacher")
-    params = StudentParams(**{"prompt_length": 2, "hidden_size": 8, "batch_size": 8, "max_steps": 3,
-                              "warmup_steps": 1, "lr": 1e-2, **overrides})
-    student = Student(base, prompt_length=2, hidden_size=8)
+    params = StudentParams(**{"soft_prompt": SoftPromptConfig(prompt_length=2, hidden_size=8), "batch_size": 8,
+                              "max_steps": 3, "warmup_steps": 1, "lr": 1e-2, **overrides})
+    student = Student(base, config=params.soft_prompt)
     return MeanFlowDistillation(student, params, Layout.load(workdir / "data").gen_length), params
 
 
@@ -81,7 +82,7 @@ def test_loss_at_r_equal_t_is_distillation_of_v(workdir):
     module, _ = make_module(workdir, equal_fraction=1.0, adaptive_power=0.0)
     batch = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=8)[0]
     out = module.forward_step(batch)
-    assert out["equal"].all()
+    assert out.equal.all()
     # the target is v itself: the KL logged equals KL(v || u) computed directly
     from pipeline.meanflow import dense_logprobs
 
@@ -89,7 +90,7 @@ def test_loss_at_r_equal_t_is_distillation_of_v(workdir):
     with torch.no_grad():
         u = module.student(input_ids=batch["input_ids"], r=batch["t"], t=batch["t"], attention_mask=batch["attention_mask"])
     kl = (v.exp() * (v - torch.log_softmax(u[batch["masked"]], -1))).sum(-1)
-    assert torch.allclose(out["kl"], kl, atol=1e-5)
+    assert torch.allclose(out.kl, kl, atol=1e-5)
 
 
 def test_non_finite_loss_stops_with_a_clear_error(workdir):
@@ -144,8 +145,8 @@ def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path):
 
 
 def test_train_student_stage_end_to_end(workdir, tmp_path):
-    params = {"student": {"prompt_length": 2, "hidden_size": 8, "batch_size": 8, "max_steps": 2, "eval_every": 1,
-                          "warmup_steps": 1}}
+    params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8}, "batch_size": 8, "max_steps": 2,
+                          "eval_every": 1, "warmup_steps": 1}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py")], cwd=workdir,
                             capture_output=True, text=True, timeout=600)
@@ -154,7 +155,7 @@ def test_train_student_stage_end_to_end(workdir, tmp_path):
     assert student.config.prompt_length == 2
     summary = json.loads((workdir / "metrics" / "student" / "summary.json").read_text())
     assert summary["steps"] == 2 and "mean" in summary["val_accuracy_one_step"]
-    from pipeline.generate import main as generate_main
+    from pipeline.generate_cli import main as generate_main
 
     out = tmp_path / "out.jsonl"
     assert generate_main(["--model", str(workdir / "artifacts" / "student"), "--prompts",
@@ -174,7 +175,7 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
     batch = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=8)[0]
     batch["t"] = batch["t"].double()
     out = module.forward_step(batch)
-    assert out["equal"].any() and (~out["equal"]).any()
+    assert out.equal.any() and (~out.equal).any()
     base, masked, t = module.student.base, batch["masked"], batch["t"]
     from pipeline.meanflow import counter_uniform, sample_r
 
@@ -187,7 +188,7 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
                                        attention="math")
     _, du_dt = torch.func.jvp(fn, (z, t), (dz, torch.ones_like(t)))
     expected = v - (t - r)[masked.nonzero()[:, 0], None] * du_dt[masked]
-    assert torch.allclose(out["target"].double(), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(out.target.double(), expected, atol=1e-4, rtol=1e-4)
     grad_mode, _ = make_module(workdir, equal_fraction=0.5, jvp="grad")
     grad_mode.student = module.student
-    assert torch.allclose(grad_mode.forward_step(batch)["loss"], out["loss"], rtol=1e-6)
+    assert torch.allclose(grad_mode.forward_step(batch).loss, out.loss, rtol=1e-6)

@@ -1,4 +1,4 @@
-"""``python -m pipeline.generate`` end to end on tiny checkpoints with a char tokenizer."""
+"""``python -m pipeline.generate_cli`` end to end on tiny checkpoints with a char tokenizer."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.generate import main
+from pipeline.generate_cli import main
 from pipeline.llada import LLaDA
 from pipeline.student import Student
 from tests.conftest import ALPHABET
@@ -21,7 +21,7 @@ def write_prompts(path, prompts):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.generate", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "pipeline.generate_cli", *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint_io import CheckpointError, checkpoint_fingerprint
+from pipeline.checkpoint_io import checkpoint_fingerprint
+from pipeline.errors import CheckpointError
 from pipeline.llada import LLaDA, LLaDAConfig
 
 

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
+from pipeline.config import StudentParams
 from pipeline.llada import LLaDA
 from pipeline.meanflow import (
-    adaptive_weighted_mean, average_velocity_jvp, counter_uniform, dense_logprobs, meanflow_target, sample_r, tangent,
-    token_losses,
+    adaptive_weighted_mean, average_velocity_jvp, counter_uniform, dense_logprobs, meanflow_loss, meanflow_target,
+    sample_r, tangent, token_losses,
 )
 from pipeline.student import Student
 
@@ -100,11 +101,11 @@ def jvp_inputs(student, seed=5):
     v = torch.randn(2, 7, student.base.config.embedding_size, generator=g, dtype=torch.float64)
     dz = tangent("linear", v[masked], masked, student.base.transformer["wte"].weight.detach(),
                  student.base.config.mask_token_id, t)
-    return z, t, v, masked, dz
+    return z, t, v, masked, dz, ids
 
 
 def test_target_equals_v_when_r_equals_t(student64):
-    z, t, v, masked, dz = jvp_inputs(student64)
+    z, t, v, masked, dz, _ = jvp_inputs(student64)
     fn = lambda z_, t_: student64(inputs_embeds=z_, r=t, t=t_, attention="math")  # noqa: E731
     _, du_dt = average_velocity_jvp(fn, z, t, dz, keep_graph=False)
     assert du_dt.abs().max() > 0
@@ -112,7 +113,7 @@ def test_target_equals_v_when_r_equals_t(student64):
 
 
 def test_jvp_matches_finite_differences(student64):
-    z, t, v, masked, dz = jvp_inputs(student64)
+    z, t, v, masked, dz, _ = jvp_inputs(student64)
     r = torch.tensor([0.1, 0.3], dtype=torch.float64)
     fn = lambda z_, t_: student64(inputs_embeds=z_, r=r, t=t_, attention="math")  # noqa: E731
     _, du_dt = average_velocity_jvp(fn, z, t, dz, keep_graph=False)
@@ -156,27 +157,29 @@ def test_ce_and_adaptive_weighting():
 
 
 def test_no_grad_jvp_then_forward_gives_the_same_gradient(tiny_checkpoint):
-    """The cheaper pattern (JVP without graph, then an ordinary forward for u) equals one grad-mode JVP."""
+    """The cheaper pattern (JVP without graph, then an ordinary forward for u, on the rows with r < t)
+    equals one grad-mode JVP, through the objective training uses; its target is v - (t - r) du/dt."""
     student = Student(LLaDA.from_pretrained(tiny_checkpoint, dtype=torch.float64), prompt_length=3, hidden_size=16)
     with torch.no_grad():
         student.soft_prompt.prompt_gate.normal_(0, 1, generator=torch.Generator().manual_seed(8))
-    z, t, v, masked, dz = jvp_inputs(student, seed=9)
+    z, t, v, masked, dz, ids = jvp_inputs(student, seed=9)
     r = torch.tensor([0.2, 0.5], dtype=torch.float64)
+    attention_mask = torch.ones_like(ids)
 
-    def gradients(keep_graph):
+    def objective(jvp):
         student.zero_grad()
-        fn = lambda z_, t_: student(inputs_embeds=z_, r=r, t=t_, attention="math")  # noqa: E731
-        u, du_dt = average_velocity_jvp(fn, z, t, dz, keep_graph=keep_graph)
-        if not keep_graph:
-            u = student(inputs_embeds=z, r=r, t=t, attention="math")
-        target = meanflow_target(v, du_dt, r, t)
-        loss = adaptive_weighted_mean(token_losses("kl", u[masked], target[masked]))
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in student.soft_prompt.parameters()]
+        out = meanflow_loss(student, ids, attention_mask, masked, t, r, v[masked], StudentParams(jvp=jvp), answer_length=3)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in student.soft_prompt.parameters()]
 
-    loss_a, grads_a = gradients(keep_graph=True)
-    loss_b, grads_b = gradients(keep_graph=False)
-    assert torch.allclose(loss_a, loss_b, rtol=1e-10)
+    out_a, grads_a = objective("grad")
+    out_b, grads_b = objective("no_grad")
+    assert torch.allclose(out_a.loss, out_b.loss, rtol=1e-10)
     for a, b in zip(grads_a, grads_b):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
     assert all(g.abs().sum() > 0 for g in grads_a)
+    fn = lambda z_, t_: student(inputs_embeds=z_, r=r, t=t_, attention_mask=attention_mask, attention="math")  # noqa: E731
+    _, du_dt = average_velocity_jvp(fn, z, t, dz, keep_graph=False)
+    assert torch.allclose(out_b.target, meanflow_target(v, du_dt, r, t)[masked], rtol=1e-10)
+    assert not out_b.target.requires_grad and out_b.du_dt_abs > 0
+    assert torch.equal(out_b.equal, (r == t)[masked.nonzero()[:, 0]])  # row 1 has r = t: its target is v

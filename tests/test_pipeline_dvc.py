@@ -1,9 +1,13 @@
 """The whole pipeline as a new user runs it: the repository's dvc.yaml, stages and package copied into
-a fresh git + DVC repository, micro params, ``dvc repro``, then ``dvc exp run -S``."""
+a fresh git + DVC repository, micro params, ``dvc repro``, then ``dvc exp run -S``. And what dvc.yaml
+declares: each stage's command-line paths and its code dependencies (the stage boundaries)."""
 
+import ast
 import copy
+import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +24,7 @@ MICRO = {
         "train": {"max_steps": 3, "batch_size": 16, "warmup_steps": 1},
     },
     "cache": {"samples_per_example": 1, "rows_per_shard": 64, "record_batch_rows": 16, "batch_size": 32},
-    "student": {"max_steps": 3, "batch_size": 8, "eval_every": 2, "warmup_steps": 1, "hidden_size": 8},
+    "student": {"max_steps": 3, "batch_size": 8, "eval_every": 2, "warmup_steps": 1, "soft_prompt": {"hidden_size": 8}},
     "evaluate": {"samples": 2, "batch_size": 16},
 }
 
@@ -65,6 +69,15 @@ def test_dvc_repro_and_exp_run_in_a_fresh_repository(tmp_path):
     assert lock["stages"]["train_student"]["params"]["params.yaml"]["student"]["max_steps"] == 3
     assert "Data and pipelines are up to date" in run(repo, "dvc", "status")
 
+    # An edit reruns only the stages it can change.
+    for module, expected in (("soft_prompt.py", {"train_student", "evaluate"}), ("evaluation_report.py", {"evaluate"})):
+        path = repo / "pipeline" / module
+        original = path.read_text()
+        path.write_text(original + "# an edit\n")
+        assert set(json.loads(run(repo, "dvc", "status", "--json"))) == expected, module
+        path.write_text(original)
+    assert "Data and pipelines are up to date" in run(repo, "dvc", "status")
+
     evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
     settings = evaluation["settings"]
     assert {f"teacher_steps{n}_greedy" for n in (1, 2, 4, 7)} | {"student_steps1_greedy", "student_steps1_greedy_cfg0.5",
@@ -91,9 +104,7 @@ def test_dvc_repro_and_exp_run_in_a_fresh_repository(tmp_path):
 
 
 def pipeline_imports(path: Path) -> set[str]:
-    """``pipeline`` modules a file imports (as repository paths)."""
-    import ast
-
+    """``pipeline`` modules a file imports (as repository paths), anywhere in the file."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
@@ -102,17 +113,65 @@ def pipeline_imports(path: Path) -> set[str]:
     return found
 
 
-def test_every_stage_lists_the_modules_it_imports():
-    """So that editing a module reruns every stage whose outputs it can change. ``pipeline/stage.py``
-    only turns expected errors into one line; it cannot change an output."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        needed, todo = set(), pipeline_imports(ROOT / "stages" / f"{name}.py")
-        while todo:
-            module = todo.pop()
-            if module not in needed and module != "pipeline/stage.py":
+def closure(path: str) -> set[str]:
+    """The ``pipeline`` modules ``path`` imports, directly or not. ``pipeline/stage.py`` itself is left
+    out: it parses the command line (dvc.yaml passes every path) and turns expected errors into one
+    line, so it cannot change an output; what it imports is followed (``cpu_numerics`` decides the
+    CPU arithmetic, so it is every stage's dependency)."""
+    needed, seen, todo = set(), set(), pipeline_imports(ROOT / path)
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            if module != "pipeline/stage.py":
                 needed.add(module)
-                todo |= pipeline_imports(ROOT / module)
+            todo |= pipeline_imports(ROOT / module)
+    return needed
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_stage_lists_exactly_the_modules_it_imports():
+    """So that editing a module reruns every stage whose outputs it can change, and no other."""
+    for name, stage in dvc_stages().items():
         assert f"stages/{name}.py" in stage["deps"], name
-        missing = needed - set(stage["deps"])
-        assert not missing, f"stage {name} does not list {sorted(missing)}"
+        listed = {dep for dep in stage["deps"] if dep.startswith("pipeline/") and dep.endswith(".py")}
+        needed = closure(f"stages/{name}.py")
+        assert not needed - listed, f"stage {name} does not list {sorted(needed - listed)}"
+        assert not listed - needed, f"stage {name} lists {sorted(listed - needed)}, which it does not import"
+
+
+def test_stage_boundaries():
+    """An edit to the student, the objective or the report never reruns the teacher or the cache (hours
+    of GPU time on LLaDA-8B); teacher pretraining code never reruns the student."""
+    stage = {name: closure(f"stages/{name}.py") for name in STAGES}
+    student_side = {"pipeline/student.py", "pipeline/soft_prompt.py", "pipeline/distillation.py", "pipeline/meanflow.py",
+                    "pipeline/teacher_cache_loader.py", "pipeline/evaluation_report.py"}
+    for name in ("prepare_data", "teacher", "cache_teacher"):
+        assert not stage[name] & student_side, f"{name} depends on {sorted(stage[name] & student_side)}"
+    assert "pipeline/teacher_pretraining.py" not in stage["train_student"]
+    assert [name for name in STAGES if "pipeline/evaluation_report.py" in stage[name]] == ["evaluate"]
+    assert "pipeline/student.py" not in closure("pipeline/generate.py")  # the sampler takes any mask predictor
+
+
+def test_stage_commands_pass_every_path_and_the_scripts_default_to_them():
+    """dvc.yaml is where the paths are declared: each stage's command passes every path option of its
+    script, with the script's default value (so ``python stages/x.py`` runs the same stage), and each
+    path is a declared dependency or output (or a directory holding declared ones)."""
+    undeclared = {Path("checkpoints/student")}  # resume state, not a DVC output
+    for name, stage in dvc_stages().items():
+        command = shlex.split(stage["cmd"])
+        assert command[:2] == ["python", f"stages/{name}.py"], name
+        spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        passed, defaults = vars(script.parse_args(command[2:])), vars(script.parse_args([]))
+        assert passed == defaults, name
+        paths = {value for value in passed.values() if isinstance(value, Path)}
+        assert {f"--{key.replace('_', '-')}" for key, value in passed.items() if isinstance(value, Path)} <= set(command)
+        declared = [Path(next(iter(entry)) if isinstance(entry, dict) else entry)
+                    for key in ("deps", "outs", "metrics", "plots") for entry in stage.get(key, [])]
+        for path in paths - undeclared:
+            assert any(path == d or path in d.parents for d in declared), f"{name}: {path} is not declared"

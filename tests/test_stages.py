@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.generate import main as generate_main
+from pipeline.generate_cli import main as generate_main
 from pipeline.teacher import TeacherRecord, load_teacher
 from tests.conftest import make_checkpoint
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pipeline.checkpoint_io import CheckpointError
+from pipeline.errors import CheckpointError
 from pipeline.llada import LLaDA
 from pipeline.student import Student
 from tests.conftest import make_checkpoint

@@ -19,7 +19,7 @@ from pipeline.teacher import load_teacher
 from pipeline.teacher_cache import (
     CacheError, CacheRows, ShardWriter, cache_schema, cache_statistics, ensure_manifest, finalize_manifest, open_cache,
 )
-from pipeline.teacher_targets import cache_header, fill_cache, load_train_split
+from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
