@@ -1,8 +1,15 @@
-"""Shared fixtures: the reference checkpoint, and tiny random checkpoints with a char tokenizer."""
+"""Shared fixtures: the reference checkpoint, and tiny random checkpoints with a char tokenizer.
+
+Tests compute with the stages' pinned CPU arithmetic, so that results computed in the test process
+and in a stage subprocess can be compared bit for bit."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from pipeline.cpu_numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before torch computes anything
 
 import pytest
 import torch
