@@ -12,7 +12,7 @@ all positions independently in one step. ``word`` has only ten prompts: its test
 same ten digits (the task measures validity and diversity, not generalization); for the other
 tasks no held-out prompt appears in training data.
 
-Run ``python -m pipeline.tasks score COMPLETIONS.jsonl`` to score ``pipeline.generate`` output.
+Run ``python -m pipeline.tasks score COMPLETIONS.jsonl`` to score ``python -m pipeline.generate_cli`` output.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def score(records: Iterable[dict]) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tasks", description="Score built-in task completions.")
     sub = parser.add_subparsers(dest="command", required=True)
-    cmd = sub.add_parser("score", help="score a pipeline.generate output file")
+    cmd = sub.add_parser("score", help="score a pipeline.generate_cli output file")
     cmd.add_argument("completions", type=Path)
     args = parser.parse_args(argv)
     try:
