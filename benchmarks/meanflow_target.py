@@ -18,6 +18,7 @@ import datasets
 import torch
 
 from pipeline.config import StudentParams
+from pipeline.cpu_numerics import pin_cpu_numerics
 from pipeline.data import Layout
 from pipeline.evaluation import score_records
 from pipeline.meanflow import meanflow_loss
@@ -43,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("metrics/benchmarks/meanflow_target.json"))
     args = parser.parse_args()
+    pin_cpu_numerics()  # the same arithmetic as the stages whose outputs this is compared with
     base, tokenizer, _ = load_teacher(ROOT / "artifacts" / "teacher", dtype=torch.float64)
     layout = Layout.load(ROOT / "data")
     rows = datasets.load_from_disk(str(ROOT / "data" / "test"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -203,8 +204,8 @@ class TeacherTrainParams:
         require(self.max_minutes > 0, "max_minutes", "must be > 0")
         if self.task_weights is not None:
             for task, weight in self.task_weights.items():
-                require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
-                        f"task_weights.{task}", f"must be a number >= 0, got {weight!r}")
+                require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 <= weight < math.inf,
+                        f"task_weights.{task}", f"must be a finite number >= 0, got {weight!r}")
             require(any(w > 0 for w in self.task_weights.values()), "task_weights", "needs a weight > 0")
         require(self.lr > 0, "lr", "must be > 0")
         require(0 < self.min_mask_ratio < 1, "min_mask_ratio", "must be in (0, 1)")

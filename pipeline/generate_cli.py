@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from pipeline.checkpoint_io import read_json, resolve_checkpoint
+from pipeline.cpu_numerics import pin_cpu_numerics
 from pipeline.data import read_jsonl
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_write_text
@@ -162,6 +163,7 @@ def generation_hints(checkpoint: Path) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    pin_cpu_numerics()  # the same arithmetic as the stages whose outputs this is compared with
     try:
         run(args)
     except UsageError as err:

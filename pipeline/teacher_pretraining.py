@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import Layout, forward_mask, sample_mask_ratio
+from pipeline.errors import ParamsError
 from pipeline.generation_accuracy import GenerationAccuracy
 from pipeline.llada import LLaDA
 from pipeline.lr_schedule import warmup_cosine
@@ -92,15 +93,19 @@ class SequenceDataModule(L.LightningDataModule):
         return datasets.load_from_disk(str(self.data_dir / name))
 
     def row_weights(self, train) -> torch.Tensor:
-        """(N,) sampling weight of each training row: its task's weight."""
+        """(N,) sampling weight of each training row: its task's weight. Weights that do not fit the
+        data raise ``ParamsError`` naming the key."""
         where = f"teacher.train.task_weights ({self.data_dir / 'train'})"
         if "task" not in train.column_names:
-            raise ValueError(f"{where}: the data has no task column (only the built-in suite has tasks); "
-                             "set task_weights to null")
+            raise ParamsError(f"{where}: the data has no task column (only the built-in suite has tasks); "
+                              "set task_weights to null")
         tasks = train["task"]
-        missing = sorted(set(tasks) - set(self.task_weights))  # weights of absent tasks are unused
+        present = sorted(set(tasks))
+        missing = [task for task in present if task not in self.task_weights]  # absent tasks' weights are unused
         if missing:
-            raise ValueError(f"{where}: no weight for the data's tasks {missing}")
+            raise ParamsError(f"{where}: no weight for the data's tasks {missing}")
+        if not any(self.task_weights[task] > 0 for task in present):
+            raise ParamsError(f"{where}: every task in the data ({present}) has weight 0")
         return torch.tensor([float(self.task_weights[task]) for task in tasks], dtype=torch.float64)
 
     def train_dataloader(self):
@@ -168,9 +173,11 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
         callbacks=[accuracy],
         log_every_n_steps=10,
     )
+    data = SequenceDataModule(data_dir, train.batch_size, task_weights=train.task_weights, seed=train.seed)
+    if train.task_weights is not None:
+        data.row_weights(data.split("train"))  # refuse weights that do not fit the data before training
     started = time.perf_counter()
-    trainer.fit(module, datamodule=SequenceDataModule(data_dir, train.batch_size, task_weights=train.task_weights,
-                                                      seed=train.seed))
+    trainer.fit(module, datamodule=data)
     minutes = (time.perf_counter() - started) / 60
     model.cpu().eval()
     with atomic_directory(out_dir) as tmp:

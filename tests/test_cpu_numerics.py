@@ -2,6 +2,7 @@
 an AVX-512 machine, and a training step's result does not depend on the thread count."""
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -45,8 +46,31 @@ def run_training(threads: int) -> tuple[str, str]:
     return capability, digest
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="pinning targets x86 CPUs with AVX2")
+from pipeline.cpu_numerics import cpu_has_avx2
+
+ROOT = Path(__file__).resolve().parents[1]
+# A stage script's imports, then run_stage: the pin works only if nothing computed at import time.
+IMPORT_THEN_PIN = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("stage_script", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+from pipeline.stage import run_stage
+run_stage(lambda: print(torch.backends.cpu.get_cpu_capability()))
+"""
+needs_avx2 = pytest.mark.skipif(not cpu_has_avx2(), reason="pinning targets x86-64 CPUs with AVX2")
+
+
+@needs_avx2
+@pytest.mark.parametrize("stage", sorted(p.name for p in (ROOT / "stages").glob("*.py")))
+def test_no_stage_computes_before_the_pin(stage):
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    result = subprocess.run([sys.executable, "-c", IMPORT_THEN_PIN, str(ROOT / "stages" / stage)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "AVX2"
+
+
+@needs_avx2
 def test_stage_processes_compute_the_same_bits_with_any_thread_count():
     one, two = run_training(1), run_training(2)
     assert one[0] == two[0] == "AVX2"  # AVX-512 kernels are not used even where the CPU has them

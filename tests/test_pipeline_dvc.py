@@ -114,17 +114,13 @@ def pipeline_imports(path: Path) -> set[str]:
 
 
 def closure(path: str) -> set[str]:
-    """The ``pipeline`` modules ``path`` imports, directly or not. ``pipeline/stage.py`` itself is left
-    out: it parses the command line (dvc.yaml passes every path) and turns expected errors into one
-    line, so it cannot change an output; what it imports is followed (``cpu_numerics`` decides the
-    CPU arithmetic, so it is every stage's dependency)."""
-    needed, seen, todo = set(), set(), pipeline_imports(ROOT / path)
+    """The ``pipeline`` modules ``path`` imports, directly or not (``pipeline/stage.py`` included: it
+    pins the CPU arithmetic, which decides the bits of every output)."""
+    needed, todo = set(), pipeline_imports(ROOT / path)
     while todo:
         module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            if module != "pipeline/stage.py":
-                needed.add(module)
+        if module not in needed:
+            needed.add(module)
             todo |= pipeline_imports(ROOT / module)
     return needed
 

@@ -49,17 +49,22 @@ def test_order_is_seeded(data_dir):
 
 def test_weights_must_match_the_data(data_dir, tmp_path):
     module = SequenceDataModule(data_dir, batch_size=10, task_weights={"add": 1.0, "sort": 1.0, "mul": 1.0})
-    with pytest.raises(ValueError, match=r"task_weights.*no weight for the data's tasks \['perm', 'word'\]"):
+    with pytest.raises(ParamsError, match=r"task_weights.*no weight for the data's tasks \['perm', 'word'\]"):
         module.train_dataloader()
     external = tmp_path / "external"
     datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 4, "attention_mask": [[1, 1]] * 4}).save_to_disk(
         str(external / "train"))
-    with pytest.raises(ValueError, match="no task column"):
+    zero = SequenceDataModule(data_dir, batch_size=10, task_weights={"add": 0.0, "sort": 0.0, "perm": 0.0,
+                                                                     "word": 0.0, "mul": 1.0})
+    with pytest.raises(ParamsError, match="every task in the data .* has weight 0"):
+        zero.train_dataloader()
+    with pytest.raises(ParamsError, match="no task column"):
         SequenceDataModule(external, batch_size=2, task_weights={"add": 1.0}).train_dataloader()
 
 
-@pytest.mark.parametrize("weights, message", [({"add": -1.0}, r"task_weights.add: must be a number >= 0"),
-                                              ({"add": "x"}, r"task_weights.add: must be a number"),
+@pytest.mark.parametrize("weights, message", [({"add": -1.0}, r"task_weights.add: must be a finite number >= 0"),
+                                              ({"add": float("inf")}, r"task_weights.add: must be a finite"),
+                                              ({"add": "x"}, r"task_weights.add: must be a finite number"),
                                               ({"add": 0.0}, r"task_weights: needs a weight > 0")])
 def test_bad_weights_are_named(weights, message):
     with pytest.raises(ParamsError, match=message):
