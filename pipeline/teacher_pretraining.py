@@ -7,6 +7,7 @@ normalized by the answer length and the batch size (LLaDA's SFT loss).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import lightning as L
@@ -92,9 +93,15 @@ class SequenceDataModule(L.LightningDataModule):
 
         return datasets.load_from_disk(str(self.data_dir / name))
 
-    def row_weights(self, train) -> torch.Tensor:
+    @functools.cached_property
+    def train_split(self):
+        return self.split("train")
+
+    @functools.cached_property
+    def row_weights(self) -> torch.Tensor:
         """(N,) sampling weight of each training row: its task's weight. Weights that do not fit the
         data raise ``ParamsError`` naming the key."""
+        train = self.train_split
         where = f"teacher.train.task_weights ({self.data_dir / 'train'})"
         if "task" not in train.column_names:
             raise ParamsError(f"{where}: the data has no task column (only the built-in suite has tasks); "
@@ -109,12 +116,12 @@ class SequenceDataModule(L.LightningDataModule):
         return torch.tensor([float(self.task_weights[task]) for task in tasks], dtype=torch.float64)
 
     def train_dataloader(self):
-        train = self.split("train")
+        train = self.train_split
         generator = torch.Generator().manual_seed(self.seed)
         if self.task_weights is None:
             sampler = torch.utils.data.RandomSampler(train, generator=generator)
         else:
-            sampler = torch.utils.data.WeightedRandomSampler(self.row_weights(train), num_samples=len(train),
+            sampler = torch.utils.data.WeightedRandomSampler(self.row_weights, num_samples=len(train),
                                                              replacement=True, generator=generator)
         return torch.utils.data.DataLoader(
             train.with_format("torch", columns=["input_ids", "attention_mask"]), batch_size=self.batch_size,
@@ -175,7 +182,7 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     )
     data = SequenceDataModule(data_dir, train.batch_size, task_weights=train.task_weights, seed=train.seed)
     if train.task_weights is not None:
-        data.row_weights(data.split("train"))  # refuse weights that do not fit the data before training
+        data.row_weights  # refuse weights that do not fit the data before training (computed once)
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     minutes = (time.perf_counter() - started) / 60
