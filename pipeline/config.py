@@ -224,6 +224,49 @@ class TeacherParams:
 
 
 @dataclasses.dataclass
+class RolloutParams:
+    """``cache.rollouts``: the teacher's own sampler runs on training prompts, cached beside the top-k
+    rows (format: ``pipeline.rollout_cache``). What the one-step student needs to learn the teacher's
+    multi-step outputs rather than its per-position marginals (DESIGN 11.1)."""
+
+    max_examples: int | None = 16000
+    """Rollouts for the first N training examples (None: all of the cache's ``max_examples``)."""
+    per_example: int = 4
+    """Rollouts per example (0: no rollouts)."""
+    greedy_first: bool = True
+    """Rollout 0 of every example is greedy (temperature 0); the others sample at ``temperature``."""
+    steps: int | None = None
+    """Sampler steps (None: gen_length, the evaluation's multi-step setting)."""
+    block_length: int | None = None
+    """Semi-autoregressive block length (None: the whole answer in one block)."""
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    cfg_scale: float = 0.0
+    """Unsupervised CFG of the sampler (0: none)."""
+    temperature: float = 1.0
+    """Temperature of the sampled rollouts (Gumbel-max)."""
+    noise: Literal["per_step", "fixed", "shared"] = "per_step"
+    """``per_step``: fresh Gumbel noise at every step; ``fixed``: one Gumbel field per rollout, reused at
+    every step (the rollout is a function of (prompt, seed)); ``shared``: one of ``num_fields`` fields
+    shared by every prompt, the rollout storing the field index."""
+    num_fields: int = 4
+    """Fields of the ``shared`` noise (sampled rollout i of a prompt uses field i mod num_fields)."""
+    top_k: int = 0
+    """Also store the teacher's top-k log-probs at each position's reveal step (0: not stored)."""
+    rollouts_per_shard: int = 16384
+    """Rollouts per shard file."""
+
+    def __post_init__(self) -> None:
+        require(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1 or null")
+        require(self.per_example >= 0, "per_example", "must be >= 0")
+        require_at_least(self, 1, "num_fields", "rollouts_per_shard")
+        require(self.steps is None or self.steps >= 1, "steps", "must be >= 1 or null")
+        require(self.block_length is None or self.block_length >= 1, "block_length", "must be >= 1 or null")
+        require(self.top_k >= 0, "top_k", "must be >= 0")
+        require(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
+        require(self.temperature >= 0 and math.isfinite(self.temperature), "temperature", "must be finite and >= 0")
+
+
+@dataclasses.dataclass
 class CacheParams:
     """``cache``: stage one, the teacher's top-k log-probs on sampled (x_t, t) (stage ``cache_teacher``)."""
 
@@ -249,8 +292,9 @@ class CacheParams:
     record_batch_rows: int = 512
     """Rows per Arrow record batch: the unit of random access and decompression."""
     batch_size: int = 256
-    """Teacher forward batch."""
+    """Teacher forward batch, also rows per sampler batch of the rollouts (speed only)."""
     seed: int = 0
+    rollouts: RolloutParams = dataclasses.field(default_factory=RolloutParams)
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "samples_per_example", "top_k", "rows_per_shard", "record_batch_rows", "batch_size")
@@ -352,12 +396,19 @@ class EvaluateParams:
     CFG doubles the rows the network sees. LLaDA-8B on one 80 GB GPU: 16 or less."""
     timing_repeats: int = 3
     """Greedy settings are decoded this many times and the fastest time is reported."""
+    noise_variants: list[Literal["fixed", "shared"]] = dataclasses.field(default_factory=lambda: ["fixed", "shared"])
+    """Extra sampled rows of the teacher at ``gen_length`` steps with coupled noise: ``fixed`` (one
+    Gumbel field per completion at every step), ``shared`` (completion i of every prompt uses field
+    i mod ``num_fields``), as stage one's ``cache.rollouts.noise``. The plain sampled rows draw
+    fresh noise at every step (``per_step``)."""
+    num_fields: int = 4
+    """Fields of the ``shared`` noise variant."""
     seed: int = 0
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
 
     def __post_init__(self) -> None:
-        require_at_least(self, 1, "samples", "batch_size", "timing_repeats")
+        require_at_least(self, 1, "samples", "batch_size", "timing_repeats", "num_fields")
         require_at_least(self, 0, "cfg_scale", "num_threads")
         require(self.temperature > 0, "temperature", "must be > 0 (greedy settings are always included)")
         if self.block_length is not None:

@@ -15,7 +15,8 @@ import torch
 
 from pipeline.config import StudentParams
 from pipeline.lr_schedule import warmup_cosine
-from pipeline.meanflow import MeanFlowLoss, counter_uniform, dense_logprobs, meanflow_loss, sample_r
+from pipeline.counter_random import counter_uniform
+from pipeline.meanflow import MeanFlowLoss, dense_logprobs, meanflow_loss, sample_r
 from pipeline.student import Student
 from pipeline.teacher_cache_loader import TeacherCacheDataModule
 

@@ -22,7 +22,8 @@ import torch
 
 from pipeline.data import Layout
 from pipeline.errors import DataError
-from pipeline.generate import generate, mask_predictor
+from pipeline.counter_random import counter_hash
+from pipeline.generate import CounterNoise, generate, mask_predictor
 from pipeline.tasks import TASKS, score
 from pipeline.tokenizer import decode_answer
 
@@ -40,6 +41,9 @@ class Setting:
     temperature: float
     samples: int
     """Completions per prompt."""
+    noise: str = "per_step"
+    """Sampling noise: ``per_step`` (fresh draws from a seeded generator at every step), ``fixed`` or
+    ``shared`` (counter-based Gumbel fields, as stage one's ``cache.rollouts.noise``)."""
 
     @property
     def forward_passes(self) -> int:
@@ -50,7 +54,8 @@ class Setting:
     def name(self) -> str:
         decoding = "greedy" if self.temperature == 0 else f"sampled_t{self.temperature:g}x{self.samples}"
         guidance = f"_cfg{self.cfg_scale:g}" if self.cfg_scale > 0 else ""
-        return f"{self.model}_steps{self.steps}_{decoding}{guidance}"
+        noise = f"_{self.noise}_noise" if self.noise != "per_step" else ""
+        return f"{self.model}_steps{self.steps}_{decoding}{guidance}{noise}"
 
 
 def default_teacher_steps(gen_length: int, num_blocks: int = 1) -> list[int]:
@@ -64,15 +69,27 @@ def default_teacher_steps(gen_length: int, num_blocks: int = 1) -> list[int]:
 
 
 def settings_for(teacher_steps: list[int], cfg_scale: float, temperature: float, samples: int,
-                 gen_length: int, block_length: int | None = None) -> list[Setting]:
+                 gen_length: int, block_length: int | None = None, noise_variants: list[str] = ()) -> list[Setting]:
     """Teacher at each step count (blocks of ``block_length``, default the whole answer) and the
     student at one step; each greedy and sampled, each without and (when ``cfg_scale > 0``) with
-    guidance."""
+    guidance; then the teacher at ``gen_length`` steps sampled with each of ``noise_variants``."""
     guidance = [0.0] + ([cfg_scale] if cfg_scale > 0 else [])
     decodings = [(0.0, 1), (temperature, samples)]
     models = [("teacher", n, block_length or gen_length) for n in teacher_steps] + [("student", 1, gen_length)]
     return [Setting(model, steps, block, w, temp, k)
-            for model, steps, block in models for w in guidance for temp, k in decodings]
+            for model, steps, block in models for w in guidance for temp, k in decodings] + [
+        Setting("teacher", gen_length, block_length or gen_length, 0.0, temperature, samples, noise)
+        for noise in noise_variants]
+
+
+def completion_noise(noise: str, seed: int, rows: torch.Tensor, samples: torch.Tensor, num_fields: int):
+    """The counter-based noise of completions (row, sample) under ``fixed`` (one field per
+    completion) or ``shared`` (sample i of every row uses field i mod ``num_fields``)."""
+    if noise == "fixed":
+        return CounterNoise(counter_hash(seed, 1, rows, samples), fixed=True)
+    if noise == "shared":
+        return CounterNoise(counter_hash(seed, 2, samples % num_fields), fixed=True)
+    raise ValueError(f"noise must be 'fixed' or 'shared', got {noise!r}")
 
 
 def score_records(records: list[dict]) -> dict[str, dict[str, float]]:
@@ -86,6 +103,26 @@ def score_records(records: list[dict]) -> dict[str, dict[str, float]]:
         metrics["exact_match"] = {"accuracy": hits / sum(len(r["completions"]) for r in other), "prompts": len(other)}
     metrics["mean"] = {"accuracy": sum(m["accuracy"] for m in metrics.values()) / len(metrics)}
     return metrics
+
+
+def score_rollouts(rollouts, rows, tokenizer, stops: set[int]) -> dict[str, dict]:
+    """The teacher's accuracy on its own cached rollouts (``pipeline.rollout_cache.RolloutCache``)
+    of training ``rows`` (the split they were sampled from), greedy and sampled rollouts apart: per
+    task accuracy, and distinct valid completions per prompt for many-answer tasks."""
+    by_kind: dict[str, dict[int, list[str]]] = {"greedy": {}, "sampled": {}}
+    for j in range(rollouts.num_batches):
+        batch = rollouts.batch(j)
+        for example, temperature, tokens in zip(batch.example_index, batch.temperature, batch.tokens):
+            kind = "greedy" if temperature == 0 else "sampled"
+            by_kind[kind].setdefault(int(example), []).append(decode_answer(tokenizer, tokens.tolist(), stops))
+    scores = {}
+    for kind, completions in by_kind.items():
+        if completions:
+            records = [{"prompt": rows[i]["prompt"], "answer": rows[i]["answer"], "completions": c,
+                        **({"task": rows[i]["task"]} if "task" in rows.column_names else {})}
+                       for i, c in sorted(completions.items())]
+            scores[kind] = score_records(records)
+    return scores
 
 
 @torch.inference_mode()
@@ -102,11 +139,15 @@ def complete_split(
     samples: int = 1,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
+    noise: str = "per_step",
+    seed: int = 0,
+    num_fields: int = 4,
 ) -> tuple[list[dict], float]:
     """Decode every row of a tokenized split (``input_ids``, ``attention_mask``, ``prompt``,
     ``answer``, and ``task`` for the built-in suite) ``samples`` times with ``model`` (a LLaDA or a
     Student); returns records ``{"prompt", "answer", "completions"[, "task"]}`` in row order and the
-    wall seconds spent in generation."""
+    wall seconds spent in generation. Sampling noise: fresh draws from ``generator`` (``per_step``),
+    or ``completion_noise(noise, seed, ...)``."""
     missing = {"input_ids", "attention_mask", "prompt", "answer"} - set(rows.column_names)
     if missing:
         raise DataError(f"the split to decode lacks the columns {sorted(missing)}")
@@ -117,14 +158,17 @@ def complete_split(
     ids = torch.as_tensor(rows["input_ids"])[:, :P].long()  # (N, P)
     attention = torch.as_tensor(rows["attention_mask"])[:, :P].long()
     order = torch.arange(len(ids)).repeat_interleave(samples)  # (N * samples,)
+    sample_index = torch.arange(samples).repeat(len(ids))
     completions: list[list[str]] = [[] for _ in range(len(ids))]
     seconds = 0.0
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
+        coupled = None if noise == "per_step" else completion_noise(
+            noise, seed, index, sample_index[start : start + batch_size], num_fields)
         began = time.perf_counter()
         out = generate(predictor, ids[index].to(device), attention[index].to(device), steps=steps, gen_length=G,
                        block_length=block_length or G, temperature=temperature, cfg_scale=cfg_scale, mask_id=mask_id,
-                       generator=generator)
+                       generator=generator, noise=coupled)
         answers = out[:, P:].tolist()  # the copy to the host waits for the device
         seconds += time.perf_counter() - began
         for row, answer in zip(index.tolist(), answers):
@@ -138,7 +182,8 @@ def complete_split(
 
 
 def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, stops: set[int], layout: Layout,
-                      batch_size: int, seed: int, timing_repeats: int = 1, progress=None) -> list[dict]:
+                      batch_size: int, seed: int, timing_repeats: int = 1, progress=None,
+                      num_fields: int = 4) -> list[dict]:
     """One result row per setting: accuracy per task (and ``distinct_valid`` for many-answer tasks),
     forward passes and wall seconds per completion. ``models`` maps ``teacher``/``student`` to
     networks. One warm-up batch per (model, guidance, sampling) keeps one-off costs (allocations,
@@ -156,7 +201,7 @@ def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, st
             records, seconds = complete_split(
                 models[setting.model], rows, tokenizer, stops, layout, setting.steps, setting.block_length,
                 setting.cfg_scale, setting.temperature, setting.samples, batch_size,
-                torch.Generator(device=device).manual_seed(seed),
+                torch.Generator(device=device).manual_seed(seed), setting.noise, seed, num_fields,
             )
             times.append(seconds)
         seconds = min(times)

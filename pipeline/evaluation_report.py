@@ -10,7 +10,8 @@ def summarize(results: list[dict], gen_length: int) -> dict:
     """``metrics/eval.json``: each setting's numbers under its name, plus the one-step student's
     speedup over the teacher at ``gen_length`` steps (greedy, no guidance) and its accuracy gain over
     the one-step teacher."""
-    by_key = {(r["model"], r["steps"], r["cfg_scale"], r["temperature"]): r for r in results}
+    by_key = {(r["model"], r["steps"], r["cfg_scale"], r["temperature"]): r for r in results
+              if r.get("noise", "per_step") == "per_step"}
     summary: dict = {"settings": {}}
     for r in results:
         entry = {"forward_passes": r["forward_passes"], "seconds_per_sample": round(r["seconds_per_sample"], 6),
@@ -83,12 +84,14 @@ def markdown_table(results: list[dict], temperature: float = 0.0) -> str:
     rows = [r for r in results if r["temperature"] == temperature]
     tasks = [t for t in rows[0]["accuracy"] if t != "mean"] + ["mean"]
     distinct = list(rows[0]["distinct_valid"]) if temperature > 0 else []
-    lines = ["| model | steps | CFG | " + " | ".join(tasks) + "".join(f" | {t} distinct" for t in distinct)
-             + " | passes | ms / sample |",
-             "|---" * (len(tasks) + len(distinct) + 5) + "|"]
+    noise = temperature > 0  # the sampled table says which noise each row drew
+    lines = ["| model | steps | CFG | " + ("noise | " if noise else "") + " | ".join(tasks)
+             + "".join(f" | {t} distinct" for t in distinct) + " | passes | ms / sample |",
+             "|---" * (len(tasks) + len(distinct) + 5 + noise) + "|"]
     for r in rows:
         cells = [f"{r['accuracy'][t]:.3f}" for t in tasks] + [f"{r['distinct_valid'][t]:.2f}" for t in distinct]
-        lines.append(f"| {r['model']} | {r['steps']} | {r['cfg_scale']:g} | " + " | ".join(cells)
+        lines.append(f"| {r['model']} | {r['steps']} | {r['cfg_scale']:g} | "
+                     + (f"{r.get('noise', 'per_step')} | " if noise else "") + " | ".join(cells)
                      + f" | {r['forward_passes']} | {1000 * r['seconds_per_sample']:.3f} |")
     return "\n".join(lines)
 

@@ -11,11 +11,13 @@ unconditional branch (prompt replaced by mask tokens) and uses ``un + (w + 1) * 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.counter_random import counter_uniform
 from pipeline.llada import upcast
 
 # A mask predictor maps (input_ids (B, T), attention_mask (B, T) or None) to logits (B, T, V).
@@ -23,15 +25,51 @@ MaskPredictor = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Remasking = Literal["low_confidence", "random"]
 
 
-def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None):
-    """Gumbel-max in float64: the argmax of the result samples softmax(logits / T).
+class GeneratorNoise:
+    """Fresh draws from a ``torch.Generator`` at every step (the reference sampler's noise)."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def gumbel_uniforms(self, shape: tuple[int, int, int], device, step: int, offset: int) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, dtype=torch.float64, device=device)
+
+    def remask_uniforms(self, shape: tuple[int, int], device, step: int, offset: int) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, device=device)
+
+
+class CounterNoise:
+    """Per-row noise that is a pure function of the row's seed (``seeds`` (B,) int64), regenerable on
+    any device: the Gumbel uniform of answer position p and token id v at step s is
+    ``counter_uniform(seed, s, p, v)``, or with ``fixed`` ``counter_uniform(seed, p, v)`` at every step
+    (one Gumbel field per row, so the completion is a deterministic function of (prompt, seed))."""
+
+    REMASK_STREAM = -1  # keeps ``random`` remasking's draws apart from the Gumbel field's
+
+    def __init__(self, seeds: torch.Tensor, fixed: bool = False):
+        self.seeds, self.fixed = torch.as_tensor(seeds, dtype=torch.int64), fixed
+
+    def gumbel_uniforms(self, shape: tuple[int, int, int], device, step: int, offset: int) -> torch.Tensor:
+        B, W, V = shape
+        seeds = self.seeds.to(device)[:, None, None]  # (B, 1, 1)
+        position = offset + torch.arange(W, device=device)[None, :, None]  # (1, W, 1)
+        token = torch.arange(V, device=device)[None, None, :]  # (1, 1, V)
+        return counter_uniform(seeds, position, token) if self.fixed else counter_uniform(seeds, step, position, token)
+
+    def remask_uniforms(self, shape: tuple[int, int], device, step: int, offset: int) -> torch.Tensor:
+        position = offset + torch.arange(shape[1], device=device)[None, :]
+        return counter_uniform(self.seeds.to(device)[:, None], self.REMASK_STREAM, step, position).float()
+
+
+Noise = GeneratorNoise | CounterNoise
+
+
+def gumbel_perturbed(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max in float64: the argmax of ``logits / T + g``, g = -log(-log u), samples softmax(logits / T).
 
     The reference computes ``exp(logits) / (-log u) ** T``; this is its logarithm divided by T (same
     argmax), which cannot overflow when guidance makes logits large."""
-    if temperature == 0:
-        return logits
-    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
-    return logits.to(torch.float64) / temperature - torch.log(-torch.log(noise))
+    return logits.to(torch.float64) / temperature - torch.log(-torch.log(uniforms))
 
 
 def num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
@@ -62,8 +100,31 @@ def guided_logits(
     return un + (cfg_scale + 1) * (cond - un)
 
 
+@dataclasses.dataclass
+class Trajectory:
+    """What the sampler did. It never re-masks a committed token, so the state after step k is the
+    prompt plus the answer positions with ``reveal_step < k`` (the others masked)."""
+
+    sequences: torch.Tensor
+    """(B, Lp + gen_length) final tokens."""
+    reveal_step: torch.Tensor
+    """(B, gen_length) int16: the step (0-based, counted over all blocks) that committed each position."""
+    reveal_topk_ids: torch.Tensor | None = None
+    """(B, gen_length, k) int32, with ``record_top_k = k``: the top-k ids of the (guided) logits'
+    log-softmax at each position's reveal step, descending."""
+    reveal_topk_logprobs: torch.Tensor | None = None
+    """(B, gen_length, k) float32: their log-probs (over the full vocabulary)."""
+
+
+def generate(model: MaskPredictor, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             **options) -> torch.Tensor:
+    """Fill ``gen_length`` masked positions after ``prompt`` (B, Lp); returns (B, Lp + gen_length).
+    Options as ``sample_trajectory``."""
+    return sample_trajectory(model, prompt, attention_mask, **options).sequences
+
+
 @torch.no_grad()
-def generate(
+def sample_trajectory(
     model: MaskPredictor,
     prompt: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -75,15 +136,19 @@ def generate(
     remasking: Remasking = "low_confidence",
     mask_id: int = 126336,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Fill ``gen_length`` masked positions after ``prompt`` (B, Lp); returns (B, Lp + gen_length).
+    noise: Noise | None = None,
+    record_top_k: int = 0,
+) -> Trajectory:
+    """LLaDA's sampler on ``prompt`` (B, Lp), recording when each answer position was committed.
 
     ``attention_mask`` (B, Lp) marks real prompt tokens (left padding is 0); the answer is always
-    attended. ``steps == 1`` with ``block_length == gen_length`` is one-step generation.
+    attended. ``steps == 1`` with ``block_length == gen_length`` is one-step generation. Randomness
+    (Gumbel noise at ``temperature > 0``, ``random`` remasking) comes from ``noise``, by default
+    fresh draws from ``generator`` at every step.
 
     Two deliberate departures from the reference: the mask token is never predicted (the reference
     can "commit" [MASK], which leaves the position masked, spends that step's budget and is revisited
-    in later blocks; a trained LLaDA does not do this, a random one does), and noise (Gumbel, ``random`` remasking) is drawn only
+    in later blocks; a trained LLaDA does not do this, a random one does), and noise is drawn only
     for the current block, never for the whole (B, T, V) logits (10 GB in float64 for LLaDA-8B at
     B = 32): with temperature > 0 the draws differ from the reference's, not their distribution.
     Otherwise the output equals the reference's exactly (tested).
@@ -97,6 +162,7 @@ def generate(
         raise ValueError(f"steps {steps} is not a multiple of the number of blocks {num_blocks}")
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    noise = noise if noise is not None else GeneratorNoise(generator)
     steps_per_block = steps // num_blocks
     B, Lp = prompt.shape
     x = torch.full((B, Lp + gen_length), mask_id, dtype=torch.long, device=prompt.device)
@@ -105,28 +171,47 @@ def generate(
     if attention_mask is not None:
         attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, gen_length)), dim=1)
     rank = torch.arange(block_length, device=x.device)[None, :]  # (1, block)
+    reveal_step = torch.full((B, gen_length), -1, dtype=torch.int16, device=x.device)
+    if record_top_k:
+        reveal_ids = torch.zeros((B, gen_length, record_top_k), dtype=torch.int32, device=x.device)
+        reveal_logprobs = torch.zeros((B, gen_length, record_top_k), dtype=torch.float32, device=x.device)
 
     for block in range(num_blocks):
-        window = slice(Lp + block * block_length, Lp + (block + 1) * block_length)
+        offset = block * block_length  # answer position of the block's first token
+        window = slice(Lp + offset, Lp + offset + block_length)
         schedule = num_transfer_tokens(x[:, window] == mask_id, steps_per_block)  # (B, steps)
         for i in range(steps_per_block):
+            step = block * steps_per_block + i
             current = x[:, window]  # (B, block)
             mask_index = current == mask_id
             logits = guided_logits(model, x, attention_mask, prompt_index, cfg_scale, mask_id, window)
+            if record_top_k:
+                top_logprobs, top_ids = torch.log_softmax(upcast(logits), dim=-1).topk(record_top_k, dim=-1)
             logits[..., mask_id] = -torch.inf  # committing [MASK] would be a wasted no-op
-            x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)  # (B, block)
+            if temperature > 0:
+                uniforms = noise.gumbel_uniforms(tuple(logits.shape), logits.device, step, offset)
+                x0 = torch.argmax(gumbel_perturbed(logits, temperature, uniforms), dim=-1)  # (B, block)
+            else:
+                x0 = torch.argmax(logits, dim=-1)
             if remasking == "low_confidence":
                 # fp32 at least: bf16 probabilities tie often and would make the ranking arbitrary.
                 p = F.softmax(upcast(logits), dim=-1)
                 x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
             else:
-                x0_p = torch.rand(x0.shape, generator=generator, device=x.device)
+                x0_p = noise.remask_uniforms(tuple(x0.shape), x.device, step, offset)
             confidence = torch.where(mask_index, x0_p, -torch.inf)
             # Commit the schedule[:, i] most confident masked positions of each row.
             order = confidence.argsort(dim=-1, descending=True, stable=True)
             transfer = torch.zeros_like(mask_index).scatter(1, order, rank < schedule[:, i : i + 1])
             x[:, window] = torch.where(transfer, x0, current)
-    return x
+            reveal_step[:, offset : offset + block_length].masked_fill_(transfer, step)
+            if record_top_k:
+                answer = slice(offset, offset + block_length)
+                reveal_ids[:, answer] = torch.where(transfer[..., None], top_ids.int(), reveal_ids[:, answer])
+                reveal_logprobs[:, answer] = torch.where(transfer[..., None], top_logprobs, reveal_logprobs[:, answer])
+    if record_top_k:
+        return Trajectory(x, reveal_step, reveal_ids, reveal_logprobs)
+    return Trajectory(x, reveal_step)
 
 
 def one_step_generate(model: MaskPredictor, prompt: torch.Tensor, gen_length: int, **options) -> torch.Tensor:

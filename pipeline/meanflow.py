@@ -51,34 +51,6 @@ def dense_logprobs(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, vocab_si
     return dense.scatter(1, topk_ids.long(), logprobs)
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64 finalizer on int64 tensors (wrapping arithmetic; logical shifts via masks)."""
-
-    def shift(z: torch.Tensor, n: int) -> torch.Tensor:
-        return (z >> n) & ((1 << (64 - n)) - 1)
-
-    def signed(c: int) -> int:
-        return c - (1 << 64) if c >= 1 << 63 else c
-
-    z = x + signed(0x9E3779B97F4A7C15)
-    z = (z ^ shift(z, 30)) * signed(0xBF58476D1CE4E5B9)
-    z = (z ^ shift(z, 27)) * signed(0x94D049BB133111EB)
-    return z ^ shift(z, 31)
-
-
-def counter_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
-    """Uniforms in [0, 1), one per element, a pure function of the integer keys (broadcast int64
-    tensors): the same row gets the same draw whatever the batch, rank or device it lands on."""
-    state = torch.zeros((), dtype=torch.int64)
-    for key in keys:
-        key = torch.as_tensor(key, dtype=torch.int64)
-        state = _splitmix64(state.to(key.device) ^ key)
-    return ((state >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
-
-
 def sample_r(
     t: torch.Tensor, equal_fraction: float, generator: torch.Generator | None = None,
     uniforms: tuple[torch.Tensor, torch.Tensor] | None = None,

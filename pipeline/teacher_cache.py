@@ -2,19 +2,22 @@
 
 This format is a user-facing contract (stage one writes it on spare GPUs, stage two reads it).
 
-Directory::
+Directory (the shard machinery is ``pipeline.cache_shards``)::
 
     manifest.json          header (format, version, teacher fingerprint, tokenizer hash, data
-                           fingerprint, params hash and params, layout, vocab size, top_k,
-                           num_shards); once every shard is written also "complete": true and
-                           "shards": {index: {rows, sha256, bytes, masked_positions}}
-    shard-00000.arrow      Arrow IPC *file* format, zstd-compressed buffers, record batches of
-    shard-00000.json       ``record_batch_rows`` rows; the .json sidecar (same fields as the
-    ...                    manifest's shard entry) is written after the shard, so a shard counts
-                           as complete only when both exist. Writers use a temporary name and
-                           rename, so a killed run never leaves a file that reads as a shard.
+                           fingerprint, params hash and params, layout, vocab size, mask id, top_k,
+                           num_shards, record_batch_rows; ``rollouts``: the rollout family's
+                           bookkeeping and sampler settings, see ``pipeline.rollout_cache``); once
+                           every shard of every family is written also "complete": true and, per
+                           family, "shards": {index: {rows, sha256, bytes, ...}} and the totals
+    shard-00000.arrow      top-k rows: Arrow IPC *file* format, zstd-compressed buffers, record
+    shard-00000.json       batches of ``record_batch_rows`` rows; the .json sidecar (same fields as
+    ...                    the manifest's shard entry) is written after the shard, so a shard counts
+    rollouts-00000.arrow   as complete only when both exist. Writers use a temporary name and
+    rollouts-00000.json    rename, so a killed run never leaves a file that reads as a shard.
+    ...
 
-One row per (example, sample); L = prompt_length + gen_length, k = top_k:
+Top-k rows: one per (example, sample); L = prompt_length + gen_length, k = top_k:
 
     example_index     int64                      row of the training split
     sample_index      int32                      which of samples_per_example draws
@@ -33,8 +36,6 @@ int32 and reads only the stream format).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -43,20 +44,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import CacheError, CheckpointError
-from pipeline.files import atomic_write_text, file_sha256
-
-FORMAT = "llada-meanflow-teacher-cache"
-VERSION = 1
-MANIFEST = "manifest.json"
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.arrow"
-
-
-def sidecar_name(index: int) -> str:
-    return f"shard-{index:05d}.json"
+from pipeline.cache_shards import FORMAT, TOPK, VERSION, ShardSet, read_manifest
+from pipeline.errors import CacheError
 
 
 def cache_schema(length: int, top_k: int) -> pa.Schema:
@@ -93,6 +82,13 @@ class CacheRows:
 
     def __len__(self) -> int:
         return len(self.t)
+
+    def counts(self) -> dict[str, int]:
+        return {"masked_positions": int(self.num_masked.sum())}
+
+    @classmethod
+    def concat(cls, blocks: list["CacheRows"]) -> "CacheRows":
+        return cls(*(np.concatenate([getattr(b, f.name) for b in blocks]) for f in dataclasses.fields(cls)))
 
     def to_record_batch(self, schema: pa.Schema) -> pa.RecordBatch:
         offsets = np.concatenate(([0], np.cumsum(self.num_masked))).astype(np.int32)
@@ -172,145 +168,12 @@ def decode_record_batch(batch: pa.RecordBatch) -> list[dict[str, Any]]:
     return rows
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-class ShardWriter:
-    """Writes one shard under a temporary name; ``close()`` renames it into place and writes its
-    sidecar. Leaving the ``with`` block by an exception removes the temporary file."""
-
-    def __init__(self, directory: Path, index: int, schema: pa.Schema, record_batch_rows: int):
-        self.directory, self.index, self.schema = Path(directory), index, schema
-        self.record_batch_rows = record_batch_rows
-        self.path = self.directory / shard_name(index)
-        self.tmp = self.directory / f".{shard_name(index)}.tmp-{os.getpid()}"
-        self.sink = pa.OSFile(str(self.tmp), "wb")
-        options = pa.ipc.IpcWriteOptions(compression="zstd")
-        self.writer = pa.ipc.new_file(self.sink, schema, options=options)
-        self.pending: list[CacheRows] = []
-        self.pending_rows = 0
-        self.rows = 0
-        self.masked = 0
-
-    def write(self, rows: CacheRows) -> None:
-        self.pending.append(rows)
-        self.pending_rows += len(rows)
-        while self.pending_rows >= self.record_batch_rows:
-            self._flush(self.record_batch_rows)
-
-    def _flush(self, count: int) -> None:
-        merged = concat_rows(self.pending)
-        self.writer.write_batch(merged.slice(0, count).to_record_batch(self.schema))
-        self.rows += count
-        self.masked += int(merged.num_masked[:count].sum())
-        rest = merged.slice(count, len(merged))
-        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
-
-    def close(self) -> dict:
-        if self.pending_rows:
-            self._flush(self.pending_rows)
-        self.writer.close()
-        self.sink.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        info = {"rows": self.rows, "masked_positions": self.masked, "bytes": self.tmp.stat().st_size,
-                "sha256": file_sha256(self.tmp)}
-        os.replace(self.tmp, self.path)
-        write_json_atomic(self.directory / sidecar_name(self.index), info)
-        return info
-
-    def abort(self) -> None:
-        try:
-            self.writer.close()
-            self.sink.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-
-
-def concat_rows(blocks: list[CacheRows]) -> CacheRows:
-    if len(blocks) == 1:
-        return blocks[0]
-    return CacheRows(*(np.concatenate([getattr(b, f.name) for b in blocks]) for f in dataclasses.fields(CacheRows)))
-
-
-# ---------------------------------------------------------------------- manifest
-
-
-def read_manifest(directory: Path) -> dict:
-    from pipeline.checkpoint_io import read_json
-
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise CacheError(f"{path}: not found (not a teacher cache, or stage one never started)")
-    try:
-        manifest = read_json(path)
-    except CheckpointError as err:
-        raise CacheError(str(err)) from err
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CacheError(f"{path}: not a {FORMAT} v{VERSION} manifest")
-    return manifest
-
-
-HEADER_CHECKS = ("teacher_fingerprint", "tokenizer_sha256", "data_fingerprint", "params_hash")
-
-
-def ensure_manifest(directory: Path, header: dict) -> None:
-    """Create the manifest header, or check that an existing one describes the same cache (same
-    teacher, tokenizer, data and params); refuse with a clear error otherwise."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / MANIFEST
-    if path.exists():
-        existing = read_manifest(directory)
-        for key in HEADER_CHECKS:
-            if existing.get(key) != header[key]:
-                raise CacheError(
-                    f"{path}: this cache was built with {key} {existing.get(key)}, the current run has "
-                    f"{header[key]}; delete {directory} or point the stage at another directory"
-                )
-        return
-    write_json_atomic(path, {"format": FORMAT, "version": VERSION, **header, "complete": False})
-
-
-def completed_shards(directory: Path, num_shards: int) -> dict[int, dict]:
-    """Sidecars of the shards written so far (a shard without its sidecar is incomplete)."""
-    done = {}
-    for index in range(num_shards):
-        sidecar = Path(directory) / sidecar_name(index)
-        if sidecar.is_file() and (Path(directory) / shard_name(index)).is_file():
-            done[index] = json.loads(sidecar.read_text())
-    return done
-
-
-def finalize_manifest(directory: Path) -> bool:
-    """Record every shard in the manifest once all exist. Idempotent: concurrent workers that
-    finish together write identical content. Returns whether the cache is complete."""
-    manifest = read_manifest(directory)
-    done = completed_shards(directory, manifest["num_shards"])
-    if len(done) < manifest["num_shards"]:
-        return False
-    manifest["shards"] = {f"{i:05d}": done[i] for i in sorted(done)}
-    manifest["rows"] = sum(s["rows"] for s in done.values())
-    manifest["masked_positions"] = sum(s["masked_positions"] for s in done.values())
-    manifest["bytes"] = sum(s["bytes"] for s in done.values())
-    manifest["complete"] = True
-    write_json_atomic(Path(directory) / MANIFEST, manifest)
-    return True
-
-
 # ---------------------------------------------------------------------- reader
 
 
 class TeacherCache(Sequence):
-    """Map-style view of a complete cache: ``len(cache)`` rows, ``cache[i]`` a dict (see module doc).
+    """Map-style view of the top-k rows of a complete cache: ``len(cache)`` rows, ``cache[i]`` a dict
+    (see module doc).
 
     Shards are memory-mapped; a row access decompresses its record batch (kept in a small LRU), so
     for throughput read whole record batches (``num_batches``, ``batch(j)``) in random order rather
@@ -319,49 +182,20 @@ class TeacherCache(Sequence):
     def __init__(self, directory: str | Path, verify: bool = True):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        if not self.manifest.get("complete"):
-            done = len(completed_shards(self.directory, self.manifest["num_shards"]))
-            raise CacheError(f"{self.directory}: incomplete cache ({done} of {self.manifest['num_shards']} shards)")
         self.schema = cache_schema(self.manifest["layout"]["length"], self.manifest["top_k"])
-        self.readers = []
-        batch_rows: list[tuple[int, int, int]] = []  # (shard, batch, rows)
-        for index in range(self.manifest["num_shards"]):
-            path = self.directory / shard_name(index)
-            entry = self.manifest["shards"][f"{index:05d}"]
-            if not path.is_file():
-                raise CacheError(f"{path}: missing shard")
-            if path.stat().st_size != entry["bytes"]:
-                raise CacheError(f"{path}: size {path.stat().st_size} != {entry['bytes']} recorded (truncated?)")
-            if verify and file_sha256(path) != entry["sha256"]:
-                raise CacheError(f"{path}: checksum mismatch (the shard is damaged)")
-            try:
-                reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-            except (pa.ArrowInvalid, OSError) as err:
-                raise CacheError(f"{path}: not a readable Arrow file ({err})") from err
-            if not reader.schema.equals(self.schema, check_metadata=False):
-                raise CacheError(f"{path}: schema differs from the manifest's (layout/top_k)")
-            # Writers emit full record batches of ``record_batch_rows`` and one shorter last one.
-            per_batch = self.manifest["record_batch_rows"]
-            expected = -(-entry["rows"] // per_batch)
-            if reader.num_record_batches != expected:
-                raise CacheError(f"{path}: {reader.num_record_batches} record batches, expected {expected}")
-            for b in range(expected):
-                batch_rows.append((index, b, min(per_batch, entry["rows"] - b * per_batch)))
-            self.readers.append(reader)
-        self.batch_index = batch_rows
-        self.starts = np.cumsum([0] + [n for _, _, n in batch_rows])
+        self.shards = ShardSet(self.directory, self.manifest, TOPK, self.schema, verify)
+        self.batch_index = self.shards.batch_index
         self._decoded = lru_cache(maxsize=8)(self._decode)
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return self.shards.num_rows
 
     @property
     def num_batches(self) -> int:
-        return len(self.batch_index)
+        return self.shards.num_batches
 
     def record_batch(self, j: int) -> pa.RecordBatch:
-        shard, b, _ = self.batch_index[j]
-        return self.readers[shard].get_batch(b)
+        return self.shards.record_batch(j)
 
     def _decode(self, j: int) -> list[dict]:
         return decode_record_batch(self.record_batch(j))
@@ -371,11 +205,8 @@ class TeacherCache(Sequence):
         return self._decoded(j)
 
     def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
-        j = int(np.searchsorted(self.starts, i, side="right") - 1)
-        return self._decoded(j)[i - int(self.starts[j])]
+        j, row = self.shards.locate(i)
+        return self._decoded(j)[row]
 
 
 def open_cache(directory: str | Path, verify: bool = True) -> TeacherCache:

@@ -1,4 +1,5 @@
-"""Filling the teacher cache: sample (t, mask) per example, run the teacher, keep its top-k.
+"""Filling the teacher cache: sample (t, mask) per example, run the teacher, keep its top-k; then
+the teacher's own rollouts (``pipeline.rollout_fill``), the cache's second shard family.
 
 The cache is cut into shards of ``rows_per_shard`` rows; shard j holds examples
 ``[j * E, (j + 1) * E)`` (E = rows_per_shard // samples_per_example), each with
@@ -22,15 +23,11 @@ from pipeline.config import CacheParams, params_hash
 from pipeline.data import Layout, split_fingerprint
 from pipeline.generate import guided_logits, mask_predictor
 from pipeline.llada import LLaDA
-from pipeline.teacher_cache import (
-    CacheRows,
-    ShardWriter,
-    cache_schema,
-    completed_shards,
-    ensure_manifest,
-    finalize_manifest,
-    shard_name,
+from pipeline import rollout_fill
+from pipeline.cache_shards import (
+    ROLLOUTS, TOPK, ShardWriter, completed_shards, ensure_manifest, finalize_manifest, remove_stale_temporaries,
 )
+from pipeline.teacher_cache import CacheRows, cache_schema
 
 
 def examples_per_shard(params: CacheParams) -> int:
@@ -126,34 +123,66 @@ def fill_cache(
     model: LLaDA, dataset, layout: Layout, params: CacheParams, out_dir: Path, header: dict,
     shard_index: int = 0, num_shards: int = 1,
 ) -> dict:
-    """Fill this process's shards (j % num_shards == shard_index) of the cache in ``out_dir``,
-    skipping complete ones; finalize the manifest if the whole cache is then complete."""
+    """Fill this process's shards (j % num_shards == shard_index) of both families (top-k rows, then
+    rollouts) of the cache in ``out_dir``, skipping complete ones; finalize the manifest if the whole
+    cache is then complete."""
     from tqdm import tqdm
 
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
     if params.top_k > model.config.embedding_size:
         raise ValueError(f"cache.top_k {params.top_k} exceeds the vocabulary ({model.config.embedding_size})")
+    if params.rollouts.top_k > model.config.embedding_size:
+        raise ValueError(f"cache.rollouts.top_k {params.rollouts.top_k} exceeds the vocabulary "
+                         f"({model.config.embedding_size})")
     out_dir = Path(out_dir)
     total = num_shards_for(len(dataset), params)
-    ensure_manifest(out_dir, {**header, "num_shards": total, "top_k": params.top_k,
-                              "record_batch_rows": params.record_batch_rows})
-    mine = [j for j in range(total) if j % num_shards == shard_index]
-    done = completed_shards(out_dir, total)
-    todo = [j for j in mine if j not in done]
-    for j in todo:  # leftovers of a killed run of ours: never complete, safe to delete
-        for stale in out_dir.glob(f".{shard_name(j)}.tmp-*"):
-            stale.unlink()
+    rollout_examples = rollout_fill.rollout_examples(params, len(dataset))
+    rollout_total = rollout_fill.num_shards_for(rollout_examples, params.rollouts)
+    sampler = None
+    manifest = {**header, "num_shards": total, "top_k": params.top_k, "record_batch_rows": params.record_batch_rows}
+    if rollout_total:
+        sampler = rollout_fill.sampler_settings(params, layout, model.config.mask_token_id)
+        manifest[ROLLOUTS] = {"num_shards": rollout_total, "record_batch_rows": params.record_batch_rows,
+                              "examples": rollout_examples, "per_example": params.rollouts.per_example,
+                              "top_k": params.rollouts.top_k, "sampler": sampler}
+    ensure_manifest(out_dir, manifest)
+    summary = {"shards_total": total + rollout_total}
+
+    todo = pending_shards(out_dir, total, TOPK, shard_index, num_shards)
     per_shard = examples_per_shard(params)
     rows = sum((min((j + 1) * per_shard, len(dataset)) - j * per_shard) * params.samples_per_example for j in todo)
     started = time.perf_counter()
-    with tqdm(total=rows, unit="row", desc=f"cache shards {shard_index}/{num_shards}", smoothing=0.1) as progress:
+    with tqdm(total=rows, unit="row", desc=f"top-k shards {shard_index}/{num_shards}", smoothing=0.1) as progress:
         for j in todo:
             fill_shard(model, dataset, j, layout, params, out_dir, progress)
-    seconds = time.perf_counter() - started
-    complete = finalize_manifest(out_dir)
-    return {"shards_total": total, "shards_written": len(todo), "shards_skipped": len(mine) - len(todo),
-            "rows_written": rows, "seconds": round(seconds, 2), "complete": complete}
+    summary.update(shards_written=len(todo), rows_written=rows, seconds=round(time.perf_counter() - started, 2))
+
+    rollout_todo = pending_shards(out_dir, rollout_total, ROLLOUTS, shard_index, num_shards)
+    per_shard = rollout_fill.examples_per_shard(params.rollouts)
+    rollouts = sum((min((j + 1) * per_shard, rollout_examples) - j * per_shard) * params.rollouts.per_example
+                   for j in rollout_todo)
+    started = time.perf_counter()
+    with tqdm(total=rollouts, unit="rollout", desc=f"rollout shards {shard_index}/{num_shards}", smoothing=0.1,
+              disable=not rollout_todo) as progress:
+        for j in rollout_todo:
+            rollout_fill.fill_rollout_shard(model, dataset, j, layout, params, sampler, out_dir, progress)
+    summary.update(rollout_shards_written=len(rollout_todo), rollouts_written=rollouts,
+                   rollout_seconds=round(time.perf_counter() - started, 2))
+    mine = len([j for j in range(total) if j % num_shards == shard_index])
+    mine += len([j for j in range(rollout_total) if j % num_shards == shard_index])
+    summary["shards_skipped"] = mine - len(todo) - len(rollout_todo)
+    summary["complete"] = finalize_manifest(out_dir)
+    return summary
+
+
+def pending_shards(out_dir: Path, total: int, family: str, shard_index: int, num_shards: int) -> list[int]:
+    """This process's shards of ``family`` that have no sidecar yet; the temporary files a killed run
+    of ours left for them are deleted."""
+    done = completed_shards(out_dir, total, family)
+    todo = [j for j in range(total) if j % num_shards == shard_index and j not in done]
+    remove_stale_temporaries(out_dir, todo, family)
+    return todo
 
 
 def load_train_split(data_dir: Path, max_examples: int | None):

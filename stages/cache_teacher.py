@@ -1,5 +1,7 @@
-"""Stage ``cache_teacher`` (stage one): the teacher's top-k log-probs on sampled (x_t, t) pairs in
-zstd Arrow shards under ``artifacts/cache/`` (params: ``cache``; format: ``pipeline/teacher_cache.py``).
+"""Stage ``cache_teacher`` (stage one): the teacher's top-k log-probs on sampled (x_t, t) pairs and
+the teacher's own rollouts (its sampler on training prompts), in zstd Arrow shards under
+``artifacts/cache/`` (params: ``cache``; formats: ``pipeline/teacher_cache.py``,
+``pipeline/rollout_cache.py``).
 
     python stages/cache_teacher.py --data data --teacher artifacts/teacher --out artifacts/cache \\
         --metrics metrics/cache.json
@@ -17,13 +19,17 @@ import json
 import os
 from pathlib import Path
 
+import datasets
 import torch
 
 from pipeline.config import CacheParams, load_section
 from pipeline.data import Layout
+from pipeline.evaluation import score_rollouts
+from pipeline.rollout_cache import open_rollouts, rollout_statistics
 from pipeline.stage import run_stage, stage_parser
-from pipeline.teacher import check_data_tokenizer, load_teacher
+from pipeline.teacher import check_data_tokenizer, checkpoint_dir, load_teacher
 from pipeline.teacher_cache import cache_statistics
+from pipeline.tokenizer import stop_token_ids
 from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
 
 
@@ -53,16 +59,32 @@ def main() -> None:
     args = parse_args()
     params = load_section(CacheParams, "cache")
     on_gpu = args.device.startswith("cuda")
-    model, _, record = load_teacher(args.teacher, dtype=torch.bfloat16 if on_gpu else torch.float32, device=args.device)
+    model, tokenizer, record = load_teacher(args.teacher, dtype=torch.bfloat16 if on_gpu else torch.float32, device=args.device)
     layout = Layout.load(args.data)
     check_data_tokenizer(record, args.data)
     train = load_train_split(args.data, params.max_examples)
     header = cache_header(record, layout, params, args.data, model)
     summary = fill_cache(model, train, layout, params, args.out, header, args.shard_index, args.num_shards)
     if summary["complete"]:
+        metrics = {**cache_statistics(args.out), "seconds": summary["seconds"]}
+        if params.rollouts.per_example:
+            metrics["rollouts"] = rollout_metrics(args, summary, tokenizer, stop_token_ids(
+                tokenizer, model.config, checkpoint_dir(args.teacher, record)))
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics.write_text(json.dumps({**cache_statistics(args.out), "seconds": summary["seconds"]}, indent=2) + "\n")
+        args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+
+
+def rollout_metrics(args, summary: dict, tokenizer, stops: set[int]) -> dict:
+    """Size, throughput (this process's) and the teacher's accuracy on its own rollouts."""
+    stats = rollout_statistics(args.out)
+    seconds = summary["rollout_seconds"]
+    rollouts = open_rollouts(args.out, verify=False)
+    train = datasets.load_from_disk(str(args.data / "train")).select(range(stats["examples"]))
+    return {**stats, "seconds": seconds,
+            "rollouts_per_second": round(summary["rollouts_written"] / seconds, 1) if seconds else None,
+            "forward_passes_per_rollout": stats["sampler"]["steps"] * (2 if stats["sampler"]["cfg_scale"] > 0 else 1),
+            "accuracy": score_rollouts(rollouts, train, tokenizer, stops)}
 
 
 if __name__ == "__main__":

@@ -58,14 +58,16 @@ def main() -> None:
     student = Student.from_pretrained(args.student, base=teacher).to(device)  # shares the teacher's weights
     stops = stop_token_ids(tokenizer, teacher.config, checkpoint_dir(args.teacher, record))
     rows = datasets.load_from_disk(str(args.data / "test"))
-    settings = settings_for(steps, params.cfg_scale, params.temperature, params.samples, G, block_length)
+    settings = settings_for(steps, params.cfg_scale, params.temperature, params.samples, G, block_length,
+                            params.noise_variants)
 
     bar = tqdm(total=len(settings), desc="evaluate", unit="setting", file=sys.stderr)
     def progress(result):  # noqa: E306
         bar.set_postfix_str(f"{result['name']}: {result['accuracy']['mean']:.3f}")
         bar.update()
     results = evaluate_settings({"teacher": teacher.eval(), "student": student.eval()}, settings, rows, tokenizer,
-                                stops, layout, params.batch_size, params.seed, params.timing_repeats, progress)
+                                stops, layout, params.batch_size, params.seed, params.timing_repeats, progress,
+                                params.num_fields)
     bar.close()
 
     summary = {"test_prompts": len(rows), "device": device, **summarize(results, G)}

@@ -52,7 +52,7 @@ def tiny_checkpoint(tmp_path) -> Path:
     return make_checkpoint(tmp_path / "teacher")
 
 
-def make_workdir(path: Path, train_per_task: int = 30, **model_overrides) -> Path:
+def make_workdir(path: Path, train_per_task: int = 30, gen_length: int = 7, **model_overrides) -> Path:
     """A stage working directory with ``data/`` (built-in tasks, tiny) and ``artifacts/teacher/``
     (a random tiny LLaDA recorded as the teacher), as the prepare_data and teacher stages leave it."""
     from pipeline.checkpoint_io import checkpoint_fingerprint
@@ -60,7 +60,7 @@ def make_workdir(path: Path, train_per_task: int = 30, **model_overrides) -> Pat
     from pipeline.data import prepare_data
     from pipeline.teacher import TeacherRecord, tokenizer_hash
 
-    params = DataParams(train_per_task=train_per_task, val_per_task=2, test_per_task=2)
+    params = DataParams(train_per_task=train_per_task, val_per_task=2, test_per_task=2, gen_length=gen_length)
     prepare_data(params, build_char_tokenizer(ALPHABET), path / "data")
     teacher = make_checkpoint(path / "artifacts" / "teacher", max_sequence_length=params.prompt_length + params.gen_length,
                               **model_overrides)

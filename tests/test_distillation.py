@@ -177,7 +177,8 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
     out = module.forward_step(batch)
     assert out.equal.any() and (~out.equal).any()
     base, masked, t = module.student.base, batch["masked"], batch["t"]
-    from pipeline.meanflow import counter_uniform, sample_r
+    from pipeline.counter_random import counter_uniform
+    from pipeline.meanflow import sample_r
 
     keys = (0, 0, batch["example_index"], batch["sample_index"])
     r = sample_r(t, 0.5, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))

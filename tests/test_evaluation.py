@@ -54,6 +54,35 @@ def test_settings_grid():
     assert all(s.cfg_scale == 0 for s in settings_for([1], cfg_scale=0.0, temperature=1.0, samples=2, gen_length=7))
     blocks = settings_for([8, 16], 0.0, 1.0, 2, gen_length=16, block_length=4)
     assert {(s.model, s.block_length) for s in blocks} == {("teacher", 4), ("student", 16)}
+    coupled = settings_for([1, 7], 0.0, 1.0, 4, gen_length=7, noise_variants=["fixed", "shared"])[-2:]
+    assert [s.name for s in coupled] == ["teacher_steps7_sampled_t1x4_fixed_noise", "teacher_steps7_sampled_t1x4_shared_noise"]
+
+
+def test_coupled_noise_completions(workdir):
+    """``fixed``: a completion is a function of (seed, prompt row, sample), whatever the batch;
+    ``shared``: sample i of every prompt draws field i, so a network that ignores the prompt gives
+    every prompt the same i-th completion."""
+    teacher, tokenizer, _ = load_teacher(workdir / "artifacts" / "teacher")
+    layout = Layout.load(workdir / "data")
+    rows = datasets.load_from_disk(str(workdir / "data" / "test"))
+    decode = lambda model, batch, noise, seed=0: complete_split(  # noqa: E731
+        model, rows, tokenizer, {0}, layout, layout.gen_length, temperature=1.0, samples=3, batch_size=batch,
+        noise=noise, seed=seed, num_fields=2)[0]
+    fixed = decode(teacher, 5, "fixed")
+    assert decode(teacher, 2, "fixed") == fixed and decode(teacher, 5, "fixed", seed=1) != fixed
+
+    class PromptBlind(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config, self.bias = teacher.config, torch.nn.Parameter(torch.randn(layout.length, len(tokenizer)))
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.bias[None].expand(len(input_ids), -1, -1).clone()
+
+    shared = decode(PromptBlind(), 4, "shared")
+    assert len({tuple(r["completions"]) for r in shared}) == 1  # the same fields for every prompt
+    first, second, third = shared[0]["completions"]
+    assert first == third and first != second  # 2 fields: samples 0 and 2 share one
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7])

@@ -4,8 +4,11 @@ with scripted fake models."""
 import pytest
 import torch
 
-from pipeline.generate import generate, mask_predictor, num_transfer_tokens, one_step_generate
+from pipeline.generate import (
+    CounterNoise, generate, mask_predictor, num_transfer_tokens, one_step_generate, sample_trajectory,
+)
 from pipeline.llada import LLaDA, LLaDAConfig
+from pipeline.rollout_cache import state_after
 from tests import reference_sampler
 
 V, MASK = 12, 11
@@ -152,3 +155,73 @@ def test_bad_block_layout_is_refused():
         generate(model, prompt, steps=4, gen_length=10, block_length=4, mask_id=MASK)
     with pytest.raises(ValueError, match="number of blocks"):
         generate(model, prompt, steps=3, gen_length=8, block_length=4, mask_id=MASK)
+
+
+@pytest.mark.parametrize("steps,gen_length,block_length,cfg_scale,temperature,remasking", [
+    (6, 6, 6, 0.0, 0.0, "low_confidence"),  # one block
+    (4, 10, 10, 0.0, 1.0, "low_confidence"),  # uneven schedule
+    (6, 12, 4, 0.0, 1.0, "low_confidence"),  # three blocks
+    (6, 12, 4, 1.0, 0.7, "random"),  # blocks, CFG (rows doubled), random remasking
+])
+def test_reveal_steps_reconstruct_every_intermediate_state(steps, gen_length, block_length, cfg_scale, temperature,
+                                                           remasking):
+    model = ScriptedModel()
+    prompt = torch.randint(0, MASK, (3, 4), generator=torch.Generator().manual_seed(2))
+    trajectory = sample_trajectory(model, prompt, steps=steps, gen_length=gen_length, block_length=block_length,
+                                   cfg_scale=cfg_scale, temperature=temperature, remasking=remasking, mask_id=MASK,
+                                   noise=CounterNoise(torch.tensor([5, 6, 7])))
+    tokens, reveal = trajectory.sequences[:, 4:].numpy(), trajectory.reveal_step.numpy()
+    assert reveal.dtype.name == "int16" and reveal.min() == 0 and reveal.max() == steps - 1
+    assert len(model.inputs) == steps
+    for k, seen in enumerate(model.inputs):  # the network sees the state after k steps at step k
+        assert (state_after(prompt.numpy(), tokens, reveal, k, MASK) == seen[:3].numpy()).all()
+    assert (state_after(prompt.numpy(), tokens, reveal, steps, MASK) == trajectory.sequences.numpy()).all()
+
+
+def test_reveal_topk_is_the_teacher_at_the_reveal_state():
+    model = tiny_llada(seed=3)
+    prompt = torch.randint(0, MASK, (2, 4), generator=torch.Generator().manual_seed(4))
+    trajectory = sample_trajectory(mask_predictor(model), prompt, steps=4, gen_length=8, block_length=4, mask_id=MASK,
+                                   temperature=1.0, noise=CounterNoise(torch.tensor([1, 2])), record_top_k=3)
+    tokens, reveal = trajectory.sequences[:, 4:].numpy(), trajectory.reveal_step.numpy()
+    for b in range(2):
+        for p in range(8):
+            state = torch.from_numpy(state_after(prompt[b].numpy(), tokens[b], reveal[b], int(reveal[b, p]), MASK))
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(state[None])[0, 4 + p], dim=-1)
+            values, ids = logprobs.topk(3)
+            assert torch.equal(trajectory.reveal_topk_ids[b, p], ids.int())
+            assert torch.allclose(trajectory.reveal_topk_logprobs[b, p], values, atol=1e-5)
+
+
+def test_counter_noise_is_a_function_of_the_seed():
+    model = mask_predictor(tiny_llada(seed=4))
+    prompt = torch.randint(0, MASK, (4, 5), generator=torch.Generator().manual_seed(5))
+    options = dict(steps=4, gen_length=8, block_length=4, temperature=1.0, mask_id=MASK)
+    for fixed in (False, True):
+        seeds = torch.tensor([11, 12, 13, 14])
+        out = generate(model, prompt, noise=CounterNoise(seeds, fixed), **options)
+        # the same seed on another row of another batch gives the same completion
+        again = generate(model, prompt[[2, 0]], noise=CounterNoise(seeds[[2, 0]], fixed), **options)
+        assert torch.equal(again, out[[2, 0]])
+        assert not torch.equal(generate(model, prompt, noise=CounterNoise(seeds + 100, fixed), **options), out)
+    noise = CounterNoise(torch.tensor([3]), fixed=True)
+    field = noise.gumbel_uniforms((1, 4, V), "cpu", step=0, offset=2)
+    assert torch.equal(noise.gumbel_uniforms((1, 4, V), "cpu", step=5, offset=2), field)  # one field for all steps
+    assert torch.equal(noise.gumbel_uniforms((1, 2, V), "cpu", step=1, offset=4), field[:, 2:])  # keyed by position
+    per_step = CounterNoise(torch.tensor([3]))
+    assert not torch.equal(per_step.gumbel_uniforms((1, 4, V), "cpu", 0, 2), per_step.gumbel_uniforms((1, 4, V), "cpu", 1, 2))
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_counter_noise_samples_the_tempered_softmax(fixed):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 0.2, 0.1, 1.5, -0.5, 0.3, 9.0])  # [MASK] = 9.0
+
+    def model(ids, attention_mask=None):
+        return logits.expand(*ids.shape, V).clone()
+
+    out = one_step_generate(model, torch.zeros(40000, 1, dtype=torch.long), 1, mask_id=MASK, temperature=0.5,
+                            noise=CounterNoise(torch.arange(40000), fixed))
+    frequencies = torch.bincount(out[:, 1], minlength=V).double() / out.shape[0]
+    expected = torch.softmax(logits[:MASK].double() / 0.5, dim=0)
+    assert frequencies[MASK] == 0 and (frequencies[:MASK] - expected).abs().max() < 0.01

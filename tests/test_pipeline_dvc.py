@@ -109,6 +109,8 @@ def pipeline_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
             [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":  # from pipeline import module
+            names = [f"pipeline.{a.name}" for a in node.names]
         found |= {f"{name.replace('.', '/')}.py" for name in names if name.startswith("pipeline.")}
     return found
 

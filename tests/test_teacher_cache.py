@@ -13,18 +13,18 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import CacheParams
+from pipeline.config import CacheParams, from_mapping
 from pipeline.data import Layout
 from pipeline.teacher import load_teacher
-from pipeline.teacher_cache import (
-    CacheError, CacheRows, ShardWriter, cache_schema, cache_statistics, ensure_manifest, finalize_manifest, open_cache,
-)
+from pipeline.cache_shards import ShardWriter, ensure_manifest, finalize_manifest
+from pipeline.errors import CacheError
+from pipeline.teacher_cache import CacheRows, cache_schema, cache_statistics, open_cache
 from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(samples_per_example=3, top_k=5, rows_per_shard=24, record_batch_rows=10, batch_size=7,
-             full_mask_fraction=0.2)
+             full_mask_fraction=0.2, rollouts={"per_example": 0})  # rollouts: tests/test_rollout_cache.py
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def workdir(tmp_path_factory):
 
 
 def fill(workdir, out, shard_index=0, num_shards=1, **overrides):
-    params = CacheParams(**{**SMALL, **overrides})
+    params = from_mapping(CacheParams, {**SMALL, **overrides}, "cache")
     model, _, record = load_teacher(workdir / "artifacts" / "teacher")
     layout = Layout.load(workdir / "data")
     train = load_train_split(workdir / "data", params.max_examples)

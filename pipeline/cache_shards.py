@@ -1,0 +1,261 @@
+"""The machinery stage one's shard families share: atomic shard writing, the manifest, verified reads.
+
+A cache directory holds one ``manifest.json`` and shard families, each a run of
+``{family}-{index:05d}.arrow`` files with ``.json`` sidecars (``shard-*`` the top-k rows of
+``pipeline.teacher_cache``, ``rollouts-*`` the rollouts of ``pipeline.rollout_cache``). A family's
+bookkeeping (``num_shards``, ``record_batch_rows`` and, once complete, ``shards``) lives in the
+manifest's top level for ``shard`` and under the manifest's ``rollouts`` key for ``rollouts``; the
+cache is ``complete`` when every shard of every family has its sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import CacheError, CheckpointError
+from pipeline.files import atomic_write_text, file_sha256
+
+FORMAT = "llada-meanflow-teacher-cache"
+VERSION = 2
+MANIFEST = "manifest.json"
+TOPK, ROLLOUTS = "shard", "rollouts"
+FAMILIES = (TOPK, ROLLOUTS)
+
+
+def shard_name(index: int, family: str = TOPK) -> str:
+    return f"{family}-{index:05d}.arrow"
+
+
+def sidecar_name(index: int, family: str = TOPK) -> str:
+    return f"{family}-{index:05d}.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class Rows(Protocol):
+    """A block of rows a ``ShardWriter`` accepts (``CacheRows``, ``RolloutRows``)."""
+
+    def __len__(self) -> int: ...
+    def slice(self, start: int, stop: int) -> "Rows": ...
+    def to_record_batch(self, schema: pa.Schema) -> pa.RecordBatch: ...
+    def counts(self) -> dict[str, int]: ...
+    @classmethod
+    def concat(cls, blocks: list) -> "Rows": ...
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name in record batches of ``record_batch_rows`` rows;
+    ``close()`` renames it into place and writes its sidecar (rows, bytes, sha256 and the rows'
+    ``counts()`` summed). Leaving the ``with`` block by an exception removes the temporary file."""
+
+    def __init__(self, directory: Path, index: int, schema: pa.Schema, record_batch_rows: int, family: str = TOPK):
+        self.directory, self.index, self.schema, self.family = Path(directory), index, schema, family
+        self.record_batch_rows = record_batch_rows
+        self.path = self.directory / shard_name(index, family)
+        self.tmp = self.directory / f".{shard_name(index, family)}.tmp-{os.getpid()}"
+        self.sink = pa.OSFile(str(self.tmp), "wb")
+        options = pa.ipc.IpcWriteOptions(compression="zstd")
+        self.writer = pa.ipc.new_file(self.sink, schema, options=options)
+        self.pending: list[Rows] = []
+        self.pending_rows = 0
+        self.rows = 0
+        self.counts: dict[str, int] = {}
+
+    def write(self, rows: Rows) -> None:
+        self.pending.append(rows)
+        self.pending_rows += len(rows)
+        while self.pending_rows >= self.record_batch_rows:
+            self._flush(self.record_batch_rows)
+
+    def _flush(self, count: int) -> None:
+        merged = self.pending[0] if len(self.pending) == 1 else type(self.pending[0]).concat(self.pending)
+        written = merged.slice(0, count)
+        self.writer.write_batch(written.to_record_batch(self.schema))
+        self.rows += count
+        for key, value in written.counts().items():
+            self.counts[key] = self.counts.get(key, 0) + int(value)
+        rest = merged.slice(count, len(merged))
+        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> dict:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        self.writer.close()
+        self.sink.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        info = {"rows": self.rows, **self.counts, "bytes": self.tmp.stat().st_size, "sha256": file_sha256(self.tmp)}
+        os.replace(self.tmp, self.path)
+        write_json_atomic(self.directory / sidecar_name(self.index, self.family), info)
+        return info
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+            self.sink.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def remove_stale_temporaries(directory: Path, indices: list[int], family: str) -> None:
+    """Delete the temporary files a killed writer left for these shards (never complete)."""
+    for index in indices:
+        for stale in Path(directory).glob(f".{shard_name(index, family)}.tmp-*"):
+            stale.unlink()
+
+
+# ---------------------------------------------------------------------- manifest
+
+
+def family_entry(manifest: dict, family: str) -> dict | None:
+    """The manifest's bookkeeping of one family (None: the cache has no such family)."""
+    return manifest if family == TOPK else manifest.get(family)
+
+
+def read_manifest(directory: Path) -> dict:
+    from pipeline.checkpoint_io import read_json
+
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{path}: not found (not a teacher cache, or stage one never started)")
+    try:
+        manifest = read_json(path)
+    except CheckpointError as err:
+        raise CacheError(str(err)) from err
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CacheError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+    return manifest
+
+
+HEADER_CHECKS = ("teacher_fingerprint", "tokenizer_sha256", "data_fingerprint", "params_hash")
+
+
+def ensure_manifest(directory: Path, header: dict) -> None:
+    """Create the manifest header, or check that an existing one describes the same cache (same
+    teacher, tokenizer, data and params); refuse with a clear error otherwise."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / MANIFEST
+    if path.exists():
+        existing = read_manifest(directory)
+        for key in HEADER_CHECKS:
+            if existing.get(key) != header[key]:
+                raise CacheError(
+                    f"{path}: this cache was built with {key} {existing.get(key)}, the current run has "
+                    f"{header[key]}; delete {directory} or point the stage at another directory"
+                )
+        return
+    write_json_atomic(path, {"format": FORMAT, "version": VERSION, **header, "complete": False})
+
+
+def completed_shards(directory: Path, num_shards: int, family: str = TOPK) -> dict[int, dict]:
+    """Sidecars of the shards written so far (a shard without its sidecar is incomplete)."""
+    done = {}
+    for index in range(num_shards):
+        sidecar = Path(directory) / sidecar_name(index, family)
+        if sidecar.is_file() and (Path(directory) / shard_name(index, family)).is_file():
+            done[index] = json.loads(sidecar.read_text())
+    return done
+
+
+def finalize_manifest(directory: Path) -> bool:
+    """Record every shard of every family in the manifest once all exist, with the families' totals
+    (rows, bytes, and the sidecars' counts). Idempotent: concurrent workers that finish together
+    write identical content. Returns whether the cache is complete."""
+    manifest = read_manifest(directory)
+    entries = [(family, family_entry(manifest, family)) for family in FAMILIES]
+    entries = [(family, entry) for family, entry in entries if entry is not None]
+    done = {family: completed_shards(directory, entry["num_shards"], family) for family, entry in entries}
+    if any(len(done[family]) < entry["num_shards"] for family, entry in entries):
+        return False
+    for family, entry in entries:
+        shards = done[family]
+        entry["shards"] = {f"{i:05d}": shards[i] for i in sorted(shards)}
+        for key in sorted({k for s in shards.values() for k in s} - {"sha256"}):
+            entry[key] = sum(s.get(key, 0) for s in shards.values())
+    manifest["complete"] = True
+    write_json_atomic(Path(directory) / MANIFEST, manifest)
+    return True
+
+
+# ---------------------------------------------------------------------- reading
+
+
+class ShardSet:
+    """The verified, memory-mapped shards of one family of a complete cache, as a sequence of
+    record batches: ``num_batches``, ``record_batch(j)``, ``locate(row) -> (j, row in batch)``.
+
+    Every shard is checked against its manifest entry (present, size, sha256 when ``verify``,
+    readable Arrow, ``schema``, record batch count) and refused naming the file."""
+
+    def __init__(self, directory: Path, manifest: dict, family: str, schema: pa.Schema, verify: bool = True):
+        self.directory = Path(directory)
+        if not manifest.get("complete"):
+            totals = [(family_entry(manifest, f), f) for f in FAMILIES]
+            done = sum(len(completed_shards(self.directory, e["num_shards"], f)) for e, f in totals if e)
+            total = sum(e["num_shards"] for e, _ in totals if e)
+            raise CacheError(f"{self.directory}: incomplete cache ({done} of {total} shards)")
+        entry = family_entry(manifest, family)
+        if entry is None:
+            raise CacheError(f"{self.directory / MANIFEST}: the cache has no {family} shards")
+        self.readers = []
+        self.batch_index: list[tuple[int, int, int]] = []  # (shard, batch, rows)
+        per_batch = entry["record_batch_rows"]
+        for index in range(entry["num_shards"]):
+            path = self.directory / shard_name(index, family)
+            shard = entry["shards"][f"{index:05d}"]
+            if not path.is_file():
+                raise CacheError(f"{path}: missing shard")
+            if path.stat().st_size != shard["bytes"]:
+                raise CacheError(f"{path}: size {path.stat().st_size} != {shard['bytes']} recorded (truncated?)")
+            if verify and file_sha256(path) != shard["sha256"]:
+                raise CacheError(f"{path}: checksum mismatch (the shard is damaged)")
+            try:
+                reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            except (pa.ArrowInvalid, OSError) as err:
+                raise CacheError(f"{path}: not a readable Arrow file ({err})") from err
+            if not reader.schema.equals(schema, check_metadata=False):
+                raise CacheError(f"{path}: schema differs from the manifest's")
+            # Writers emit full record batches of ``record_batch_rows`` and one shorter last one.
+            expected = -(-shard["rows"] // per_batch)
+            if reader.num_record_batches != expected:
+                raise CacheError(f"{path}: {reader.num_record_batches} record batches, expected {expected}")
+            for b in range(expected):
+                self.batch_index.append((index, b, min(per_batch, shard["rows"] - b * per_batch)))
+            self.readers.append(reader)
+        self.starts = np.cumsum([0] + [n for _, _, n in self.batch_index])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_index)
+
+    def record_batch(self, j: int) -> pa.RecordBatch:
+        shard, b, _ = self.batch_index[j]
+        return self.readers[shard].get_batch(b)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(record batch, row within it) of row ``i`` (negative counts from the end)."""
+        if not -self.num_rows <= i < self.num_rows:
+            raise IndexError(i)
+        i %= self.num_rows
+        j = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return j, i - int(self.starts[j])

@@ -1,0 +1,42 @@
+"""Counter-based randomness: numbers that are pure functions of integer keys.
+
+``counter_hash(k1, k2, ...)`` chains SplitMix64 over its keys; ``counter_uniform`` maps the hash to
+[0, 1). A draw depends only on its keys, never on the batch, process or device it is computed in, so
+a row's randomness survives resharding, resumption and DDP, and a Gumbel field over (position,
+token id) can be regenerated anywhere from its seed instead of being stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finalizer on int64 tensors (wrapping arithmetic; logical shifts via masks)."""
+
+    def shift(z: torch.Tensor, n: int) -> torch.Tensor:
+        return (z >> n) & ((1 << (64 - n)) - 1)
+
+    def signed(c: int) -> int:
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    z = x + signed(0x9E3779B97F4A7C15)
+    z = (z ^ shift(z, 30)) * signed(0xBF58476D1CE4E5B9)
+    z = (z ^ shift(z, 27)) * signed(0x94D049BB133111EB)
+    return z ^ shift(z, 31)
+
+
+def counter_hash(*keys: torch.Tensor | int) -> torch.Tensor:
+    """64 pseudo-random bits (as int64) per element of the broadcast integer keys."""
+    state = torch.zeros((), dtype=torch.int64)
+    for key in keys:
+        key = torch.as_tensor(key, dtype=torch.int64)
+        state = _splitmix64(state.to(key.device) ^ key)
+    return state
+
+
+def counter_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
+    """Uniforms in [0, 1) (float64, 53 random bits), one per element of the broadcast int64 keys:
+    the same row gets the same draw whatever the batch, rank or device it lands on."""
+    state = counter_hash(*keys)
+    return ((state >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
