@@ -20,7 +20,7 @@ import torch
 from pipeline.config import StudentParams
 from pipeline.cpu_numerics import pin_cpu_numerics
 from pipeline.data import Layout
-from pipeline.evaluation import score_records
+from pipeline.scoring import score_records
 from pipeline.meanflow import meanflow_loss
 from pipeline.student import Student
 from pipeline.teacher import load_teacher

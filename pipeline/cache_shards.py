@@ -112,11 +112,27 @@ class ShardWriter:
             self.abort()
 
 
-def remove_stale_temporaries(directory: Path, indices: list[int], family: str) -> None:
-    """Delete the temporary files a killed writer left for these shards (never complete)."""
-    for index in indices:
+def my_shards(total: int, shard_index: int, num_shards: int) -> list[int]:
+    """The shards of a family process ``shard_index`` of ``num_shards`` fills: j % num_shards == shard_index."""
+    return [j for j in range(total) if j % num_shards == shard_index]
+
+
+def pending_shards(directory: Path, total: int, family: str, shard_index: int, num_shards: int) -> list[int]:
+    """This process's shards of ``family`` that have no sidecar yet; the temporary files a killed run
+    of ours left for them (never complete) are deleted."""
+    done = completed_shards(directory, total, family)
+    todo = [j for j in my_shards(total, shard_index, num_shards) if j not in done]
+    for index in todo:
         for stale in Path(directory).glob(f".{shard_name(index, family)}.tmp-*"):
             stale.unlink()
+    return todo
+
+
+def shard_rows(shards: list[int], examples_per_shard: int, num_examples: int, per_example: int) -> int:
+    """Rows in ``shards`` when shard j holds examples [j E, (j + 1) E) of ``num_examples``, with
+    ``per_example`` rows each."""
+    return sum((min((j + 1) * examples_per_shard, num_examples) - j * examples_per_shard) * per_example
+               for j in shards)
 
 
 # ---------------------------------------------------------------------- manifest

@@ -254,11 +254,21 @@ class RolloutParams:
     """Also store the teacher's top-k log-probs at each position's reveal step (0: not stored)."""
     rollouts_per_shard: int = 16384
     """Rollouts per shard file."""
+    batch_size: int = 256
+    """Rollouts sampled together. Part of the params hash (unlike ``cache.batch_size``): in bf16 on a
+    GPU the logits of a row change in the last bits with the batch, and so can a sampler's choice.
+    The sampler's peak memory grows with batch x block_length x vocabulary (LLaDA-8B: keep it small)."""
 
     def __post_init__(self) -> None:
         require(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1 or null")
         require(self.per_example >= 0, "per_example", "must be >= 0")
-        require_at_least(self, 1, "num_fields", "rollouts_per_shard")
+        require_at_least(self, 1, "num_fields", "rollouts_per_shard", "batch_size")
+        sampled = self.per_example - int(self.greedy_first)
+        require(self.temperature > 0 or sampled <= 1 or self.remasking == "random", "per_example",
+                f"{self.per_example} rollouts at temperature 0 would be copies of one another")
+        require(self.noise != "shared" or sampled <= self.num_fields, "per_example",
+                f"{sampled} sampled rollouts per prompt but {self.num_fields} shared fields: rollouts of one "
+                f"prompt on the same field are copies (raise num_fields)")
         require(self.steps is None or self.steps >= 1, "steps", "must be >= 1 or null")
         require(self.block_length is None or self.block_length >= 1, "block_length", "must be >= 1 or null")
         require(self.top_k >= 0, "top_k", "must be >= 0")
@@ -292,7 +302,7 @@ class CacheParams:
     record_batch_rows: int = 512
     """Rows per Arrow record batch: the unit of random access and decompression."""
     batch_size: int = 256
-    """Teacher forward batch, also rows per sampler batch of the rollouts (speed only)."""
+    """Teacher forward batch of the top-k rows (speed only: not part of the params hash)."""
     seed: int = 0
     rollouts: RolloutParams = dataclasses.field(default_factory=RolloutParams)
 

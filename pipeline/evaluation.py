@@ -8,9 +8,8 @@ device, so its wall seconds per sample are comparable with the others'. Forward 
 the sampler calls the network once per step, and CFG sends each row twice (conditional and
 unconditional), so it counts double (a test counts the calls).
 
-Scoring: rows of the built-in task suite (splits with a ``task`` column) are judged by their task
-(``pipeline.tasks``); rows of external data count as correct when the completion equals the
-reference answer (``exact_match``).
+Scoring is ``pipeline.scoring``: rows of the built-in task suite are judged by their task, rows of
+external data by exact match with the reference answer.
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ import torch
 
 from pipeline.data import Layout
 from pipeline.errors import DataError
-from pipeline.counter_random import counter_hash
-from pipeline.generate import CounterNoise, generate, mask_predictor
-from pipeline.tasks import TASKS, score
+from pipeline.generate import CounterNoise, completion_seeds, field_seeds, generate, mask_predictor
+from pipeline.scoring import score_records
 from pipeline.tokenizer import decode_answer
 
 
@@ -86,43 +84,10 @@ def completion_noise(noise: str, seed: int, rows: torch.Tensor, samples: torch.T
     """The counter-based noise of completions (row, sample) under ``fixed`` (one field per
     completion) or ``shared`` (sample i of every row uses field i mod ``num_fields``)."""
     if noise == "fixed":
-        return CounterNoise(counter_hash(seed, 1, rows, samples), fixed=True)
+        return CounterNoise(completion_seeds(seed, rows, samples), fixed=True)
     if noise == "shared":
-        return CounterNoise(counter_hash(seed, 2, samples % num_fields), fixed=True)
+        return CounterNoise(field_seeds(seed, samples % num_fields), fixed=True)
     raise ValueError(f"noise must be 'fixed' or 'shared', got {noise!r}")
-
-
-def score_records(records: list[dict]) -> dict[str, dict[str, float]]:
-    """Per-task metrics (see ``pipeline.tasks.score``) of records whose ``task`` is a built-in task;
-    the others are scored by exact match against ``answer`` under the name ``exact_match``."""
-    builtin = [r for r in records if r.get("task") in TASKS]
-    other = [r for r in records if r.get("task") not in TASKS]
-    metrics = {name: m for name, m in score(builtin).items() if name != "mean"} if builtin else {}
-    if other:
-        hits = sum(c.strip() == r["answer"].strip() for r in other for c in r["completions"])
-        metrics["exact_match"] = {"accuracy": hits / sum(len(r["completions"]) for r in other), "prompts": len(other)}
-    metrics["mean"] = {"accuracy": sum(m["accuracy"] for m in metrics.values()) / len(metrics)}
-    return metrics
-
-
-def score_rollouts(rollouts, rows, tokenizer, stops: set[int]) -> dict[str, dict]:
-    """The teacher's accuracy on its own cached rollouts (``pipeline.rollout_cache.RolloutCache``)
-    of training ``rows`` (the split they were sampled from), greedy and sampled rollouts apart: per
-    task accuracy, and distinct valid completions per prompt for many-answer tasks."""
-    by_kind: dict[str, dict[int, list[str]]] = {"greedy": {}, "sampled": {}}
-    for j in range(rollouts.num_batches):
-        batch = rollouts.batch(j)
-        for example, temperature, tokens in zip(batch.example_index, batch.temperature, batch.tokens):
-            kind = "greedy" if temperature == 0 else "sampled"
-            by_kind[kind].setdefault(int(example), []).append(decode_answer(tokenizer, tokens.tolist(), stops))
-    scores = {}
-    for kind, completions in by_kind.items():
-        if completions:
-            records = [{"prompt": rows[i]["prompt"], "answer": rows[i]["answer"], "completions": c,
-                        **({"task": rows[i]["task"]} if "task" in rows.column_names else {})}
-                       for i, c in sorted(completions.items())]
-            scores[kind] = score_records(records)
-    return scores
 
 
 @torch.inference_mode()

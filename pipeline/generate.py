@@ -17,7 +17,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.counter_random import counter_uniform
+from pipeline.counter_random import counter_hash, counter_uniform
 from pipeline.llada import upcast
 
 # A mask predictor maps (input_ids (B, T), attention_mask (B, T) or None) to logits (B, T, V).
@@ -62,6 +62,19 @@ class CounterNoise:
 
 
 Noise = GeneratorNoise | CounterNoise
+COMPLETION_STREAM, FIELD_STREAM = 1, 2  # key spaces of counter_hash under a run's seed
+
+
+def completion_seeds(seed: int, example: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
+    """Noise seeds (int64) of completions ``draw`` of prompts ``example``: ``counter_hash(seed, 1,
+    example, draw)``, each completion its own."""
+    return counter_hash(seed, COMPLETION_STREAM, example, draw)
+
+
+def field_seeds(seed: int, field: torch.Tensor) -> torch.Tensor:
+    """Seeds of shared Gumbel fields ``field``: ``counter_hash(seed, 2, field)``, the same for every
+    prompt (the ``shared`` coupling)."""
+    return counter_hash(seed, FIELD_STREAM, field)
 
 
 def gumbel_perturbed(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:

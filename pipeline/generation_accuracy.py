@@ -9,7 +9,8 @@ from __future__ import annotations
 import lightning as L
 
 from pipeline.data import Layout
-from pipeline.evaluation import complete_split, score_records
+from pipeline.evaluation import complete_split
+from pipeline.scoring import score_records
 
 
 class GenerationAccuracy(L.Callback):

@@ -1,9 +1,11 @@
 """Filling the rollout shards: the teacher's own sampler on training prompts (format:
 ``pipeline.rollout_cache``).
 
-A rollout's noise is a pure function of its seed and its seed of (cache.seed, example, rollout), so
-a shard's content depends only on (params, shard index): any split of the shards over processes, and
-any rerun after a kill, writes the same bytes.
+A rollout's noise is a pure function of its seed, and its seed a function of (cache.seed, example,
+rollout), or of (cache.seed, field) under ``shared`` noise; shard j's rollouts are sampled in
+batches of ``cache.rollouts.batch_size`` in a fixed order. So a shard's bytes depend only on (params,
+shard index): any split of the shards over processes, and any rerun after a kill, writes the same
+bytes.
 """
 
 from __future__ import annotations
@@ -15,14 +17,11 @@ import torch
 
 from pipeline.cache_shards import ROLLOUTS, ShardWriter
 from pipeline.config import CacheParams, RolloutParams
-from pipeline.counter_random import counter_hash
 from pipeline.data import Layout
 from pipeline.errors import ParamsError
-from pipeline.generate import CounterNoise, mask_predictor, sample_trajectory
+from pipeline.generate import CounterNoise, completion_seeds, field_seeds, mask_predictor, sample_trajectory
 from pipeline.llada import LLaDA
 from pipeline.rollout_cache import RolloutRows, rollout_schema
-
-ROLLOUT_STREAM, FIELD_STREAM = 1, 2  # key spaces of counter_hash under cache.seed
 
 
 def rollout_examples(params: CacheParams, num_examples: int) -> int:
@@ -55,7 +54,18 @@ def sampler_settings(params: CacheParams, layout: Layout, mask_id: int) -> dict:
                           f"{G // block_length} block(s) (at most {G}, a multiple of the number of blocks)")
     return {"steps": steps, "gen_length": G, "block_length": block_length, "remasking": r.remasking,
             "cfg_scale": r.cfg_scale, "temperature": r.temperature, "noise": r.noise, "num_fields": r.num_fields,
-            "greedy_first": r.greedy_first, "mask_token_id": mask_id}
+            "greedy_first": r.greedy_first, "mask_token_id": mask_id, "batch_size": r.batch_size}
+
+
+def manifest_entry(params: CacheParams, layout: Layout, mask_id: int, num_examples: int) -> dict | None:
+    """The manifest's ``rollouts`` entry (``pipeline.rollout_cache``) for a cache over
+    ``num_examples`` training examples; None when there are no rollouts."""
+    examples = rollout_examples(params, num_examples)
+    if not examples:
+        return None
+    return {"num_shards": num_shards_for(examples, params.rollouts), "record_batch_rows": params.record_batch_rows,
+            "examples": examples, "per_example": params.rollouts.per_example, "top_k": params.rollouts.top_k,
+            "sampler": sampler_settings(params, layout, mask_id)}
 
 
 def rollout_plan(first: int, last: int, params: CacheParams) -> RolloutRows:
@@ -66,12 +76,13 @@ def rollout_plan(first: int, last: int, params: CacheParams) -> RolloutRows:
     example = np.repeat(np.arange(first, last, dtype=np.int64), r.per_example)
     rollout = np.tile(np.arange(r.per_example, dtype=np.int32), n)
     greedy = (rollout == 0) & r.greedy_first
+    # The sampler runs at the stored float32 temperature, so a rollout regenerates from its row.
     temperature = np.where(greedy, 0.0, r.temperature).astype(np.float32)
-    seed = counter_hash(params.seed, ROLLOUT_STREAM, torch.from_numpy(example), torch.from_numpy(rollout.astype(np.int64)))
+    seed = completion_seeds(params.seed, torch.from_numpy(example), torch.from_numpy(rollout.astype(np.int64)))
     field = np.full(len(example), -1, dtype=np.int32)
     if r.noise == "shared":
         field = np.where(greedy, -1, (rollout - int(r.greedy_first)) % r.num_fields).astype(np.int32)
-        shared = counter_hash(params.seed, FIELD_STREAM, torch.from_numpy(np.maximum(field, 0).astype(np.int64)))
+        shared = field_seeds(params.seed, torch.from_numpy(np.maximum(field, 0).astype(np.int64)))
         seed = torch.where(torch.from_numpy(field >= 0), shared, seed)
     empty = np.zeros((len(example), 0), dtype=np.int32)
     return RolloutRows(example, rollout, temperature, seed.numpy().view(np.uint64), field, empty, empty.astype(np.int8),
@@ -103,8 +114,8 @@ def fill_rollout_shard(model: LLaDA, dataset, shard: int, layout: Layout, params
     seeds = torch.from_numpy(plan.seed.view(np.int64))
     for temperature in sorted(set(plan.temperature.tolist())):
         group = np.flatnonzero(plan.temperature == temperature)
-        for start in range(0, len(group), params.batch_size):
-            part = group[start : start + params.batch_size]
+        for start in range(0, len(group), r.batch_size):
+            part = group[start : start + r.batch_size]
             trajectory = sample_trajectory(
                 predictor, torch.from_numpy(prompts[part]).long().to(device),
                 torch.from_numpy(prompt_mask[part]).long().to(device), steps=sampler["steps"], gen_length=G,

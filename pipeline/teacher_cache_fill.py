@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import rollout_fill
+from pipeline.cache_shards import (
+    ROLLOUTS, TOPK, ShardWriter, ensure_manifest, finalize_manifest, my_shards, pending_shards, shard_rows,
+)
 from pipeline.config import CacheParams, params_hash
 from pipeline.data import Layout, split_fingerprint
 from pipeline.generate import guided_logits, mask_predictor
 from pipeline.llada import LLaDA
-from pipeline import rollout_fill
-from pipeline.cache_shards import (
-    ROLLOUTS, TOPK, ShardWriter, completed_shards, ensure_manifest, finalize_manifest, remove_stale_temporaries,
-)
 from pipeline.teacher_cache import CacheRows, cache_schema
 
 
@@ -130,69 +130,51 @@ def fill_cache(
 
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
-    if params.top_k > model.config.embedding_size:
-        raise ValueError(f"cache.top_k {params.top_k} exceeds the vocabulary ({model.config.embedding_size})")
-    if params.rollouts.top_k > model.config.embedding_size:
-        raise ValueError(f"cache.rollouts.top_k {params.rollouts.top_k} exceeds the vocabulary "
-                         f"({model.config.embedding_size})")
+    for key, k in (("cache.top_k", params.top_k), ("cache.rollouts.top_k", params.rollouts.top_k)):
+        if k > model.config.embedding_size:
+            raise ValueError(f"{key} {k} exceeds the vocabulary ({model.config.embedding_size})")
     out_dir = Path(out_dir)
     total = num_shards_for(len(dataset), params)
-    rollout_examples = rollout_fill.rollout_examples(params, len(dataset))
-    rollout_total = rollout_fill.num_shards_for(rollout_examples, params.rollouts)
-    sampler = None
     manifest = {**header, "num_shards": total, "top_k": params.top_k, "record_batch_rows": params.record_batch_rows}
-    if rollout_total:
-        sampler = rollout_fill.sampler_settings(params, layout, model.config.mask_token_id)
-        manifest[ROLLOUTS] = {"num_shards": rollout_total, "record_batch_rows": params.record_batch_rows,
-                              "examples": rollout_examples, "per_example": params.rollouts.per_example,
-                              "top_k": params.rollouts.top_k, "sampler": sampler}
+    rollouts = rollout_fill.manifest_entry(params, layout, model.config.mask_token_id, len(dataset))
+    if rollouts is not None:
+        manifest[ROLLOUTS] = rollouts
     ensure_manifest(out_dir, manifest)
-    summary = {"shards_total": total + rollout_total}
+    rollout_total = rollouts["num_shards"] if rollouts else 0
 
     todo = pending_shards(out_dir, total, TOPK, shard_index, num_shards)
-    per_shard = examples_per_shard(params)
-    rows = sum((min((j + 1) * per_shard, len(dataset)) - j * per_shard) * params.samples_per_example for j in todo)
+    rows = shard_rows(todo, examples_per_shard(params), len(dataset), params.samples_per_example)
     started = time.perf_counter()
     with tqdm(total=rows, unit="row", desc=f"top-k shards {shard_index}/{num_shards}", smoothing=0.1) as progress:
         for j in todo:
             fill_shard(model, dataset, j, layout, params, out_dir, progress)
-    summary.update(shards_written=len(todo), rows_written=rows, seconds=round(time.perf_counter() - started, 2))
+    seconds = time.perf_counter() - started
 
     rollout_todo = pending_shards(out_dir, rollout_total, ROLLOUTS, shard_index, num_shards)
-    per_shard = rollout_fill.examples_per_shard(params.rollouts)
-    rollouts = sum((min((j + 1) * per_shard, rollout_examples) - j * per_shard) * params.rollouts.per_example
-                   for j in rollout_todo)
+    count = shard_rows(rollout_todo, rollout_fill.examples_per_shard(params.rollouts), rollouts["examples"],
+                       params.rollouts.per_example) if rollouts else 0
     started = time.perf_counter()
-    with tqdm(total=rollouts, unit="rollout", desc=f"rollout shards {shard_index}/{num_shards}", smoothing=0.1,
+    with tqdm(total=count, unit="rollout", desc=f"rollout shards {shard_index}/{num_shards}", smoothing=0.1,
               disable=not rollout_todo) as progress:
         for j in rollout_todo:
-            rollout_fill.fill_rollout_shard(model, dataset, j, layout, params, sampler, out_dir, progress)
-    summary.update(rollout_shards_written=len(rollout_todo), rollouts_written=rollouts,
-                   rollout_seconds=round(time.perf_counter() - started, 2))
-    mine = len([j for j in range(total) if j % num_shards == shard_index])
-    mine += len([j for j in range(rollout_total) if j % num_shards == shard_index])
-    summary["shards_skipped"] = mine - len(todo) - len(rollout_todo)
-    summary["complete"] = finalize_manifest(out_dir)
-    return summary
+            rollout_fill.fill_rollout_shard(model, dataset, j, layout, params, rollouts["sampler"], out_dir, progress)
+    rollout_seconds = time.perf_counter() - started
+    mine = len(my_shards(total, shard_index, num_shards)) + len(my_shards(rollout_total, shard_index, num_shards))
+    return {"shards_total": total + rollout_total, "shards_written": len(todo), "rows_written": rows,
+            "seconds": round(seconds, 2), "rollout_shards_written": len(rollout_todo), "rollouts_written": count,
+            "rollout_seconds": round(rollout_seconds, 2),
+            "shards_skipped": mine - len(todo) - len(rollout_todo), "complete": finalize_manifest(out_dir)}
 
 
-def pending_shards(out_dir: Path, total: int, family: str, shard_index: int, num_shards: int) -> list[int]:
-    """This process's shards of ``family`` that have no sidecar yet; the temporary files a killed run
-    of ours left for them are deleted."""
-    done = completed_shards(out_dir, total, family)
-    todo = [j for j in range(total) if j % num_shards == shard_index and j not in done]
-    remove_stale_temporaries(out_dir, todo, family)
-    return todo
-
-
-def load_train_split(data_dir: Path, max_examples: int | None):
-    """The tokenized training split of ``prepare_data`` (numpy format), optionally truncated."""
+def load_train_split(data_dir: Path, max_examples: int | None, tokens_only: bool = True):
+    """The training split of ``prepare_data``, optionally truncated: with ``tokens_only`` its
+    ``input_ids`` and ``attention_mask`` in numpy format, else every column as stored."""
     import datasets
 
     train = datasets.load_from_disk(str(Path(data_dir) / "train"))
     if max_examples is not None:
         train = train.select(range(min(max_examples, len(train))))
-    return train.with_format("numpy", columns=["input_ids", "attention_mask"])
+    return train.with_format("numpy", columns=["input_ids", "attention_mask"]) if tokens_only else train
 
 
 def cache_header(record, layout: Layout, params: CacheParams, data_dir: Path, model: LLaDA) -> dict:

@@ -19,13 +19,12 @@ import json
 import os
 from pathlib import Path
 
-import datasets
 import torch
 
 from pipeline.config import CacheParams, load_section
 from pipeline.data import Layout
-from pipeline.evaluation import score_rollouts
 from pipeline.rollout_cache import open_rollouts, rollout_statistics
+from pipeline.scoring import score_rollouts
 from pipeline.stage import run_stage, stage_parser
 from pipeline.teacher import check_data_tokenizer, checkpoint_dir, load_teacher
 from pipeline.teacher_cache import cache_statistics
@@ -66,7 +65,8 @@ def main() -> None:
     header = cache_header(record, layout, params, args.data, model)
     summary = fill_cache(model, train, layout, params, args.out, header, args.shard_index, args.num_shards)
     if summary["complete"]:
-        metrics = {**cache_statistics(args.out), "seconds": summary["seconds"]}
+        metrics = {**cache_statistics(args.out), "seconds": summary["seconds"],
+                   "total_seconds": round(summary["seconds"] + summary["rollout_seconds"], 2)}
         if params.rollouts.per_example:
             metrics["rollouts"] = rollout_metrics(args, summary, tokenizer, stop_token_ids(
                 tokenizer, model.config, checkpoint_dir(args.teacher, record)))
@@ -80,7 +80,7 @@ def rollout_metrics(args, summary: dict, tokenizer, stops: set[int]) -> dict:
     stats = rollout_statistics(args.out)
     seconds = summary["rollout_seconds"]
     rollouts = open_rollouts(args.out, verify=False)
-    train = datasets.load_from_disk(str(args.data / "train")).select(range(stats["examples"]))
+    train = load_train_split(args.data, stats["examples"], tokens_only=False)
     return {**stats, "seconds": seconds,
             "rollouts_per_second": round(summary["rollouts_written"] / seconds, 1) if seconds else None,
             "forward_passes_per_rollout": stats["sampler"]["steps"] * (2 if stats["sampler"]["cfg_scale"] > 0 else 1),

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from pipeline.data import Layout
-from pipeline.evaluation import complete_split, default_teacher_steps, evaluate_settings, score_records, settings_for
+from pipeline.evaluation import complete_split, default_teacher_steps, evaluate_settings, settings_for
+from pipeline.scoring import score_records
 from pipeline.evaluation_report import summarize
 from pipeline.generate import generate
 from pipeline.student import Student

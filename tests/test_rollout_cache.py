@@ -17,7 +17,7 @@ from pipeline.cache_shards import ROLLOUTS, ShardWriter, ensure_manifest, finali
 from pipeline.config import CacheParams, from_mapping
 from pipeline.data import Layout
 from pipeline.errors import CacheError, ParamsError
-from pipeline.generate import CounterNoise, mask_predictor, sample_trajectory
+from pipeline.generate import CounterNoise, field_seeds, mask_predictor, sample_trajectory
 from pipeline.rollout_cache import RolloutRows, open_rollouts, rollout_schema, rollout_statistics
 from pipeline.teacher import load_teacher
 from pipeline.teacher_cache import open_cache
@@ -26,7 +26,7 @@ from tests.conftest import make_workdir
 from tests.test_teacher_cache import ROOT
 
 # 30 of the 120 training examples get 3 rollouts each, 6 examples (18 rollouts) per shard: 5 shards.
-ROLLOUTS_SMALL = {"max_examples": 30, "per_example": 3, "rollouts_per_shard": 20}
+ROLLOUTS_SMALL = {"max_examples": 30, "per_example": 3, "rollouts_per_shard": 20, "batch_size": 7}
 SMALL = dict(samples_per_example=1, top_k=3, rows_per_shard=60, record_batch_rows=8, batch_size=7,
              rollouts=ROLLOUTS_SMALL)
 
@@ -128,14 +128,17 @@ def test_rollouts_regenerate_from_their_seed_and_reconstruct_every_step(workdir_
         assert np.array_equal(trajectory.sequences[0, P:].numpy(), row["tokens"])
         assert np.array_equal(trajectory.reveal_step[0].numpy(), row["reveal_step"])
         assert np.array_equal(trajectory.reveal_topk_ids[0].numpy(), row["reveal_topk_ids"])
+        assert np.array_equal(trajectory.reveal_topk_logprobs[0].numpy().astype(np.float16), row["reveal_topk_logprobs"])
         assert len(seen) == settings["steps"]
         for k, state in enumerate(seen):  # with CFG the first row is the conditional input
             assert np.array_equal(rollouts.state_after(row, k), state[0].numpy())
         assert np.array_equal(rollouts.state_after(row, settings["steps"])[P:], row["tokens"])
-    if noise == "shared":  # a field is shared by every prompt: one seed per field index
-        batch = rollouts.batch(0)
+    if noise == "shared":  # a field is shared by every prompt: its seed is a function of its index
+        batch = RolloutRows.concat([rollouts.batch(j) for j in range(rollouts.num_batches)])
         sampled = batch.field >= 0
-        assert len(set(zip(batch.field[sampled].tolist(), batch.seed[sampled].tolist()))) == 2
+        expected = field_seeds(params.seed, torch.from_numpy(batch.field[sampled].astype(np.int64)))
+        assert np.array_equal(batch.seed[sampled], expected.numpy().view(np.uint64))
+        assert set(batch.field[sampled].tolist()) == {0, 1}
 
 
 def test_sampler_settings_that_cannot_run_are_refused(workdir, tmp_path):
@@ -145,6 +148,10 @@ def test_sampler_settings_that_cannot_run_are_refused(workdir, tmp_path):
         fill(workdir, tmp_path / "cache", params=cache_params(steps=8))
     with pytest.raises(ParamsError, match="cache.rollouts.noise"):
         from_mapping(CacheParams, {"rollouts": {"noise": "gaussian"}}, "cache")
+    with pytest.raises(ParamsError, match="cache.rollouts.per_example: 4 rollouts at temperature 0 would be copies"):
+        from_mapping(CacheParams, {"rollouts": {"temperature": 0.0}}, "cache")
+    with pytest.raises(ParamsError, match="cache.rollouts.per_example: 5 sampled rollouts per prompt but 4 shared"):
+        from_mapping(CacheParams, {"rollouts": {"noise": "shared", "per_example": 6}}, "cache")
 
 
 def test_independent_of_the_process_split_and_the_batch(workdir, tmp_path):
@@ -153,9 +160,11 @@ def test_independent_of_the_process_split_and_the_batch(workdir, tmp_path):
     assert not first["complete"] and first["rollout_shards_written"] == 3  # rollout shards 0, 2, 4
     assert fill(workdir, tmp_path / "split", shard_index=1, num_shards=2)["complete"]
     assert rollout_digests(tmp_path / "split") == rollout_digests(tmp_path / "one")
-    other_batch = from_mapping(CacheParams, {**SMALL, "batch_size": 5}, "cache")
+    other_batch = from_mapping(CacheParams, {**SMALL, "batch_size": 5}, "cache")  # the top-k rows' batch
     fill(workdir, tmp_path / "batch", params=other_batch)
     assert rollout_digests(tmp_path / "batch") == rollout_digests(tmp_path / "one")
+    with pytest.raises(CacheError, match="params_hash"):  # the sampler's batch is part of the content
+        fill(workdir, tmp_path / "one", params=cache_params(batch_size=5))
     again = fill(workdir, tmp_path / "one")
     assert again["rollout_shards_written"] == 0 and again["shards_skipped"] == again["shards_total"]
     stats = rollout_statistics(tmp_path / "one")
@@ -199,7 +208,7 @@ def test_killed_run_resumes_to_the_same_rollouts(tmp_path):
     work = make_workdir(tmp_path / "work", train_per_task=150, d_model=64)
     rollouts = {"max_examples": 600, "per_example": 4, "rollouts_per_shard": 120}  # 20 rollout shards
     params = {"cache": {**SMALL, "rows_per_shard": 600, "record_batch_rows": 64, "batch_size": 60,
-                        "rollouts": rollouts}}
+                        "rollouts": {**rollouts, "batch_size": 60}}}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, str(ROOT / "stages" / "cache_teacher.py")]
     process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -212,6 +221,9 @@ def test_killed_run_resumes_to_the_same_rollouts(tmp_path):
     manifest = json.loads((cache / "manifest.json").read_text())
     assert not manifest["complete"], "the run finished before it could be killed: make it longer"
     assert 0 < len(list(cache.glob("rollouts-*.json"))) < manifest[ROLLOUTS]["num_shards"]
+    pending = manifest[ROLLOUTS]["num_shards"] - 1
+    assert not (cache / f"rollouts-{pending:05d}.json").exists()
+    (cache / f".rollouts-{pending:05d}.arrow.tmp-999999").write_bytes(b"half a shard")  # as a kill mid-write leaves
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not list(cache.glob(".rollouts-*"))  # the killed run's temporary file is gone
@@ -219,5 +231,5 @@ def test_killed_run_resumes_to_the_same_rollouts(tmp_path):
     fill(work, reference, params=from_mapping(CacheParams, params["cache"], "cache"))
     assert rollout_digests(cache) == rollout_digests(reference)
     metrics = json.loads((work / "metrics" / "cache.json").read_text())["rollouts"]
-    assert metrics["rollouts"] == 2400 and metrics["forward_passes_per_rollout"] == 7
+    assert metrics["rollouts"] == 2400 and metrics["forward_passes_per_rollout"] == 7 and metrics["rollouts_per_second"] > 0
     assert set(metrics["accuracy"]) == {"greedy", "sampled"} and "distinct_valid" in metrics["accuracy"]["sampled"]["perm"]
