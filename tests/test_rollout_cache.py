@@ -3,15 +3,11 @@
 under any process split, resumption after a kill, damage and mismatch detection)."""
 
 import json
-import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from pipeline.cache_shards import ROLLOUTS, ShardWriter, ensure_manifest, finalize_manifest
 from pipeline.config import CacheParams, from_mapping
@@ -23,7 +19,7 @@ from pipeline.teacher import load_teacher
 from pipeline.teacher_cache import open_cache
 from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
-from tests.test_teacher_cache import ROOT
+from tests.test_teacher_cache import kill_stage_one_after
 
 # 30 of the 120 training examples get 3 rollouts each, 6 examples (18 rollouts) per shard: 5 shards.
 ROLLOUTS_SMALL = {"max_examples": 30, "per_example": 3, "rollouts_per_shard": 20, "batch_size": 7}
@@ -209,15 +205,7 @@ def test_killed_run_resumes_to_the_same_rollouts(tmp_path):
     rollouts = {"max_examples": 600, "per_example": 4, "rollouts_per_shard": 120}  # 20 rollout shards
     params = {"cache": {**SMALL, "rows_per_shard": 600, "record_batch_rows": 64, "batch_size": 60,
                         "rollouts": {**rollouts, "batch_size": 60}}}
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    command = [sys.executable, str(ROOT / "stages" / "cache_teacher.py")]
-    process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cache = work / "artifacts" / "cache"
-    deadline = time.time() + 300
-    while not list(cache.glob("rollouts-*.json")) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    command, cache = kill_stage_one_after(work, params, "rollouts-*.json")
     manifest = json.loads((cache / "manifest.json").read_text())
     assert not manifest["complete"], "the run finished before it could be killed: make it longer"
     assert 0 < len(list(cache.glob("rollouts-*.json"))) < manifest[ROLLOUTS]["num_shards"]

@@ -156,18 +156,25 @@ def test_damaged_shards_are_refused_by_name(workdir, tmp_path):
         open_cache(tmp_path / "cache", verify=False)
 
 
-def test_killed_run_resumes_to_the_same_cache(tmp_path):
-    work = make_workdir(tmp_path / "work", train_per_task=600, d_model=64)
-    params = {"cache": {**SMALL, "rows_per_shard": 300, "record_batch_rows": 64, "batch_size": 50}}
+def kill_stage_one_after(work, params: dict, sidecars: str):
+    """Run ``stages/cache_teacher.py`` in ``work`` with ``params`` and SIGKILL it as soon as a
+    sidecar matching ``sidecars`` exists; returns the command (to rerun it) and the cache directory."""
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, str(ROOT / "stages" / "cache_teacher.py")]
     process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cache = work / "artifacts" / "cache"
     deadline = time.time() + 300
-    while not list(cache.glob("shard-*.json")) and time.time() < deadline and process.poll() is None:
+    while not list(cache.glob(sidecars)) and time.time() < deadline and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    return command, cache
+
+
+def test_killed_run_resumes_to_the_same_cache(tmp_path):
+    work = make_workdir(tmp_path / "work", train_per_task=600, d_model=64)
+    params = {"cache": {**SMALL, "rows_per_shard": 300, "record_batch_rows": 64, "batch_size": 50}}
+    command, cache = kill_stage_one_after(work, params, "shard-*.json")
     manifest = json.loads((cache / "manifest.json").read_text())
     assert not manifest["complete"], "the run finished before it could be killed: make it longer"
     with pytest.raises(CacheError, match="incomplete"):
