@@ -19,7 +19,7 @@ from pipeline.teacher import load_teacher
 from pipeline.teacher_cache import open_cache
 from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
-from tests.test_teacher_cache import kill_stage_one_after
+from tests.test_teacher_cache import assert_damage_refused, kill_stage_one_after
 
 # 30 of the 120 training examples get 3 rollouts each, 6 examples (18 rollouts) per shard: 5 shards.
 ROLLOUTS_SMALL = {"max_examples": 30, "per_example": 3, "rollouts_per_shard": 20, "batch_size": 7}
@@ -188,15 +188,7 @@ def test_mismatched_rollout_params_and_damaged_shards_are_refused(workdir, tmp_p
         fill(workdir, tmp_path / "cache", params=cache_params(noise="fixed"))
     with pytest.raises(CacheError, match="params_hash"):
         fill(workdir, tmp_path / "cache", params=cache_params(temperature=0.5))
-    shard = tmp_path / "cache" / "rollouts-00002.arrow"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match="rollouts-00002.arrow: checksum mismatch"):
-        open_rollouts(tmp_path / "cache")
-    shard.write_bytes(bytes(data[:-50]))
-    with pytest.raises(CacheError, match=r"rollouts-00002.arrow: size .*truncated"):
-        open_rollouts(tmp_path / "cache", verify=False)
+    assert_damage_refused(tmp_path / "cache" / "rollouts-00002.arrow", open_rollouts, cut=50)
     open_cache(tmp_path / "cache")  # the top-k family is intact and still opens
 
 

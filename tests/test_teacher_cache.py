@@ -143,17 +143,22 @@ def test_mismatched_params_or_teacher_are_refused(workdir, tmp_path):
         fill(workdir, tmp_path / "cache", max_examples=16)
 
 
-def test_damaged_shards_are_refused_by_name(workdir, tmp_path):
-    fill(workdir, tmp_path / "cache", max_examples=16)
-    shard = tmp_path / "cache" / "shard-00001.arrow"
+def assert_damage_refused(shard, open_family, cut: int) -> None:
+    """A flipped bit in ``shard`` fails its checksum, and the shard cut short by ``cut`` bytes its
+    size check (without checksums), each refused naming the file."""
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match="shard-00001.arrow: checksum mismatch"):
-        open_cache(tmp_path / "cache")
-    shard.write_bytes(bytes(data[:-100]))
-    with pytest.raises(CacheError, match=r"shard-00001.arrow: size .*truncated"):
-        open_cache(tmp_path / "cache", verify=False)
+    with pytest.raises(CacheError, match=f"{shard.name}: checksum mismatch"):
+        open_family(shard.parent)
+    shard.write_bytes(bytes(data[:-cut]))
+    with pytest.raises(CacheError, match=rf"{shard.name}: size .*truncated"):
+        open_family(shard.parent, verify=False)
+
+
+def test_damaged_shards_are_refused_by_name(workdir, tmp_path):
+    fill(workdir, tmp_path / "cache", max_examples=16)
+    assert_damage_refused(tmp_path / "cache" / "shard-00001.arrow", open_cache, cut=100)
 
 
 def kill_stage_one_after(work, params: dict, sidecars: str):
