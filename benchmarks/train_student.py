@@ -27,7 +27,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
 
     from pipeline.config import StudentParams, load_section
     from pipeline.data import Layout
-    from pipeline.distillation import MeanFlowDistillation
+    from pipeline.distillation import StudentDistillation
     from pipeline.meanflow import dense_logprobs, token_losses
     from pipeline.student import Student
     from pipeline.teacher import load_teacher
@@ -39,7 +39,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
     jvp = "grad" if variant == "meanflow_grad_jvp" else "no_grad"
     params = StudentParams(**{**vars(defaults), "jvp": jvp, "batch_size": batch_size})
     student = Student(base, config=params.soft_prompt)
-    module = MeanFlowDistillation(student, params, Layout.load(ROOT / "data").gen_length).to(device)
+    module = StudentDistillation(student, params, Layout.load(ROOT / "data").gen_length).to(device)
     batch = {k: v.to(device) for k, v in CacheMiniBatches(ROOT / "artifacts" / "cache", batch_size)[0].items()}
     optimizer = torch.optim.AdamW(student.soft_prompt.parameters(), lr=1e-4)
 
@@ -49,7 +49,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
             u = student(input_ids=batch["input_ids"], r=batch["t"], t=batch["t"], attention_mask=batch["attention_mask"])
             loss = token_losses("kl", u[batch["masked"]], v).mean()
         else:
-            loss = module.forward_step(batch).loss
+            loss = module.meanflow_step(batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -332,9 +332,13 @@ class SoftPromptConfig:
     conditioning: Literal["r_t", "t_interval"] = "r_t"
     """Inputs of the time encoder: ``r_t`` embeds (r, t) (the seed's choice); ``t_interval`` embeds
     (t, t - r), which MeanFlow reports slightly better."""
+    latent_dim: int = 0
+    """d: a per-generation latent z ~ N(0, I_d) enters the prompt MLP beside the time features, so
+    one forward pass can emit different consistent answers (DESIGN 11.2); 0: no latent."""
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "prompt_length", "hidden_size", "max_frequency")
+        require_at_least(self, 0, "latent_dim")
         require(self.time_features >= 2 and self.time_features % 2 == 0, "time_features", "must be an even number >= 2")
         require(self.conditioning in ("r_t", "t_interval"), "conditioning", "must be 'r_t' or 't_interval'")
 
@@ -344,6 +348,21 @@ class StudentParams:
     """``student``: the soft prompt and its MeanFlow distillation (stage ``train_student``)."""
 
     soft_prompt: SoftPromptConfig = dataclasses.field(default_factory=SoftPromptConfig)
+    meanflow_weight: float = 1.0
+    """Weight of the seed's MeanFlow objective on the cache's top-k rows (0: off)."""
+    rollout_weight: float = 0.0
+    """Weight of the rollout objective on the cache's teacher rollouts (DESIGN 11.3; 0: off)."""
+    rollouts: Literal["all", "greedy", "sampled"] = "all"
+    """Which cached rollouts the rollout objective trains on (greedy: temperature 0)."""
+    one_step_fraction: float = 0.5
+    """Probability that a rollout row starts fully masked (k = 0, t = 1: the one-step point); the
+    others start after a uniform step 1 .. steps - 1."""
+    r0_fraction: float = 0.5
+    """Probability that a rollout row's target is the whole rest of the trajectory (r = 0); the others
+    end after a uniform later step."""
+    latent_draws: int = 4
+    """K: latents drawn per rollout for a latent student (``soft_prompt.latent_dim`` > 0); the best one
+    (lowest loss, scored without gradient) is trained."""
     tangent: Literal["linear", "seed"] = "linear"
     """dz/dt of the JVP: the forward process's mean-embedding path, or the seed's literal form."""
     loss: Literal["kl", "mse"] = "kl"
@@ -377,7 +396,13 @@ class StudentParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require_at_least(self, 1, "batch_size", "max_steps", "eval_every", "devices")
+        require_at_least(self, 1, "batch_size", "max_steps", "eval_every", "devices", "latent_draws")
+        require_at_least(self, 0, "meanflow_weight", "rollout_weight")
+        require(self.meanflow_weight > 0 or self.rollout_weight > 0, "rollout_weight",
+                "meanflow_weight and rollout_weight are both 0: nothing to train")
+        require(self.rollouts in ("all", "greedy", "sampled"), "rollouts", "must be 'all', 'greedy' or 'sampled'")
+        for key in ("one_step_fraction", "r0_fraction"):
+            require(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
         require_at_least(self, 0, "warmup_steps", "num_workers", "ce_weight", "adaptive_power", "weight_decay")
         require(0.0 <= self.equal_fraction <= 1.0, "equal_fraction", "must be in [0, 1]")
         require(self.lr > 0, "lr", "must be > 0")

@@ -40,3 +40,13 @@ def counter_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
     the same row gets the same draw whatever the batch, rank or device it lands on."""
     state = counter_hash(*keys)
     return ((state >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
+def counter_normal(dim: int, *keys: torch.Tensor | int) -> torch.Tensor:
+    """Standard normals (float32), shape broadcast(keys) + (dim,): component j from the uniforms of
+    keys + (2j,) and keys + (2j + 1,) by Box-Muller, so a latent is a pure function of its keys."""
+    j = torch.arange(dim, dtype=torch.int64)
+    keys = tuple(torch.as_tensor(k, dtype=torch.int64)[..., None] for k in keys)  # each (..., 1)
+    u1 = counter_uniform(*keys, 2 * j)
+    u2 = counter_uniform(*keys, 2 * j + 1)
+    return (torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(2 * torch.pi * u2)).float()

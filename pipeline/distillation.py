@@ -1,22 +1,26 @@
-"""Stage two in Lightning: MeanFlow distillation of the student from the teacher cache.
+"""Stage two in Lightning: distillation of the student from the teacher cache.
 
-The network is the plain ``Student`` (frozen LLaDA + soft prompt); ``MeanFlowDistillation`` is a thin
-LightningModule around ``pipeline.meanflow.meanflow_loss``; batches come from
-``pipeline.teacher_cache_loader``.
+The network is the plain ``Student`` (frozen LLaDA + soft prompt); ``StudentDistillation`` is a thin
+LightningModule that weighs the two objectives, ``pipeline.meanflow.meanflow_loss`` on the cache's
+top-k rows and ``pipeline.rollout_objective.rollout_loss`` on its teacher rollouts, and draws every
+random number (r, the rollout steps, the latents) from counter-based hashes of the row's identity,
+so a row gets the same draws on any rank; batches come from ``pipeline.teacher_cache_loader``.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from pipeline.config import StudentParams
+from pipeline.counter_random import counter_normal, counter_uniform
 from pipeline.lr_schedule import warmup_cosine
-from pipeline.counter_random import counter_uniform
 from pipeline.meanflow import MeanFlowLoss, dense_logprobs, meanflow_loss, sample_r
+from pipeline.rollout_objective import RolloutLoss, rollout_interval, rollout_loss, sample_steps
 from pipeline.student import Student
 from pipeline.teacher_cache_loader import TeacherCacheDataModule
 
@@ -24,40 +28,103 @@ from pipeline.teacher_cache_loader import TeacherCacheDataModule
 # The frozen base stays in eval mode on purpose (Student.train keeps it there).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
+# Key spaces of the counter-based draws of a row (after its identity keys; r uses 1 and 2 directly).
+MEANFLOW_LATENT_STREAM, ROLLOUT_STEP_STREAM, ROLLOUT_LATENT_STREAM = 3, 4, 5
+DIAGNOSTIC_WINDOW = 50  # training steps the end-of-training diagnostics average over
 
-class MeanFlowDistillation(L.LightningModule):
-    """Trains ``student.soft_prompt`` on u_tgt = v - (t - r) du/dt; checkpoints hold only the soft prompt."""
 
-    def __init__(self, student: Student, params: StudentParams, gen_length: int):
+class StudentDistillation(L.LightningModule):
+    """Trains ``student.soft_prompt`` on ``meanflow_weight * L_meanflow + rollout_weight * L_rollout``;
+    checkpoints hold only the soft prompt. ``rollout_steps`` is the number of steps of the cached
+    rollouts' sampler."""
+
+    def __init__(self, student: Student, params: StudentParams, gen_length: int, rollout_steps: int | None = None):
         super().__init__()
-        self.student, self.params, self.gen_length = student, params, gen_length
+        self.student, self.params, self.gen_length, self.rollout_steps = student, params, gen_length, rollout_steps
         self.strict_loading = False  # checkpoints omit the frozen base
+        self.recent: dict[str, deque] = {}
 
-    def forward_step(self, batch) -> MeanFlowLoss:
-        """The objective on a cache batch. r comes from a counter-based hash of (seed, epoch, example,
-        sample), so a row draws the same r on any rank; v is rebuilt from the cached top-k."""
+    def meanflow_step(self, batch) -> MeanFlowLoss:
+        """The MeanFlow objective on a batch of top-k rows; v is rebuilt from the cached top-k."""
         p = self.params
         keys = (p.seed, self.current_epoch, batch["example_index"], batch["sample_index"])
         r = sample_r(batch["t"], p.equal_fraction, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
+        latent = None
+        if self.student.latent_dim:
+            latent = counter_normal(self.student.latent_dim, *keys, MEANFLOW_LATENT_STREAM).to(batch["t"].device)
         v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], self.student.base.config.embedding_size, p.tail)
         return meanflow_loss(self.student, batch["input_ids"], batch["attention_mask"], batch["masked"], batch["t"], r, v,
-                             p, self.gen_length, batch["x0"])
+                             p, self.gen_length, batch["x0"], latent=latent)
 
-    def training_step(self, batch, batch_idx):
-        out = self.forward_step(batch)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"non-finite MeanFlow loss ({out.loss.item()}) at step {self.global_step}; |du/dt| = "
-                f"{out.du_dt_abs.item():.3g}. Lower student.lr or student.soft_prompt.max_frequency, or use tangent=seed."
-            )
-        kl, equal = out.kl, out.equal
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log("train/du_dt_abs", out.du_dt_abs)
-        if equal.any():
-            self.log("train/kl_r_eq_t", kl[equal].mean())
-        if (~equal).any():
-            self.log("train/kl_r_lt_t", kl[~equal].mean())
-        return out.loss
+    def rollout_step(self, batch) -> RolloutLoss:
+        """The rollout objective on a batch of rollouts: (k, k') per rollout, and K latents for a
+        latent student."""
+        p = self.params
+        keys = (p.seed, self.current_epoch, batch["example_index"], batch["rollout_index"])
+        device = batch["tokens"].device
+        uniforms = torch.stack([counter_uniform(*keys, ROLLOUT_STEP_STREAM, j) for j in range(4)]).to(device)
+        k, k_end = sample_steps(self.rollout_steps, uniforms, p.one_step_fraction, p.r0_fraction)
+        interval = rollout_interval(batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["reveal_step"],
+                                    k, k_end, self.student.base.config.mask_token_id)
+        latents = None
+        if self.student.latent_dim:
+            draws = torch.arange(p.latent_draws)[None, :]  # (1, K)
+            latents = counter_normal(self.student.latent_dim, *(key if isinstance(key, int) else key[:, None]
+                                                                for key in keys), ROLLOUT_LATENT_STREAM, draws)
+            latents = latents.to(device)  # (B, K, d)
+        return rollout_loss(self.student, interval, latents, self.student.base.config.mask_token_id)
+
+    def training_step(self, item, batch_idx):
+        p, loss = self.params, 0.0
+        if "meanflow" in item:
+            out = self.meanflow_step(item["meanflow"])
+            self.require_finite(out.loss, "MeanFlow", f"|du/dt| = {out.du_dt_abs.item():.3g}. Lower student.lr or "
+                                "student.soft_prompt.max_frequency, or use tangent=seed.")
+            self.log_meanflow(out)
+            loss = loss + p.meanflow_weight * out.loss
+        if "rollouts" in item:
+            out = self.rollout_step(item["rollouts"])
+            self.require_finite(out.loss, "rollout", "Lower student.lr.")
+            self.log_rollouts(out)
+            loss = loss + p.rollout_weight * out.loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def require_finite(self, loss: torch.Tensor, name: str, hint: str) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite {name} loss ({loss.item()}) at step {self.global_step}; {hint}")
+
+    def track(self, name: str, value: torch.Tensor) -> None:
+        """Log ``train/{name}`` and keep it for the end-of-training diagnostics."""
+        self.log(f"train/{name}", value)
+        self.recent.setdefault(name, deque(maxlen=DIAGNOSTIC_WINDOW)).append(float(value))
+
+    def log_meanflow(self, out: MeanFlowLoss) -> None:
+        self.track("meanflow_loss", out.loss.detach())
+        self.track("du_dt_abs", out.du_dt_abs)
+        if out.equal.any():
+            self.track("kl_r_eq_t", out.kl[out.equal].mean())
+        if (~out.equal).any():
+            self.track("kl_r_lt_t", out.kl[~out.equal].mean())
+
+    def log_rollouts(self, out: RolloutLoss) -> None:
+        """The loss by one-step / intermediate rows, and whether the latent is used: the gap between
+        the mean and the best draw's loss, and the distinct greedy answers across the K draws (about
+        0 and 1 when the latent is ignored)."""
+        self.track("rollout_loss", out.loss.detach())
+        if out.one_step.any():
+            self.track("rollout_loss_one_step", out.rows[out.one_step].mean())
+        if (~out.one_step).any():
+            self.track("rollout_loss_intermediate", out.rows[~out.one_step].mean())
+        if out.selection is not None:
+            self.track("latent_gap", out.selection.gap.mean())
+            self.track("latent_distinct", out.selection.distinct.float().mean())
+            if out.one_step.any():
+                self.track("latent_distinct_one_step", out.selection.distinct[out.one_step].float().mean())
+
+    def diagnostics(self) -> dict[str, float]:
+        """Each tracked quantity averaged over the last ``DIAGNOSTIC_WINDOW`` steps (this rank)."""
+        return {name: round(sum(values) / len(values), 4) for name, values in sorted(self.recent.items())}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.student.soft_prompt.parameters() if p.grad is not None]
@@ -104,7 +171,12 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     check_cache_matches_teacher(cache_dir, record)
     layout = Layout.load(data_dir)
     student = Student(base, config=params.soft_prompt)
-    module = MeanFlowDistillation(student, params, layout.gen_length)
+    rollout_steps = None
+    if params.rollout_weight > 0:
+        from pipeline.rollout_cache import open_rollouts
+
+        rollout_steps = open_rollouts(cache_dir, verify=False).sampler["steps"]
+    module = StudentDistillation(student, params, layout.gen_length, rollout_steps)
     accuracy = GenerationAccuracy(datasets.load_from_disk(str(data_dir / "val")), tokenizer, {layout.pad_token_id},
                                   layout, every_n_steps=params.eval_every, steps=1, model_of=lambda m: m.student)
     on_gpu = torch.cuda.is_available()
@@ -121,12 +193,14 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
         gradient_clip_val=1.0,
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers,
-                                                          seed=params.seed),
-                ckpt_path=str(resume) if resume else None)
+    data = TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers, seed=params.seed,
+                                  meanflow=params.meanflow_weight > 0,
+                                  rollouts=params.rollouts if params.rollout_weight > 0 else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     if not trainer.is_global_zero:
         return None
     student.cpu().save_pretrained(out_dir)
     return {"steps": trainer.global_step, "minutes": round((time.perf_counter() - started) / 60, 2),
             "trainable_parameters": sum(p.numel() for p in student.soft_prompt.parameters()),
-            "val_accuracy_one_step": accuracy.history[-1] if accuracy.history else None, "curve": accuracy.history}
+            "val_accuracy_one_step": accuracy.history[-1] if accuracy.history else None,
+            "diagnostics": module.diagnostics(), "curve": accuracy.history}

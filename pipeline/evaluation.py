@@ -21,7 +21,8 @@ import torch
 
 from pipeline.data import Layout
 from pipeline.errors import DataError
-from pipeline.generate import CounterNoise, completion_seeds, field_seeds, generate, mask_predictor
+from pipeline.generate import (CounterNoise, completion_latents, completion_seeds, field_seeds, generate,
+                               mask_predictor)
 from pipeline.scoring import score_records
 from pipeline.tokenizer import decode_answer
 
@@ -50,7 +51,8 @@ class Setting:
 
     @property
     def name(self) -> str:
-        decoding = "greedy" if self.temperature == 0 else f"sampled_t{self.temperature:g}x{self.samples}"
+        decoding = "greedy" if self.temperature == 0 else f"sampled_t{self.temperature:g}"
+        decoding += f"x{self.samples}" if self.samples > 1 else ""
         guidance = f"_cfg{self.cfg_scale:g}" if self.cfg_scale > 0 else ""
         noise = f"_{self.noise}_noise" if self.noise != "per_step" else ""
         return f"{self.model}_steps{self.steps}_{decoding}{guidance}{noise}"
@@ -67,17 +69,20 @@ def default_teacher_steps(gen_length: int, num_blocks: int = 1) -> list[int]:
 
 
 def settings_for(teacher_steps: list[int], cfg_scale: float, temperature: float, samples: int,
-                 gen_length: int, block_length: int | None = None, noise_variants: list[str] = ()) -> list[Setting]:
+                 gen_length: int, block_length: int | None = None, noise_variants: list[str] = (),
+                 student_latents: bool = False) -> list[Setting]:
     """Teacher at each step count (blocks of ``block_length``, default the whole answer) and the
     student at one step; each greedy and sampled, each without and (when ``cfg_scale > 0``) with
-    guidance; then the teacher at ``gen_length`` steps sampled with each of ``noise_variants``."""
+    guidance; then the teacher at ``gen_length`` steps sampled with each of ``noise_variants``; then,
+    for a student with a latent, the student at one step greedy given each of ``samples`` latents."""
     guidance = [0.0] + ([cfg_scale] if cfg_scale > 0 else [])
     decodings = [(0.0, 1), (temperature, samples)]
     models = [("teacher", n, block_length or gen_length) for n in teacher_steps] + [("student", 1, gen_length)]
     return [Setting(model, steps, block, w, temp, k)
             for model, steps, block in models for w in guidance for temp, k in decodings] + [
         Setting("teacher", gen_length, block_length or gen_length, 0.0, temperature, samples, noise)
-        for noise in noise_variants]
+        for noise in noise_variants] + (
+        [Setting("student", 1, gen_length, 0.0, 0.0, samples)] if student_latents and samples > 1 else [])
 
 
 def completion_noise(noise: str, seed: int, rows: torch.Tensor, samples: torch.Tensor, num_fields: int):
@@ -112,13 +117,15 @@ def complete_split(
     ``answer``, and ``task`` for the built-in suite) ``samples`` times with ``model`` (a LLaDA or a
     Student); returns records ``{"prompt", "answer", "completions"[, "task"]}`` in row order and the
     wall seconds spent in generation. Sampling noise: fresh draws from ``generator`` (``per_step``),
-    or ``completion_noise(noise, seed, ...)``."""
+    or ``completion_noise(noise, seed, ...)``. A student with a latent decodes completion (row, i)
+    given ``completion_latents(seed, row, i)``."""
     missing = {"input_ids", "attention_mask", "prompt", "answer"} - set(rows.column_names)
     if missing:
         raise DataError(f"the split to decode lacks the columns {sorted(missing)}")
     predictor = mask_predictor(model)
     device = next(model.parameters()).device
     mask_id = (model.base if hasattr(model, "base") else model).config.mask_token_id
+    latent_dim = getattr(model, "latent_dim", 0)
     P, G = layout.prompt_length, layout.gen_length
     ids = torch.as_tensor(rows["input_ids"])[:, :P].long()  # (N, P)
     attention = torch.as_tensor(rows["attention_mask"])[:, :P].long()
@@ -128,8 +135,10 @@ def complete_split(
     seconds = 0.0
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        coupled = None if noise == "per_step" else completion_noise(
-            noise, seed, index, sample_index[start : start + batch_size], num_fields)
+        draws = sample_index[start : start + batch_size]
+        coupled = None if noise == "per_step" else completion_noise(noise, seed, index, draws, num_fields)
+        if latent_dim:
+            predictor = mask_predictor(model, completion_latents(seed, index, draws, latent_dim).to(device))
         began = time.perf_counter()
         out = generate(predictor, ids[index].to(device), attention[index].to(device), steps=steps, gen_length=G,
                        block_length=block_length or G, temperature=temperature, cfg_scale=cfg_scale, mask_id=mask_id,

@@ -11,7 +11,7 @@ def summarize(results: list[dict], gen_length: int) -> dict:
     speedup over the teacher at ``gen_length`` steps (greedy, no guidance) and its accuracy gain over
     the one-step teacher."""
     by_key = {(r["model"], r["steps"], r["cfg_scale"], r["temperature"]): r for r in results
-              if r.get("noise", "per_step") == "per_step"}
+              if r.get("noise", "per_step") == "per_step" and (r["temperature"] > 0 or r["samples"] == 1)}
     summary: dict = {"settings": {}}
     for r in results:
         entry = {"forward_passes": r["forward_passes"], "seconds_per_sample": round(r["seconds_per_sample"], 6),
@@ -22,7 +22,8 @@ def summarize(results: list[dict], gen_length: int) -> dict:
     student = by_key.get(("student", 1, 0.0, 0.0))
     teacher_full_steps = by_key.get(("teacher", gen_length, 0.0, 0.0))
     teacher_fewest_steps = min((r for r in results if r["model"] == "teacher" and r["cfg_scale"] == 0
-                                and r["temperature"] == 0), key=lambda r: r["steps"], default=None)
+                                and r["temperature"] == 0 and r["samples"] == 1),
+                               key=lambda r: r["steps"], default=None)
     if student and teacher_full_steps:
         speedup = teacher_full_steps["seconds_per_sample"] / student["seconds_per_sample"]
         summary["student_speedup_vs_teacher_gen_length"] = round(speedup, 2)
@@ -39,7 +40,7 @@ def curve_rows(results: list[dict]) -> dict[str, list[dict]]:
     series is present (empty without guidance), so DVC always finds the files it declares."""
     series: dict[str, list[dict]] = {key: [] for key in ("teacher", "teacher_cfg", "student", "student_cfg")}
     for r in results:
-        if r["temperature"] == 0:
+        if r["temperature"] == 0 and r["samples"] == 1:
             key = r["model"] + ("_cfg" if r["cfg_scale"] > 0 else "")
             series[key].append({"forward_passes": r["forward_passes"], "seconds_per_sample": r["seconds_per_sample"],
                                 **{f"accuracy_{task}": v for task, v in r["accuracy"].items()}})
@@ -78,29 +79,31 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown_table(results: list[dict], temperature: float = 0.0) -> str:
-    """Results at one temperature as a markdown table: accuracy per task, distinct valid completions
-    (sampled settings), forward passes and milliseconds per sample."""
-    rows = [r for r in results if r["temperature"] == temperature]
+def markdown_table(results: list[dict], several: bool = False) -> str:
+    """The single-completion (greedy) or the several-completions settings as a markdown table:
+    accuracy per task, distinct valid completions, temperature and noise (several), forward passes and
+    milliseconds per sample. A latent student's greedy completions given several latents are in the
+    second table, at temperature 0."""
+    rows = [r for r in results if (r["samples"] > 1 or r["temperature"] > 0) == several]
     tasks = [t for t in rows[0]["accuracy"] if t != "mean"] + ["mean"]
-    distinct = list(rows[0]["distinct_valid"]) if temperature > 0 else []
-    noise = temperature > 0  # the sampled table says which noise each row drew
-    lines = ["| model | steps | CFG | " + ("noise | " if noise else "") + " | ".join(tasks)
+    distinct = list(rows[0]["distinct_valid"]) if several else []
+    lines = ["| model | steps | CFG | " + ("T | noise | " if several else "") + " | ".join(tasks)
              + "".join(f" | {t} distinct" for t in distinct) + " | passes | ms / sample |",
-             "|---" * (len(tasks) + len(distinct) + 5 + noise) + "|"]
+             "|---" * (len(tasks) + len(distinct) + 5 + 2 * several) + "|"]
     for r in rows:
         cells = [f"{r['accuracy'][t]:.3f}" for t in tasks] + [f"{r['distinct_valid'][t]:.2f}" for t in distinct]
-        lines.append(f"| {r['model']} | {r['steps']} | {r['cfg_scale']:g} | "
-                     + (f"{r.get('noise', 'per_step')} | " if noise else "") + " | ".join(cells)
-                     + f" | {r['forward_passes']} | {1000 * r['seconds_per_sample']:.3f} |")
+        decoding = f"{r['temperature']:g} | {r.get('noise', 'per_step') if r['temperature'] > 0 else 'latents'} | "
+        lines.append(f"| {r['model']} | {r['steps']} | {r['cfg_scale']:g} | " + (decoding if several else "")
+                     + " | ".join(cells) + f" | {r['forward_passes']} | {1000 * r['seconds_per_sample']:.3f} |")
     return "\n".join(lines)
 
 
 def results_markdown(results: list[dict], summary: dict, temperature: float, samples: int, gen_length: int) -> str:
     """``results.md``: the greedy table, the sampled table and the one-step student's speedup
     (``summary`` is ``metrics/eval.json``'s content)."""
-    return (f"Greedy, {summary['test_prompts']} held-out prompts\n\n{markdown_table(results, 0.0)}\n\n"
-            f"Temperature {temperature:g}, {samples} samples per prompt\n\n"
-            f"{markdown_table(results, temperature)}\n\n"
+    return (f"Greedy, {summary['prompts']} held-out prompts ({summary.get('split', 'test')} split)\n\n{markdown_table(results)}\n\n"
+            f"{samples} completions per prompt: sampled at temperature {temperature:g} (noise: per_step, fixed or "
+            f"shared), or the student greedy given {samples} latents (T 0)\n\n"
+            f"{markdown_table(results, several=True)}\n\n"
             f"One-step student speedup over the teacher at {gen_length} steps: "
             f"{summary.get('student_speedup_vs_teacher_gen_length')}x ({summary['device']})\n")

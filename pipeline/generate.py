@@ -17,7 +17,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.counter_random import counter_hash, counter_uniform
+from pipeline.counter_random import counter_hash, counter_normal, counter_uniform
 from pipeline.llada import upcast
 
 # A mask predictor maps (input_ids (B, T), attention_mask (B, T) or None) to logits (B, T, V).
@@ -62,7 +62,7 @@ class CounterNoise:
 
 
 Noise = GeneratorNoise | CounterNoise
-COMPLETION_STREAM, FIELD_STREAM = 1, 2  # key spaces of counter_hash under a run's seed
+COMPLETION_STREAM, FIELD_STREAM, LATENT_STREAM = 1, 2, 3  # key spaces of counter_hash under a run's seed
 
 
 def completion_seeds(seed: int, example: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
@@ -75,6 +75,13 @@ def field_seeds(seed: int, field: torch.Tensor) -> torch.Tensor:
     """Seeds of shared Gumbel fields ``field``: ``counter_hash(seed, 2, field)``, the same for every
     prompt (the ``shared`` coupling)."""
     return counter_hash(seed, FIELD_STREAM, field)
+
+
+def completion_latents(seed: int, example: torch.Tensor, draw: torch.Tensor, dim: int) -> torch.Tensor:
+    """The student's latents z ~ N(0, I_dim) (N, dim) of completions ``draw`` of prompts ``example``
+    (``counter_normal(dim, seed, 3, example, draw)``): completion i of a prompt always gets the same z,
+    whatever the batch it is decoded in."""
+    return counter_normal(dim, seed, LATENT_STREAM, torch.as_tensor(example), torch.as_tensor(draw))
 
 
 def gumbel_perturbed(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
@@ -232,8 +239,16 @@ def one_step_generate(model: MaskPredictor, prompt: torch.Tensor, gen_length: in
     return generate(model, prompt, steps=1, gen_length=gen_length, block_length=gen_length, **options)
 
 
-def mask_predictor(model) -> MaskPredictor:
+def mask_predictor(model, latent: torch.Tensor | None = None) -> MaskPredictor:
     """Adapt a network called as ``model(input_ids=..., attention_mask=...)`` to the sampler's
     interface: a ``LLaDA``, or a ``Student``, whose defaults r = 0, t = 1 are the one-step
-    inference point."""
-    return lambda ids, mask: model(input_ids=ids, attention_mask=mask)
+    inference point. ``latent`` (B, d): a latent student's z per row, the same at every step (CFG's
+    unconditional rows reuse their row's z)."""
+    if latent is None:
+        return lambda ids, mask: model(input_ids=ids, attention_mask=mask)
+
+    def predict(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        z = latent.to(ids.device).repeat(ids.shape[0] // latent.shape[0], 1)  # (B or 2B, d)
+        return model(input_ids=ids, attention_mask=mask, latent=z)
+
+    return predict

@@ -2,7 +2,9 @@
 a student (one step), with the options of LLaDA's sampler (``pipeline.generate``).
 
 Input lines are ``{"prompt": "..."}``; output lines ``{"prompt": "...", "completions": [...]}`` in
-input order, each completion the answer up to the first EOS.
+input order, each completion the answer up to the first EOS. A student with a latent decodes
+completion d of prompt i given its own z ~ N(0, I) drawn from ``--seed`` (so ``--samples 4`` gives
+four latents), greedily or at ``--temperature``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pipeline.cpu_numerics import pin_cpu_numerics
 from pipeline.data import read_jsonl
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_write_text
-from pipeline.generate import generate, mask_predictor
+from pipeline.generate import completion_latents, generate, mask_predictor
 from pipeline.llada import LLaDA
 from pipeline.student import Student
 from pipeline.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
@@ -130,18 +132,23 @@ def run(args: argparse.Namespace) -> None:
     pad_id = config.pad_token_id if config.pad_token_id is not None else min(stops)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     # Similar lengths share a batch (less padding); results go back to input order.
-    jobs = sorted(((i, ids) for i, ids in enumerate(encoded) for _ in range(args.samples)), key=lambda j: len(j[1]))
+    jobs = sorted(((i, draw, ids) for i, ids in enumerate(encoded) for draw in range(args.samples)),
+                  key=lambda j: len(j[2]))
     completions: list[list[str]] = [[] for _ in prompts]
+    latent_dim = model.latent_dim if is_student else 0
     started = time.perf_counter()
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch", file=sys.stderr):
         batch = jobs[start : start + args.batch_size]
-        prompt, mask = left_pad([ids for _, ids in batch], pad_id)
+        prompt, mask = left_pad([ids for _, _, ids in batch], pad_id)
+        if latent_dim:  # completion d of prompt i decodes given its own z, a function of (--seed, i, d)
+            index, draws = (torch.tensor([job[n] for job in batch]) for n in (0, 1))
+            predictor = mask_predictor(model, completion_latents(args.seed, index, draws, latent_dim).to(args.device))
         out = generate(
             predictor, prompt.to(args.device), mask.to(args.device), steps=steps, gen_length=gen_length,
             block_length=block_length, temperature=args.temperature, cfg_scale=args.cfg_scale,
             remasking=args.remasking, mask_id=config.mask_token_id, generator=generator,
         )
-        for (index, _), answer in zip(batch, out[:, prompt.shape[1]:].tolist()):
+        for (index, _, _), answer in zip(batch, out[:, prompt.shape[1]:].tolist()):
             completions[index].append(decode_answer(tokenizer, answer, stops))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, "".join(json.dumps({"prompt": prompt_text, "completions": texts}) + "\n"

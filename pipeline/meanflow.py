@@ -183,6 +183,7 @@ def meanflow_loss(
     params: StudentParams,
     answer_length: int,
     x0: torch.Tensor | None = None,
+    latent: torch.Tensor | None = None,
 ) -> MeanFlowLoss:
     """Tangent, JVP, target and loss for rows x_t = ``input_ids`` (B, T) with ``masked`` (B, T) bool,
     times ``t`` and ``r`` (B,), and the teacher's v (M, V) at the masked positions.
@@ -190,7 +191,8 @@ def meanflow_loss(
     ``student`` is a ``Student``; ``params`` chooses the tangent, the JVP pattern (``no_grad``: the JVP
     without a graph on the rows with r < t, then an ordinary forward for u; ``grad``: one grad-mode
     JVP whose primal is u), the loss and its adaptive weight, and the weight of the auxiliary
-    cross-entropy to ``x0`` (B, T). The loss is summed over tokens and divided by B x
+    cross-entropy to ``x0`` (B, T). ``latent`` (B, d): a latent student's z per row, held fixed
+    along the JVP. The loss is summed over tokens and divided by B x
     ``answer_length`` (per row, like LLaDA's: means over ranks average exactly)."""
     base = student.base
     with torch.no_grad():
@@ -203,14 +205,15 @@ def meanflow_loss(
     jvp_rows = torch.ones_like(t, dtype=torch.bool) if params.jvp == "grad" else r < t
 
     def average_velocity(z_, t_):
-        return student(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=attention_mask[jvp_rows], attention="math")
+        return student(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=attention_mask[jvp_rows], attention="math",
+                       latent=None if latent is None else latent[jvp_rows])
 
     du_dt = torch.zeros(*masked.shape, base.config.embedding_size, dtype=z.dtype, device=z.device)
     if jvp_rows.any():
         u, du_dt[jvp_rows] = average_velocity_jvp(average_velocity, z[jvp_rows], t[jvp_rows],
                                                   dz_dt[jvp_rows].to(z.dtype), keep_graph=params.jvp == "grad")
     if params.jvp == "no_grad":
-        u = student(inputs_embeds=z, r=r, t=t, attention_mask=attention_mask)
+        u = student(inputs_embeds=z, r=r, t=t, attention_mask=attention_mask, latent=latent)
     row = masked.nonzero()[:, 0]  # (M,) row of each masked position
     du_dt = upcast(du_dt[masked])  # (M, V)
     target = meanflow_target(v, du_dt, r[row], t[row])

@@ -24,9 +24,9 @@ class TimeFeatures(nn.Module):
 
 
 class SoftPrompt(nn.Module):
-    """MLP(concat(emb(a), emb(b))) -> prefix (B, n_layers, 2, n_kv_heads, P, head_dim), plus a
+    """MLP(concat(emb(a), emb(b)[, z])) -> prefix (B, n_layers, 2, n_kv_heads, P, head_dim), plus a
     zero-initialized per-layer, per-head gate on the prefix attention, so that at initialization the
-    student equals its base model exactly."""
+    student equals its base model exactly, whatever the latent z (``config.latent_dim`` > 0)."""
 
     def __init__(self, config: SoftPromptConfig, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
@@ -34,15 +34,25 @@ class SoftPrompt(nn.Module):
         self.prefix_shape = (n_layers, 2, n_kv_heads, config.prompt_length, head_dim)
         self.time_features = TimeFeatures(config.time_features, config.max_frequency)
         self.prompt_mlp = nn.Sequential(
-            nn.Linear(2 * config.time_features, config.hidden_size),
+            nn.Linear(2 * config.time_features + config.latent_dim, config.hidden_size),
             nn.SiLU(),
             nn.Linear(config.hidden_size, math.prod(self.prefix_shape)),
         )
         self.prompt_gate = nn.Parameter(torch.zeros(n_layers, n_heads))
 
-    def forward(self, r: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """r, t: (B,) in [0, 1]. Returns (prefix (B, L, 2, Hkv, P, D), gate (L, H))."""
+    def forward(self, r: torch.Tensor, t: torch.Tensor, latent: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """r, t: (B,) in [0, 1]; latent: (B, latent_dim), required when latent_dim > 0.
+        Returns (prefix (B, L, 2, Hkv, P, D), gate (L, H))."""
         a, b = (r, t) if self.config.conditioning == "r_t" else (t, t - r)
-        features = torch.cat((self.time_features(a), self.time_features(b)), dim=-1)  # (B, 2F)
-        prefix = self.prompt_mlp(features)  # (B, L*2*Hkv*P*D)
+        features = [self.time_features(a), self.time_features(b)]  # 2 x (B, F)
+        d = self.config.latent_dim
+        if d:
+            if latent is None or latent.shape != (r.shape[0], d):
+                found = None if latent is None else tuple(latent.shape)
+                raise ValueError(f"this soft prompt takes a latent of shape ({r.shape[0]}, {d}), got {found}")
+            features.append(latent.to(features[0].dtype))
+        elif latent is not None:
+            raise ValueError("this soft prompt has no latent (latent_dim 0); pass latent=None")
+        prefix = self.prompt_mlp(torch.cat(features, dim=-1))  # (B, L*2*Hkv*P*D)
         return prefix.view(r.shape[0], *self.prefix_shape), self.prompt_gate

@@ -55,6 +55,10 @@ class Student(nn.Module):
     def config(self) -> SoftPromptConfig:
         return self.soft_prompt.config
 
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
     def train(self, mode: bool = True) -> "Student":
         super().train(mode)
         self.base.eval()  # frozen: never in training mode
@@ -68,14 +72,16 @@ class Student(nn.Module):
         t: float | torch.Tensor = 1.0,
         attention_mask: torch.Tensor | None = None,
         attention: Attention = "sdpa",
+        latent: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Average-velocity logits u(x_t, r, t): (B, T, V). r, t: floats or (B,) tensors."""
+        """Average-velocity logits u(x_t, r, t, z): (B, T, V). r, t: floats or (B,) tensors; latent:
+        (B, latent_dim) when the soft prompt has one (``pipeline.latent`` draws it)."""
         ref = inputs_embeds if inputs_embeds is not None else input_ids
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
         weight = self.soft_prompt.prompt_gate
         r, t = as_time(r, ref.shape[0], weight), as_time(t, ref.shape[0], weight)
-        prefix, gate = self.soft_prompt(r, t)
+        prefix, gate = self.soft_prompt(r, t, latent)
         base_dtype = self.base.transformer["wte"].weight.dtype
         return self.base(
             input_ids=input_ids,

@@ -1,8 +1,10 @@
-"""Training batches from the teacher cache (``pipeline.teacher_cache``).
+"""Training batches from the teacher cache: its top-k rows (``pipeline.teacher_cache``) for the MeanFlow
+objective and its rollouts (``pipeline.rollout_cache``) for the rollout objective.
 
-A mini-batch is a contiguous slice of one decompressed Arrow record batch (no per-row decoding), and
-Lightning's distributed sampler gives every rank a disjoint set of mini-batches, the same number on
-each.
+A top-k mini-batch is a contiguous slice of one decompressed Arrow record batch (no per-row decoding);
+the rollouts (a few dozen bytes each) are read into memory once and cut into mini-batches. A training
+item pairs the i-th mini-batch of each objective in use (the shorter list cycles), and Lightning's
+distributed sampler gives every rank a disjoint set of items, the same number on each.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from pipeline.errors import ParamsError
+from pipeline.rollout_cache import RolloutRows, open_rollouts
 from pipeline.teacher_cache import open_cache, record_batch_arrays
 
 
@@ -65,20 +69,71 @@ class CacheMiniBatches(torch.utils.data.Dataset):
         return {**self.__dict__, "_cache": None}
 
 
+ROLLOUT_KINDS = ("all", "greedy", "sampled")
+
+
+class RolloutMiniBatches(torch.utils.data.Dataset):
+    """Item i = rollouts [i * batch_size, (i + 1) * batch_size) of the cache in cache order, restricted
+    to greedy (temperature 0) or sampled ones by ``kind``: a dict of (B,) / (B, Lp) / (B, G) tensors."""
+
+    def __init__(self, cache_dir: str | Path, batch_size: int, kind: str = "all", verify: bool = True):
+        if kind not in ROLLOUT_KINDS:
+            raise ValueError(f"kind must be one of {ROLLOUT_KINDS}, got {kind!r}")
+        cache = open_rollouts(cache_dir, verify=verify)
+        self.sampler = cache.sampler
+        rows = RolloutRows.concat([cache.batch(j) for j in range(cache.num_batches)])
+        if kind != "all":
+            rows = rows.take(np.flatnonzero((rows.temperature == 0) == (kind == "greedy")))
+        if not len(rows):
+            raise ParamsError(f"{cache_dir}: the cache has no {kind} rollouts (see cache.rollouts)")
+        self.rows, self.batch_size = rows, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        block = self.rows.slice(i * self.batch_size, (i + 1) * self.batch_size)
+        tensor = lambda values: torch.from_numpy(np.array(values)).long()  # noqa: E731
+        return {"example_index": tensor(block.example_index), "rollout_index": tensor(block.rollout_index),
+                "prompt_ids": tensor(block.prompt_ids), "prompt_mask": tensor(block.prompt_mask),
+                "tokens": tensor(block.tokens), "reveal_step": tensor(block.reveal_step)}
+
+
+class TrainingItems(torch.utils.data.Dataset):
+    """Item i = {name: dataset[i mod len(dataset)]} for each named dataset (``meanflow``: top-k rows,
+    ``rollouts``): every objective gets a batch at every step."""
+
+    def __init__(self, **datasets: torch.utils.data.Dataset):
+        self.datasets = datasets
+
+    def __len__(self) -> int:
+        return max(len(d) for d in self.datasets.values())
+
+    def __getitem__(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: d[i % len(d)] for name, d in self.datasets.items()}
+
+
 class TeacherCacheDataModule(L.LightningDataModule):
-    """The cache's mini-batches of ``batch_size`` rows, shuffled (seeded) or in cache order."""
+    """Training items of ``batch_size`` top-k rows (``meanflow``) and/or ``batch_size`` rollouts of
+    ``rollouts`` kind (``all``, ``greedy``, ``sampled``; None: no rollouts), shuffled (seeded) or in
+    cache order."""
 
     def __init__(self, cache_dir: str | Path, batch_size: int, num_workers: int = 0, shuffle: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, meanflow: bool = True, rollouts: str | None = None):
         super().__init__()
         self.cache_dir, self.batch_size, self.num_workers, self.shuffle = Path(cache_dir), batch_size, num_workers, shuffle
-        self.seed = seed
-        self.dataset: CacheMiniBatches | None = None
+        self.seed, self.meanflow, self.rollouts = seed, meanflow, rollouts
+        self.dataset: TrainingItems | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:  # checksums are read once, by rank 0, not by every rank
             verify = self.trainer is None or self.trainer.is_global_zero
-            self.dataset = CacheMiniBatches(self.cache_dir, self.batch_size, verify=verify)
+            parts = {}
+            if self.meanflow:
+                parts["meanflow"] = CacheMiniBatches(self.cache_dir, self.batch_size, verify=verify)
+            if self.rollouts is not None:
+                parts["rollouts"] = RolloutMiniBatches(self.cache_dir, self.batch_size, self.rollouts, verify=verify)
+            self.dataset = TrainingItems(**parts)
 
     def train_dataloader(self):
         # Items are whole mini-batches (batch_size=None), so the sampler is ours to choose: under

@@ -33,6 +33,8 @@ def parse_args(argv=None):
     parser = stage_parser(__doc__, reads=["data", "teacher", "student"])
     parser.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"), help="every setting's numbers")
     parser.add_argument("--report", type=Path, default=Path("metrics/eval"), help="plot data, the plot, results.md")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="the split to decode (choose settings on val; the README reports test)")
     return parser.parse_args(argv)
 
 
@@ -57,9 +59,9 @@ def main() -> None:
     teacher, tokenizer, record = load_teacher(args.teacher, dtype=dtype, device=device)
     student = Student.from_pretrained(args.student, base=teacher).to(device)  # shares the teacher's weights
     stops = stop_token_ids(tokenizer, teacher.config, checkpoint_dir(args.teacher, record))
-    rows = datasets.load_from_disk(str(args.data / "test"))
+    rows = datasets.load_from_disk(str(args.data / args.split))
     settings = settings_for(steps, params.cfg_scale, params.temperature, params.samples, G, block_length,
-                            params.noise_variants)
+                            params.noise_variants, student_latents=student.latent_dim > 0)
 
     bar = tqdm(total=len(settings), desc="evaluate", unit="setting", file=sys.stderr)
     def progress(result):  # noqa: E306
@@ -70,7 +72,7 @@ def main() -> None:
                                 params.num_fields)
     bar.close()
 
-    summary = {"test_prompts": len(rows), "device": device, **summarize(results, G)}
+    summary = {"split": args.split, "prompts": len(rows), "device": device, **summarize(results, G)}
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.report.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(summary, indent=2) + "\n")

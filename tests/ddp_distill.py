@@ -1,5 +1,6 @@
 """Helper for test_distillation: train a few steps on a prepared workdir with N CPU processes and
-save each rank's soft prompt. Run as a script (Lightning's DDP relaunches it for every rank)."""
+save each rank's soft prompt, with the MeanFlow objective (``meanflow``) or the rollout objective and
+a latent (``rollouts``). Run as a script (Lightning's DDP relaunches it for every rank)."""
 
 import sys
 from pathlib import Path
@@ -9,26 +10,32 @@ from safetensors.torch import save_file
 
 from pipeline.config import SoftPromptConfig, StudentParams
 from pipeline.data import Layout
-from pipeline.distillation import MeanFlowDistillation
+from pipeline.distillation import StudentDistillation
 from pipeline.student import Student
 from pipeline.teacher import load_teacher
 from pipeline.teacher_cache_loader import TeacherCacheDataModule
 
 
-def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int) -> None:
+def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int, objective: str) -> None:
     L.seed_everything(0)
     base, _, _ = load_teacher(workdir / "artifacts" / "teacher")
-    params = StudentParams(soft_prompt=SoftPromptConfig(prompt_length=2, hidden_size=8), batch_size=batch_size,
-                           max_steps=steps, warmup_steps=1, lr=1e-2)
+    rollouts = objective == "rollouts"
+    params = StudentParams(soft_prompt=SoftPromptConfig(prompt_length=2, hidden_size=8, latent_dim=4 if rollouts else 0),
+                           batch_size=batch_size, max_steps=steps, warmup_steps=1, lr=1e-2,
+                           meanflow_weight=0.0 if rollouts else 1.0, rollout_weight=1.0 if rollouts else 0.0,
+                           latent_draws=3)
     student = Student(base, config=params.soft_prompt)
-    module = MeanFlowDistillation(student, params, Layout.load(workdir / "data").gen_length)
+    gen_length = Layout.load(workdir / "data").gen_length
+    module = StudentDistillation(student, params, gen_length, rollout_steps=gen_length if rollouts else None)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=1.0)
-    trainer.fit(module, datamodule=TeacherCacheDataModule(workdir / "artifacts" / "cache", batch_size, shuffle=False))
+    data = TeacherCacheDataModule(workdir / "artifacts" / "cache", batch_size, shuffle=False, meanflow=not rollouts,
+                                  rollouts="all" if rollouts else None)
+    trainer.fit(module, datamodule=data)
     out.mkdir(parents=True, exist_ok=True)
     save_file(student.soft_prompt_state_dict(), str(out / f"rank{trainer.global_rank}.safetensors"))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import CacheParams, SoftPromptConfig, StudentParams
 from pipeline.data import Layout
-from pipeline.distillation import MeanFlowDistillation
+from pipeline.distillation import StudentDistillation
 from pipeline.student import Student
 from pipeline.teacher import load_teacher
 from pipeline.teacher_cache import open_cache
@@ -42,7 +42,7 @@ def make_module(workdir, **overrides):
     params = StudentParams(**{"soft_prompt": SoftPromptConfig(prompt_length=2, hidden_size=8), "batch_size": 8,
                               "max_steps": 3, "warmup_steps": 1, "lr": 1e-2, **overrides})
     student = Student(base, config=params.soft_prompt)
-    return MeanFlowDistillation(student, params, Layout.load(workdir / "data").gen_length), params
+    return StudentDistillation(student, params, Layout.load(workdir / "data").gen_length), params
 
 
 def trainer(**options):
@@ -81,7 +81,7 @@ def test_training_moves_only_the_soft_prompt(workdir, jvp):
 def test_loss_at_r_equal_t_is_distillation_of_v(workdir):
     module, _ = make_module(workdir, equal_fraction=1.0, adaptive_power=0.0)
     batch = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=8)[0]
-    out = module.forward_step(batch)
+    out = module.meanflow_step(batch)
     assert out.equal.all()
     # the target is v itself: the KL logged equals KL(v || u) computed directly
     from pipeline.meanflow import dense_logprobs
@@ -127,17 +127,19 @@ def test_checkpoints_hold_only_the_soft_prompt_and_resume(workdir, tmp_path):
     assert all(torch.equal(seen["state"][k], v) for k, v in saved.items())
 
 
-def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path):
+@pytest.mark.parametrize("objective", ["meanflow", "rollouts"])
+def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path, objective):
     """Two gloo ranks with 4 rows each = one process with 8 rows: the same soft prompt after training,
-    and identical on both ranks."""
+    and identical on both ranks (rollouts: latent selection among 3 draws included)."""
     script = ROOT / "tests" / "ddp_distill.py"
     for devices, batch, out in ((2, 4, tmp_path / "ddp"), (1, 8, tmp_path / "single")):
-        result = subprocess.run([sys.executable, str(script), str(workdir), str(out), str(devices), str(batch), "3"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        result = subprocess.run([sys.executable, str(script), str(workdir), str(out), str(devices), str(batch), "3",
+                                 objective], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = load_file(str(tmp_path / "ddp" / "rank0.safetensors")), load_file(str(tmp_path / "ddp" / "rank1.safetensors"))
     single = load_file(str(tmp_path / "single" / "rank0.safetensors"))
-    initial = Student(load_teacher(workdir / "artifacts" / "teacher")[0], prompt_length=2, hidden_size=8)
+    initial = Student(load_teacher(workdir / "artifacts" / "teacher")[0], prompt_length=2, hidden_size=8,
+                      latent_dim=4 if objective == "rollouts" else 0)
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), key
         assert torch.allclose(rank0[key], single[key], atol=1e-5, rtol=1e-4), key
@@ -164,7 +166,7 @@ def test_train_student_stage_end_to_end(workdir, tmp_path):
 
 
 def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
-    """The target forward_step trains on, recomputed independently, on rows with r < t; and the two
+    """The target meanflow_step trains on, recomputed independently, on rows with r < t; and the two
     JVP patterns give the same loss on a batch mixing r = t and r < t."""
     from pipeline.meanflow import dense_logprobs, tangent
 
@@ -174,7 +176,7 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
         module.student.soft_prompt.prompt_gate.normal_(0, 1, generator=torch.Generator().manual_seed(0))
     batch = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=8)[0]
     batch["t"] = batch["t"].double()
-    out = module.forward_step(batch)
+    out = module.meanflow_step(batch)
     assert out.equal.any() and (~out.equal).any()
     base, masked, t = module.student.base, batch["masked"], batch["t"]
     from pipeline.counter_random import counter_uniform
@@ -192,4 +194,4 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
     assert torch.allclose(out.target.double(), expected, atol=1e-4, rtol=1e-4)
     grad_mode, _ = make_module(workdir, equal_fraction=0.5, jvp="grad")
     grad_mode.student = module.student
-    assert torch.allclose(grad_mode.forward_step(batch).loss, out.loss, rtol=1e-6)
+    assert torch.allclose(grad_mode.meanflow_step(batch).loss, out.loss, rtol=1e-6)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.generate_cli import main
 from pipeline.llada import LLaDA
@@ -59,6 +60,39 @@ def test_student_one_step_and_reproducible(tiny_checkpoint, tmp_path):
     # a one-step student refuses multi-step decoding
     assert main(["--model", str(tmp_path / "student"), "--prompts", str(prompts),
                  "--out", str(tmp_path / "c.jsonl"), "--steps", "4"]) == 2
+
+
+def test_latent_student_draws_one_latent_per_completion(tiny_checkpoint, tmp_path):
+    """--samples 4 decodes four latents (one z per completion from --seed, independent of the batch);
+    the same --seed gives the same latents, another seed others."""
+    student = Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2, latent_dim=4)
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.fill_(5.0)
+        for p in student.soft_prompt.prompt_mlp.parameters():
+            p.normal_(std=3.0, generator=torch.Generator().manual_seed(0))
+    student.save_pretrained(tmp_path / "student")
+    prompts = write_prompts(tmp_path / "in.jsonl", ["perm:abcde", "word:1", "sort:dcba"])
+
+    def complete(name, *options):
+        assert main(["--model", str(tmp_path / "student"), "--prompts", str(prompts), "--out",
+                     str(tmp_path / f"{name}.jsonl"), "--gen-length", "6", "--samples", "4", *options]) == 0
+        return [r["completions"] for r in read_completions(tmp_path / f"{name}.jsonl")]
+
+    first = complete("a")
+    assert complete("b", "--batch-size", "3") == first
+    assert any(len(set(c)) > 1 for c in first)  # the latents give different answers
+    assert complete("c", "--seed", "1") != first
+    # the CLI decodes completion d of prompt i given completion_latents(seed, i, d)
+    from pipeline.generate import completion_latents, mask_predictor, one_step_generate
+    from pipeline.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    ids = torch.tensor(encode_prompts(tokenizer, ["word:1"]) * 4)
+    z = completion_latents(0, torch.full((4,), 1), torch.arange(4), 4)
+    out = one_step_generate(mask_predictor(Student.from_pretrained(tmp_path / "student"), z), ids, 6,
+                            mask_id=student.base.config.mask_token_id)
+    stops = stop_token_ids(tokenizer, student.base.config, tiny_checkpoint)
+    assert [decode_answer(tokenizer, a, stops) for a in out[:, ids.shape[1]:].tolist()] == first[1]
 
 
 def one_error_line(capsys):

@@ -37,6 +37,23 @@ def test_initial_student_equals_base(base, conditioning):
                 assert torch.equal(u, expected)  # a zero gate adds exactly zero
 
 
+def test_initial_latent_student_equals_base_for_any_latent(base):
+    student = Student(base, prompt_length=4, latent_dim=6)
+    ids = torch.randint(0, base.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = base(ids)
+        for seed in range(3):
+            z = 10 * torch.randn(3, 6, generator=torch.Generator().manual_seed(seed))
+            assert torch.equal(student(ids, r=0.2, t=0.9, latent=z), expected)
+        perturb_gate(student)
+        a, b = (student(ids, latent=torch.randn(3, 6, generator=torch.Generator().manual_seed(s))) for s in (1, 2))
+        assert not torch.allclose(a, b)  # once trained, z changes the output
+    with pytest.raises(ValueError, match=r"latent of shape \(3, 6\), got None"):
+        student(ids)
+    with pytest.raises(ValueError, match="no latent"):
+        Student(base, prompt_length=4)(ids, latent=torch.zeros(3, 6))
+
+
 def test_prefix_shape_and_time_dependence(base):
     student = Student(base, prompt_length=3)
     prefix, gate = student.soft_prompt(torch.tensor([0.0, 0.2]), torch.tensor([1.0, 0.5]))
@@ -98,6 +115,19 @@ def test_save_load_round_trip(tiny_checkpoint, tmp_path):
     ids = torch.randint(0, base.config.vocab_size, (2, 7))
     with torch.no_grad():
         assert torch.equal(loaded(ids, r=0.1, t=0.6), student(ids, r=0.1, t=0.6))
+
+
+def test_latent_student_round_trip_records_latent_dim(tiny_checkpoint, tmp_path):
+    student = Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=3, latent_dim=5)
+    perturb_gate(student)
+    student.save_pretrained(tmp_path / "student")
+    meta = json.loads((tmp_path / "student" / "student_config.json").read_text())
+    assert meta["soft_prompt"]["latent_dim"] == 5
+    loaded = Student.from_pretrained(tmp_path / "student")
+    assert loaded.latent_dim == 5
+    ids, z = torch.randint(0, 20, (2, 7)), torch.randn(2, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, latent=z), student(ids, latent=z))
 
 
 def test_loading_against_another_base_is_refused(tiny_checkpoint, tmp_path):

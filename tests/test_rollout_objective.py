@@ -1,0 +1,158 @@
+"""The rollout objective: targets are what the teacher's sampler committed between two steps, the
+step sampler covers every pair, the latent selection trains the winner exactly as if it were fixed,
+and without a latent the loss is plain cross-entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.generate import CounterNoise, sample_trajectory
+from pipeline.llada import LLaDA
+from pipeline.rollout_objective import rollout_interval, rollout_loss, row_losses, sample_steps, select_latents
+from pipeline.student import Student
+from tests.conftest import make_checkpoint
+
+PROMPT, GEN, STEPS = 5, 8, 4
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return LLaDA.from_pretrained(make_checkpoint(tmp_path_factory.mktemp("rollout") / "m"))
+
+
+@pytest.fixture(scope="module")
+def recorded(base):
+    """A sampled trajectory of 3 prompts (2 blocks) and the network's input at every step, plus the
+    final sequence (the state after the last step)."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, base.config.vocab_size, (3, PROMPT), generator=g)
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    states = []
+
+    def predictor(ids, attention_mask):
+        states.append(ids.clone())
+        return base(input_ids=ids, attention_mask=attention_mask)
+
+    trajectory = sample_trajectory(predictor, prompt, mask, steps=STEPS, gen_length=GEN, block_length=GEN // 2,
+                                   temperature=1.0, mask_id=base.config.mask_token_id,
+                                   noise=CounterNoise(torch.tensor([11, 12, 13])))
+    return prompt, mask, trajectory, states + [trajectory.sequences]
+
+
+def interval_at(recorded, k: int, k_end: int, mask_id: int):
+    prompt, mask, trajectory, _ = recorded
+    n = len(prompt)
+    return rollout_interval(prompt, mask, trajectory.sequences[:, PROMPT:], trajectory.reveal_step,
+                            torch.full((n,), k), torch.full((n,), k_end), mask_id)
+
+
+def test_targets_are_what_the_sampler_committed_between_the_two_steps(base, recorded):
+    mask_id = base.config.mask_token_id
+    states = recorded[3]
+    assert len(states) == STEPS + 1
+    for k in range(STEPS):
+        for k_end in range(k + 1, STEPS + 1):
+            interval = interval_at(recorded, k, k_end, mask_id)
+            before, after = states[k][:, PROMPT:], states[k_end][:, PROMPT:]
+            assert torch.equal(interval.input_ids, states[k])  # x_t is the sampler's own input at step k
+            committed = (before == mask_id) & (after != mask_id)
+            assert torch.equal(interval.targets, committed)
+            assert committed.any()
+            assert torch.equal(interval.tokens[committed], after[committed])
+            assert torch.equal(interval.t, (before == mask_id).float().mean(dim=1))
+            assert torch.equal(interval.r, (after == mask_id).float().mean(dim=1))
+            assert interval.one_step.all() == (k == 0)
+    assert torch.equal(interval_at(recorded, 0, STEPS, mask_id).t, torch.ones(3))
+
+
+def test_step_sampler_covers_every_pair_with_the_requested_fractions():
+    n = 40000
+    uniforms = torch.rand(4, n, generator=torch.Generator().manual_seed(0))
+    k, k_end = sample_steps(7, uniforms, one_step_fraction=0.3, r0_fraction=0.4)
+    assert (k >= 0).all() and (k < 7).all() and (k_end > k).all() and (k_end <= 7).all()
+    assert abs((k == 0).float().mean() - 0.3) < 0.01
+    assert abs((k_end == 7).float().mean() - (0.4 + 0.6 * (1 / (7 - k.float())).mean())) < 0.01
+    pairs = set(zip(k.tolist(), k_end.tolist()))
+    assert pairs == {(a, b) for a in range(7) for b in range(a + 1, 8)}
+    k, k_end = sample_steps(7, uniforms, one_step_fraction=1.0, r0_fraction=1.0)
+    assert (k == 0).all() and (k_end == 7).all()
+    k, k_end = sample_steps(1, uniforms, one_step_fraction=0.0, r0_fraction=0.0)
+    assert (k == 0).all() and (k_end == 1).all()
+
+
+def test_without_a_latent_the_loss_is_plain_cross_entropy(base, recorded):
+    student = Student(base, prompt_length=2, hidden_size=8)
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.normal_(generator=torch.Generator().manual_seed(1))
+    interval = interval_at(recorded, 1, 3, base.config.mask_token_id)
+    out = rollout_loss(student, interval, None, base.config.mask_token_id)
+    logits = student(input_ids=interval.input_ids, attention_mask=interval.attention_mask, r=interval.r, t=interval.t)
+    expected = torch.stack([F.cross_entropy(logits[b, PROMPT:][interval.targets[b]],
+                                            interval.tokens[b][interval.targets[b]]) for b in range(3)]).mean()
+    assert torch.allclose(out.loss, expected, rtol=1e-6) and out.selection is None
+    # one draw of a latent student is trained as it is: plain CE given that z
+    latent_student = Student(base, prompt_length=2, hidden_size=8, latent_dim=4)
+    z = torch.randn(3, 1, 4, generator=torch.Generator().manual_seed(2))
+    single = rollout_loss(latent_student, interval, z, base.config.mask_token_id)
+    logits = latent_student(input_ids=interval.input_ids, attention_mask=interval.attention_mask, r=interval.r,
+                            t=interval.t, latent=z[:, 0])
+    assert torch.allclose(single.loss, row_losses(logits[:, PROMPT:], interval.tokens, interval.targets).mean())
+
+
+def test_latent_selection_trains_the_winner_as_if_it_were_fixed(base, recorded):
+    mask_id = base.config.mask_token_id
+    student = Student(base, prompt_length=2, hidden_size=8, latent_dim=4)
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.normal_(generator=torch.Generator().manual_seed(3))
+        for p in student.soft_prompt.prompt_mlp.parameters():
+            p.mul_(20)  # make the latent matter
+    interval = interval_at(recorded, 0, STEPS, mask_id)
+    latents = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(4))
+    student.train()
+    selected = rollout_loss(student, interval, latents, mask_id)
+    assert student.training  # scoring in eval mode does not leave the student there
+    selected.loss.backward()
+    grads = [p.grad.clone() for p in student.soft_prompt.parameters()]
+    student.zero_grad()
+
+    # each draw's loss, computed one draw at a time: the winner is the argmin
+    with torch.no_grad():
+        per_draw = torch.stack([row_losses(student(input_ids=interval.input_ids, attention_mask=interval.attention_mask,
+                                                   r=interval.r, t=interval.t, latent=latents[:, j])[:, PROMPT:],
+                                           interval.tokens, interval.targets) for j in range(5)], dim=1)
+    assert torch.allclose(selected.selection.losses, per_draw, rtol=1e-5)
+    winner = latents[torch.arange(3), per_draw.argmin(dim=1)]
+    assert torch.equal(selected.selection.winner, winner)
+    assert (per_draw.argmin(dim=1) != 0).any()  # not trivially the first draw
+    assert (selected.selection.gap >= 0).all() and (selected.selection.gap > 0).any()
+
+    fixed = rollout_loss(student, interval, winner[:, None], mask_id)
+    fixed.loss.backward()
+    assert torch.equal(fixed.loss, selected.loss)
+    for a, p in zip(grads, student.soft_prompt.parameters()):
+        assert torch.equal(a, p.grad)
+
+
+def test_distinct_greedy_answers_across_draws(base, recorded):
+    mask_id = base.config.mask_token_id
+    interval = interval_at(recorded, 0, STEPS, mask_id)
+    student = Student(base, prompt_length=2, hidden_size=8, latent_dim=4)
+    latents = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(5))
+    # a zero gate ignores z: one distinct answer, no gap
+    ignored = select_latents(student, interval, latents, mask_id)
+    assert (ignored.distinct == 1).all() and torch.equal(ignored.gap, torch.zeros(3))
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.fill_(5.0)
+        for p in student.soft_prompt.prompt_mlp.parameters():
+            p.normal_(std=3.0, generator=torch.Generator().manual_seed(6))
+    used = select_latents(student, interval, latents, mask_id)
+    expected = []
+    for b in range(3):
+        with torch.no_grad():
+            logits = student(input_ids=interval.input_ids[b:b + 1].expand(4, -1),
+                             attention_mask=interval.attention_mask[b:b + 1].expand(4, -1),
+                             r=interval.r[b], t=interval.t[b], latent=latents[b])[:, PROMPT:]
+        logits[..., mask_id] = -torch.inf
+        expected.append(len({tuple(a) for a in logits.argmax(-1).tolist()}))
+    assert used.distinct.tolist() == expected and max(expected) > 1
