@@ -8,8 +8,8 @@ from pathlib import Path
 
 def summarize(results: list[dict], gen_length: int) -> dict:
     """``metrics/eval.json``: each setting's numbers under its name, plus the one-step student's
-    speedup over the teacher at ``gen_length`` steps (greedy, no guidance) and its accuracy gain over
-    the one-step teacher."""
+    speedup over the teacher at ``gen_length`` steps (greedy, no guidance), its accuracy gain over
+    the one-step teacher, and the wall time of one student pass over one teacher pass."""
     by_key = {(r["model"], r["steps"], r["cfg_scale"], r["temperature"]): r for r in results
               if r.get("noise", "per_step") == "per_step" and (r["temperature"] > 0 or r["samples"] == 1)}
     summary: dict = {"settings": {}}
@@ -32,6 +32,10 @@ def summarize(results: list[dict], gen_length: int) -> dict:
     if student and teacher_fewest_steps:
         gain = student["accuracy"]["mean"] - teacher_fewest_steps["accuracy"]["mean"]
         summary[f"student_minus_teacher_{teacher_fewest_steps['steps']}_steps"] = round(gain, 4)
+    teacher_one_pass = by_key.get(("teacher", 1, 0.0, 0.0))
+    if student and teacher_one_pass:  # the soft prompt's MLP and P prefix keys per layer, per pass
+        cost = student["seconds_per_sample"] / teacher_one_pass["seconds_per_sample"]
+        summary["student_pass_cost_vs_teacher_pass"] = round(cost, 3)
     return summary
 
 
@@ -106,4 +110,5 @@ def results_markdown(results: list[dict], summary: dict, temperature: float, sam
             f"shared), or the student greedy given {samples} latents (T 0)\n\n"
             f"{markdown_table(results, several=True)}\n\n"
             f"One-step student speedup over the teacher at {gen_length} steps: "
-            f"{summary.get('student_speedup_vs_teacher_gen_length')}x ({summary['device']})\n")
+            f"{summary.get('student_speedup_vs_teacher_gen_length')}x; one student pass costs "
+            f"{summary.get('student_pass_cost_vs_teacher_pass')}x one teacher pass ({summary['device']})\n")

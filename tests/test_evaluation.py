@@ -57,6 +57,43 @@ def test_settings_grid():
     assert {(s.model, s.block_length) for s in blocks} == {("teacher", 4), ("student", 16)}
     coupled = settings_for([1, 7], 0.0, 1.0, 4, gen_length=7, noise_variants=["fixed", "shared"])[-2:]
     assert [s.name for s in coupled] == ["teacher_steps7_sampled_t1x4_fixed_noise", "teacher_steps7_sampled_t1x4_shared_noise"]
+    latents = settings_for([1, 7], 0.0, 1.0, 4, gen_length=7, student_latents=True)[-1]
+    assert latents.name == "student_steps1_greedyx4" and latents.samples == 4 and latents.forward_passes == 1
+
+
+def test_latent_student_decodes_each_completion_given_its_latent(workdir):
+    """Completion i of row n is the one-step greedy answer given completion_latents(seed, n, i),
+    whatever the batch; the report puts the 4-latent row in the several-completions table."""
+    from pipeline.evaluation_report import results_markdown
+    from pipeline.generate import completion_latents, mask_predictor, one_step_generate
+
+    teacher, tokenizer, _ = load_teacher(workdir / "artifacts" / "teacher")
+    student = Student(teacher, prompt_length=2, hidden_size=8, latent_dim=3).eval()
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.fill_(5.0)
+        for p in student.soft_prompt.prompt_mlp.parameters():
+            p.normal_(std=3.0, generator=torch.Generator().manual_seed(0))
+    layout = Layout.load(workdir / "data")
+    rows = datasets.load_from_disk(str(workdir / "data" / "test"))
+    runs = [complete_split(student, rows, tokenizer, {0}, layout, steps=1, samples=4, batch_size=b, seed=7)[0]
+            for b in (5, 8)]
+    assert runs[0] == runs[1]
+    P, n = layout.prompt_length, len(rows)
+    ids, mask = (torch.as_tensor(rows[c])[:, :P].long().repeat_interleave(4, dim=0)
+                 for c in ("input_ids", "attention_mask"))
+    z = completion_latents(7, torch.arange(n).repeat_interleave(4), torch.arange(4).repeat(n), 3)
+    with torch.inference_mode():
+        out = one_step_generate(mask_predictor(student, z), ids, layout.gen_length, attention_mask=mask, mask_id=2)
+    answers = [decode_answer(tokenizer, a, {0}) for a in out[:, P:].tolist()]
+    assert [c for r in runs[0] for c in r["completions"]] == answers
+    assert any(len(set(r["completions"])) > 1 for r in runs[0])
+
+    grid = settings_for([1], 0.0, 1.0, 4, gen_length=layout.gen_length, student_latents=True)
+    results = evaluate_settings({"teacher": teacher, "student": student}, grid, rows, tokenizer, {0}, layout,
+                                batch_size=8, seed=7)
+    summary = {"prompts": n, "device": "cpu", **summarize(results, layout.gen_length)}
+    greedy, several = results_markdown(results, summary, 1.0, 4, layout.gen_length).split("completions per prompt")
+    assert "| student | 1 | 0 | 0 | latents |" in several and "latents" not in greedy
 
 
 def test_coupled_noise_completions(workdir):
