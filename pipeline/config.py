@@ -363,6 +363,9 @@ class StudentParams:
     latent_draws: int = 4
     """K: latents drawn per rollout for a latent student (``soft_prompt.latent_dim`` > 0); the best one
     (lowest loss, scored without gradient) is trained."""
+    selection_temperature: float = 0.0
+    """0: train only the best of the K draws (winner-takes-all); T > 0: train every draw, weighted by
+    softmax(-loss / T) over the draws (annealed selection)."""
     tangent: Literal["linear", "seed"] = "linear"
     """dz/dt of the JVP: the forward process's mean-embedding path, or the seed's literal form."""
     loss: Literal["kl", "mse"] = "kl"
@@ -397,7 +400,7 @@ class StudentParams:
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "batch_size", "max_steps", "eval_every", "devices", "latent_draws")
-        require_at_least(self, 0, "meanflow_weight", "rollout_weight")
+        require_at_least(self, 0, "meanflow_weight", "rollout_weight", "selection_temperature")
         require(self.meanflow_weight > 0 or self.rollout_weight > 0, "rollout_weight",
                 "meanflow_weight and rollout_weight are both 0: nothing to train")
         require(self.rollouts in ("all", "greedy", "sampled"), "rollouts", "must be 'all', 'greedy' or 'sampled'")

@@ -72,7 +72,8 @@ class StudentDistillation(L.LightningModule):
             latents = counter_normal(self.student.latent_dim, *(key if isinstance(key, int) else key[:, None]
                                                                 for key in keys), ROLLOUT_LATENT_STREAM, draws)
             latents = latents.to(device)  # (B, K, d)
-        return rollout_loss(self.student, interval, latents, self.student.base.config.mask_token_id)
+        return rollout_loss(self.student, interval, latents, self.student.base.config.mask_token_id,
+                            p.selection_temperature)
 
     def training_step(self, item, batch_idx):
         p, loss = self.params, 0.0

@@ -107,24 +107,37 @@ class LatentSelection:
         return self.losses.mean(dim=1) - self.losses.min(dim=1).values
 
 
+def repeat_rows(interval: RolloutInterval, K: int) -> RolloutInterval:
+    """Each rollout K times in a row: row b's copies are rows b*K .. b*K + K - 1."""
+    return RolloutInterval(*(getattr(interval, f.name).repeat_interleave(K, dim=0)
+                             for f in dataclasses.fields(interval)))
+
+
+def score_draws(logits: torch.Tensor, expanded: RolloutInterval, latents: torch.Tensor, mask_id: int
+                ) -> LatentSelection:
+    """The selection from the answer logits (B*K, G, V) of K draws per rollout (``latents`` (B, K, d))."""
+    B, K, _ = latents.shape
+    logits = logits.detach()
+    losses = row_losses(logits, expanded.tokens, expanded.targets).view(B, K)
+    greedy = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) == mask_id, -torch.inf).argmax(-1)
+    visible = expanded.input_ids[:, -expanded.tokens.shape[1]:] != mask_id
+    answers = torch.where(visible, expanded.tokens, greedy).view(B, K, -1)  # (B, K, G)
+    distinct = torch.tensor([len(torch.unique(a, dim=0)) for a in answers], device=latents.device)
+    winner = latents[torch.arange(B, device=latents.device), losses.argmin(dim=1)]
+    return LatentSelection(winner=winner, losses=losses, distinct=distinct)
+
+
 @torch.no_grad()
 def select_latents(student, interval: RolloutInterval, latents: torch.Tensor, mask_id: int) -> LatentSelection:
     """Score K latent draws (B, K, d) per rollout in one batched pass without gradient (eval mode)
     and pick the best."""
     B, K, d = latents.shape
-    repeat = lambda x: x.repeat_interleave(K, dim=0)  # noqa: E731  row b's K draws are rows b*K .. b*K + K - 1
-    expanded = RolloutInterval(*(repeat(getattr(interval, f.name)) for f in dataclasses.fields(interval)))
+    expanded = repeat_rows(interval, K)
     was_training = student.training
     student.eval()
     logits = answer_logits(student, expanded, latents.reshape(B * K, d))  # (B*K, G, V)
     student.train(was_training)
-    losses = row_losses(logits, expanded.tokens, expanded.targets).view(B, K)
-    logits[..., mask_id] = -torch.inf
-    visible = expanded.input_ids[:, -expanded.tokens.shape[1]:] != mask_id
-    answers = torch.where(visible, expanded.tokens, logits.argmax(dim=-1)).view(B, K, -1)  # (B, K, G)
-    distinct = torch.tensor([len(torch.unique(a, dim=0)) for a in answers], device=latents.device)
-    winner = latents[torch.arange(B, device=latents.device), losses.argmin(dim=1)]
-    return LatentSelection(winner=winner, losses=losses, distinct=distinct)
+    return score_draws(logits, expanded, latents, mask_id)
 
 
 @dataclasses.dataclass
@@ -139,10 +152,22 @@ class RolloutLoss:
     """The latent selection, when K > 1 draws were scored."""
 
 
-def rollout_loss(student, interval: RolloutInterval, latents: torch.Tensor | None, mask_id: int) -> RolloutLoss:
+def rollout_loss(student, interval: RolloutInterval, latents: torch.Tensor | None, mask_id: int,
+                 selection_temperature: float = 0.0) -> RolloutLoss:
     """The rollout objective on one batch. ``latents``: (B, K, d) draws for a latent student (the
-    best of K is trained; K = 1 trains the only draw), None without a latent."""
+    best of K is trained; K = 1 trains the only draw), None without a latent. With
+    ``selection_temperature`` T > 0 every draw is trained, weighted by sg(softmax(-loss / T)) over
+    the K draws (annealed selection: draws that never win still learn; T -> 0 is winner-takes-all)."""
     selection = None
+    if latents is not None and latents.shape[1] > 1 and selection_temperature > 0:
+        B, K, d = latents.shape
+        expanded = repeat_rows(interval, K)
+        logits = answer_logits(student, expanded, latents.reshape(B * K, d))
+        losses = row_losses(logits, expanded.tokens, expanded.targets).view(B, K)
+        weights = torch.softmax(-losses.detach() / selection_temperature, dim=1)
+        rows = (weights * losses).sum(dim=1)
+        return RolloutLoss(loss=rows.mean(), rows=rows.detach(), one_step=interval.one_step,
+                           selection=score_draws(logits, expanded, latents, mask_id))
     if latents is None:
         latent = None
     elif latents.shape[1] == 1:

@@ -156,3 +156,21 @@ def test_distinct_greedy_answers_across_draws(base, recorded):
         logits[..., mask_id] = -torch.inf
         expected.append(len({tuple(a) for a in logits.argmax(-1).tolist()}))
     assert used.distinct.tolist() == expected and max(expected) > 1
+
+
+def test_annealed_selection_spans_winner_takes_all_to_the_mean_of_draws(base, recorded):
+    mask_id = base.config.mask_token_id
+    student = Student(base, prompt_length=2, hidden_size=8, latent_dim=4)
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.normal_(generator=torch.Generator().manual_seed(3))
+        for p in student.soft_prompt.prompt_mlp.parameters():
+            p.mul_(20)
+    interval = interval_at(recorded, 0, STEPS, mask_id)
+    latents = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(4))
+    hard = rollout_loss(student, interval, latents, mask_id)
+    cold = rollout_loss(student, interval, latents, mask_id, selection_temperature=1e-6)
+    hot = rollout_loss(student, interval, latents, mask_id, selection_temperature=1e6)
+    assert torch.allclose(cold.loss, hard.loss, rtol=1e-5)
+    assert torch.allclose(hot.loss, hard.selection.losses.mean(), rtol=1e-4)
+    assert torch.allclose(cold.selection.losses, hard.selection.losses, rtol=1e-5)
+    assert torch.equal(cold.selection.distinct, hard.selection.distinct)
