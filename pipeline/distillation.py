@@ -201,7 +201,22 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     if not trainer.is_global_zero:
         return None
     student.cpu().save_pretrained(out_dir)
+    latents = latent_validation(student, accuracy.rows, tokenizer, layout) if student.latent_dim else None
     return {"steps": trainer.global_step, "minutes": round((time.perf_counter() - started) / 60, 2),
             "trainable_parameters": sum(p.numel() for p in student.soft_prompt.parameters()),
             "val_accuracy_one_step": accuracy.history[-1] if accuracy.history else None,
-            "diagnostics": module.diagnostics(), "curve": accuracy.history}
+            "val_one_step_4_latents": latents, "diagnostics": module.diagnostics(), "curve": accuracy.history}
+
+
+def latent_validation(student: Student, rows, tokenizer, layout, samples: int = 4) -> dict:
+    """One step, greedy given each of ``samples`` latents per validation prompt: accuracy over all
+    completions and distinct valid completions per prompt, per task."""
+    from pipeline.evaluation import complete_split
+    from pipeline.scoring import score_records
+
+    records, _ = complete_split(student.eval(), rows, tokenizer, {layout.pad_token_id}, layout, steps=1,
+                                samples=samples)
+    metrics = score_records(records)
+    return {"accuracy": {task: round(m["accuracy"], 4) for task, m in metrics.items()},
+            "distinct_valid": {task: round(m["distinct_valid"], 3) for task, m in metrics.items()
+                               if "distinct_valid" in m}}

@@ -146,6 +146,26 @@ def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path, objective):
     assert not torch.equal(single["prompt_gate"], initial.soft_prompt.prompt_gate.detach())
 
 
+def test_train_student_stage_with_rollouts_and_a_latent(workdir, tmp_path):
+    """The rollout objective from the cache's rollouts, with a latent: the summary carries the latent
+    diagnostics and the 4-latent validation."""
+    params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3}, "batch_size": 8,
+                          "max_steps": 2, "eval_every": 1, "warmup_steps": 1, "meanflow_weight": 0.0,
+                          "rollout_weight": 1.0, "latent_draws": 3}}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    metrics = tmp_path / "metrics"
+    result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py"), "--out", str(tmp_path / "s"),
+                             "--metrics", str(metrics), "--checkpoints", str(tmp_path / "c")], cwd=workdir,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Student.from_pretrained(tmp_path / "s").latent_dim == 3
+    summary = json.loads((metrics / "summary.json").read_text())
+    assert {"latent_gap", "latent_distinct", "rollout_loss_one_step"} <= set(summary["diagnostics"])
+    assert "meanflow_loss" not in summary["diagnostics"]
+    latents = summary["val_one_step_4_latents"]  # a random teacher: few valid answers
+    assert 0 <= latents["distinct_valid"]["word"] <= 4 and set(latents["accuracy"]) >= {"word", "perm", "mean"}
+
+
 def test_train_student_stage_end_to_end(workdir, tmp_path):
     params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8}, "batch_size": 8, "max_steps": 2,
                           "eval_every": 1, "warmup_steps": 1}}
