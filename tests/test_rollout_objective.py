@@ -40,6 +40,16 @@ def recorded(base):
     return prompt, mask, trajectory, states + [trajectory.sequences]
 
 
+def latent_student(base):
+    """A latent student whose output depends strongly on z (a random gate, a scaled-up MLP)."""
+    student = Student(base, prompt_length=2, hidden_size=8, latent_dim=4)
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.normal_(generator=torch.Generator().manual_seed(3))
+        for p in student.soft_prompt.prompt_mlp.parameters():
+            p.mul_(20)
+    return student
+
+
 def interval_at(recorded, k: int, k_end: int, mask_id: int):
     prompt, mask, trajectory, _ = recorded
     n = len(prompt)
@@ -102,11 +112,7 @@ def test_without_a_latent_the_loss_is_plain_cross_entropy(base, recorded):
 
 def test_latent_selection_trains_the_winner_as_if_it_were_fixed(base, recorded):
     mask_id = base.config.mask_token_id
-    student = Student(base, prompt_length=2, hidden_size=8, latent_dim=4)
-    with torch.no_grad():
-        student.soft_prompt.prompt_gate.normal_(generator=torch.Generator().manual_seed(3))
-        for p in student.soft_prompt.prompt_mlp.parameters():
-            p.mul_(20)  # make the latent matter
+    student = latent_student(base)
     interval = interval_at(recorded, 0, STEPS, mask_id)
     latents = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(4))
     student.train()
@@ -160,11 +166,7 @@ def test_distinct_greedy_answers_across_draws(base, recorded):
 
 def test_annealed_selection_spans_winner_takes_all_to_the_mean_of_draws(base, recorded):
     mask_id = base.config.mask_token_id
-    student = Student(base, prompt_length=2, hidden_size=8, latent_dim=4)
-    with torch.no_grad():
-        student.soft_prompt.prompt_gate.normal_(generator=torch.Generator().manual_seed(3))
-        for p in student.soft_prompt.prompt_mlp.parameters():
-            p.mul_(20)
+    student = latent_student(base)
     interval = interval_at(recorded, 0, STEPS, mask_id)
     latents = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(4))
     hard = rollout_loss(student, interval, latents, mask_id)
