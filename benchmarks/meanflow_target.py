@@ -18,6 +18,7 @@ import datasets
 import torch
 
 from pipeline.config import StudentParams
+from pipeline.generate import completion_latents
 from pipeline.cpu_numerics import pin_cpu_numerics
 from pipeline.data import Layout
 from pipeline.scoring import score_records
@@ -58,18 +59,23 @@ def main() -> None:
     trained = Student.from_pretrained(ROOT / "artifacts" / "student", base=base).double()
     students = {"initial student (= teacher)": Student(base, config=trained.config).double(), "trained student": trained}
 
+    # A latent student is read at each prompt's first latent, as the evaluation's greedy row does.
+    latent = None
+    if trained.latent_dim:
+        latent = completion_latents(0, torch.arange(len(x)), torch.zeros(len(x), dtype=torch.long),
+                                    trained.latent_dim).double()
     with torch.no_grad():
         v = base(input_ids=x, attention_mask=attention_mask).log_softmax(-1)  # (B, T, V)
     results = {"teacher v": accuracy(v[:, P:], rows, tokenizer, layout, mask_id)}
     for name, student in students.items():
         with torch.no_grad():
-            u = student(input_ids=x, r=0.0, t=1.0, attention_mask=attention_mask)
+            u = student(input_ids=x, r=0.0, t=1.0, attention_mask=attention_mask, latent=latent)
         results[f"{name}: u(r=0, t=1)"] = accuracy(u[:, P:], rows, tokenizer, layout, mask_id)
         for kind in ("linear", "seed"):
             for gap in (1.0, 0.5, 0.25):
                 with torch.no_grad():  # the target only: no gradient wanted
                     out = meanflow_loss(student, x, attention_mask, masked, t, t - gap, v[masked],
-                                        StudentParams(tangent=kind), layout.gen_length)
+                                        StudentParams(tangent=kind), layout.gen_length, latent=latent)
                 target = out.target.view(len(x), layout.gen_length, -1)  # every answer position is masked
                 results[f"{name}: u_tgt, {kind}, t - r = {gap:g}"] = accuracy(target, rows, tokenizer, layout, mask_id)
 

@@ -332,9 +332,10 @@ class SoftPromptConfig:
     conditioning: Literal["r_t", "t_interval"] = "r_t"
     """Inputs of the time encoder: ``r_t`` embeds (r, t) (the seed's choice); ``t_interval`` embeds
     (t, t - r), which MeanFlow reports slightly better."""
-    latent_dim: int = 0
+    latent_dim: int = 8
     """d: a per-generation latent z ~ N(0, I_d) enters the prompt MLP beside the time features, so
-    one forward pass can emit different consistent answers (DESIGN 11.2); 0: no latent."""
+    one forward pass can emit different consistent answers (DESIGN 11.2); 0: no latent (students
+    saved before the latent existed load with 0)."""
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "prompt_length", "hidden_size", "max_frequency")
@@ -348,9 +349,9 @@ class StudentParams:
     """``student``: the soft prompt and its MeanFlow distillation (stage ``train_student``)."""
 
     soft_prompt: SoftPromptConfig = dataclasses.field(default_factory=SoftPromptConfig)
-    meanflow_weight: float = 1.0
+    meanflow_weight: float = 0.0
     """Weight of the seed's MeanFlow objective on the cache's top-k rows (0: off)."""
-    rollout_weight: float = 0.0
+    rollout_weight: float = 1.0
     """Weight of the rollout objective on the cache's teacher rollouts (DESIGN 11.3; 0: off)."""
     rollouts: Literal["all", "greedy", "sampled"] = "all"
     """Which cached rollouts the rollout objective trains on (greedy: temperature 0)."""
@@ -386,8 +387,8 @@ class StudentParams:
     warmup_steps: int = 50
     batch_size: int = 64
     """Rows per device per step."""
-    max_steps: int = 600
-    max_minutes: float = 6.0
+    max_steps: int = 1000
+    max_minutes: float = 10.0
     eval_every: int = 100
     """Steps between one-step validation accuracy measurements."""
     devices: int = 1

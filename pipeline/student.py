@@ -39,11 +39,13 @@ def as_time(value: float | torch.Tensor, batch: int, like: torch.Tensor) -> torc
 
 
 class Student(nn.Module):
-    """``Student(base, prompt_length=8, **soft_prompt_options)``; options as ``SoftPromptConfig``."""
+    """``Student(base, prompt_length=8, latent_dim=0, **soft_prompt_options)`` (options as
+    ``SoftPromptConfig``; without a latent unless asked), or ``Student(base, config=...)``."""
 
-    def __init__(self, base: LLaDA, prompt_length: int = 8, config: SoftPromptConfig | None = None, **options):
+    def __init__(self, base: LLaDA, prompt_length: int = 8, config: SoftPromptConfig | None = None,
+                 latent_dim: int = 0, **options):
         super().__init__()
-        config = config or SoftPromptConfig(prompt_length=prompt_length, **options)
+        config = config or SoftPromptConfig(prompt_length=prompt_length, latent_dim=latent_dim, **options)
         c = base.config
         self.base = base.requires_grad_(False).eval()
         self.soft_prompt = SoftPrompt(config, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim)
@@ -151,7 +153,7 @@ class Student(nn.Module):
                 f"but {base.source_path} has fingerprint {found}"
             )
         try:
-            config = SoftPromptConfig(**meta["soft_prompt"])
+            config = SoftPromptConfig(**{"latent_dim": 0, **meta["soft_prompt"]})  # older students: no latent
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{path / STUDENT_CONFIG}: {err}") from err
         student = cls(base, config=config)

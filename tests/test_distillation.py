@@ -39,7 +39,8 @@ def workdir(tmp_path_factory):
 
 def make_module(workdir, **overrides):
     base, _, _ = load_teacher(workdir / "artifacts" / "teacher")
-    params = StudentParams(**{"soft_prompt": SoftPromptConfig(prompt_length=2, hidden_size=8), "batch_size": 8,
+    params = StudentParams(**{"soft_prompt": SoftPromptConfig(prompt_length=2, hidden_size=8, latent_dim=0),
+                              "meanflow_weight": 1.0, "rollout_weight": 0.0, "batch_size": 8,
                               "max_steps": 3, "warmup_steps": 1, "lr": 1e-2, **overrides})
     student = Student(base, config=params.soft_prompt)
     return StudentDistillation(student, params, Layout.load(workdir / "data").gen_length), params
@@ -167,8 +168,9 @@ def test_train_student_stage_with_rollouts_and_a_latent(workdir, tmp_path):
 
 
 def test_train_student_stage_end_to_end(workdir, tmp_path):
-    params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8}, "batch_size": 8, "max_steps": 2,
-                          "eval_every": 1, "warmup_steps": 1}}
+    params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 0}, "batch_size": 8,
+                          "max_steps": 2, "eval_every": 1, "warmup_steps": 1, "meanflow_weight": 1.0,
+                          "rollout_weight": 0.0}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py")], cwd=workdir,
                             capture_output=True, text=True, timeout=600)

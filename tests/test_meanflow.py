@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.config import StudentParams
+from pipeline.config import SoftPromptConfig, StudentParams
 from pipeline.counter_random import counter_uniform
 from pipeline.llada import LLaDA
 from pipeline.meanflow import (
@@ -161,7 +161,7 @@ def test_no_grad_jvp_then_forward_gives_the_same_gradient(tiny_checkpoint):
 
     def objective(jvp):
         student.zero_grad()
-        out = meanflow_loss(student, ids, attention_mask, masked, t, r, v[masked], StudentParams(jvp=jvp), answer_length=3)
+        out = meanflow_loss(student, ids, attention_mask, masked, t, r, v[masked], StudentParams(jvp=jvp, soft_prompt=SoftPromptConfig(latent_dim=0)), answer_length=3)
         out.loss.backward()
         return out, [p.grad.clone() for p in student.soft_prompt.parameters()]
 
