@@ -80,7 +80,6 @@ class RolloutMiniBatches(torch.utils.data.Dataset):
         if kind not in ROLLOUT_KINDS:
             raise ValueError(f"kind must be one of {ROLLOUT_KINDS}, got {kind!r}")
         cache = open_rollouts(cache_dir, verify=verify)
-        self.sampler = cache.sampler
         rows = RolloutRows.concat([cache.batch(j) for j in range(cache.num_batches)])
         if kind != "all":
             rows = rows.take(np.flatnonzero((rows.temperature == 0) == (kind == "greedy")))
