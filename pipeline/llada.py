@@ -254,6 +254,34 @@ class RopeTables:
         return cls(cos, sin, prefix_cos, prefix_sin)
 
 
+def prepare_inputs(config, x, prefix, attention_mask):
+    """Checks and per-forward tables shared by every block: returns (x (B, T, C), the additive
+    attention bias (B, 1, 1, T) or None, the prefix as (B, L, 2, Hkv, P, D) or None, RopeTables).
+    ``config`` needs n_layers, n_kv_heads, head_dim, rope_theta and max_sequence_length."""
+    B, T, _ = x.shape
+    if T > config.max_sequence_length:
+        raise ValueError(f"sequence length {T} exceeds max_sequence_length {config.max_sequence_length}")
+    bias = None
+    if attention_mask is not None:
+        keep = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T)
+        bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill(~keep, torch.finfo(x.dtype).min)
+    if prefix is not None:
+        if prefix.dim() == 5:
+            prefix = prefix.unsqueeze(0).expand(B, *prefix.shape)
+        expected = (config.n_layers, 2, config.n_kv_heads)
+        if prefix.dim() != 6 or tuple(prefix.shape[1:4]) != expected or prefix.shape[-1] != config.head_dim:
+            raise ValueError(
+                f"prefix must be (B, {expected[0]}, 2, {expected[2]}, P, {config.head_dim}), "
+                f"got {tuple(prefix.shape)}"
+            )
+    rope = RopeTables.build(
+        config, T, 0 if prefix is None else prefix.shape[-2], attention_mask, x.device,
+        torch.float64 if x.dtype == torch.float64 else torch.float32,
+    )
+    return x, bias, prefix, rope
+
+
 class LLaDABlock(nn.Module):
     """One LLaDA "llama" block: pre-norm attention and SwiGLU MLP, with residuals."""
 
@@ -351,6 +379,11 @@ class LLaDA(nn.Module):
         """Input embeddings (B, T, C) of ``input_ids`` (B, T)."""
         return self.transformer["wte"](input_ids)
 
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        """The input embedding matrix (embedding_size, C)."""
+        return self.transformer["wte"].weight
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -360,7 +393,19 @@ class LLaDA(nn.Module):
         prefix_gate: torch.Tensor | None = None,
         attention: Attention = "sdpa",
     ) -> torch.Tensor:
-        """Logits (B, T, V).
+        """Logits (B, T, V): ``head(hidden(...))``; arguments as ``hidden``."""
+        return self.head(self.hidden(input_ids, inputs_embeds, prefix, attention_mask, prefix_gate, attention))
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prefix_gate: torch.Tensor | None = None,
+        attention: Attention = "sdpa",
+    ) -> torch.Tensor:
+        """The trunk: final-normed hidden states (B, T, C), from which ``head`` gives logits per position.
 
         input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, T), 1 = attend, covering the
         tokens only (the prefix is always visible); prefix (n_layers, 2, n_kv_heads, P, head_dim),
@@ -370,31 +415,9 @@ class LLaDA(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        B, T, _ = x.shape
-        if T > self.config.max_sequence_length:
-            raise ValueError(
-                f"sequence length {T} exceeds max_sequence_length {self.config.max_sequence_length}"
-            )
+        x, bias, prefix, rope = prepare_inputs(self.config, x, prefix, attention_mask)
         if self.config.input_emb_norm:
             x = x * self.config.d_model**0.5
-        bias = None
-        if attention_mask is not None:
-            keep = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T)
-            bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
-            bias = bias.masked_fill(~keep, torch.finfo(x.dtype).min)
-        if prefix is not None:
-            if prefix.dim() == 5:
-                prefix = prefix.unsqueeze(0).expand(B, *prefix.shape)
-            expected = (self.config.n_layers, 2, self.config.n_kv_heads)
-            if prefix.dim() != 6 or tuple(prefix.shape[1:4]) != expected or prefix.shape[-1] != self.config.head_dim:
-                raise ValueError(
-                    f"prefix must be (B, {expected[0]}, 2, {expected[2]}, P, {self.config.head_dim}), "
-                    f"got {tuple(prefix.shape)}"
-                )
-        rope = RopeTables.build(
-            self.config, T, 0 if prefix is None else prefix.shape[-2], attention_mask, x.device,
-            torch.float64 if x.dtype == torch.float64 else torch.float32,
-        )
         for i, block in enumerate(self.transformer["blocks"]):
             x = block(
                 x,
@@ -404,9 +427,13 @@ class LLaDA(nn.Module):
                 None if prefix_gate is None else prefix_gate[i],
                 attention,
             )
-        x = self.transformer["ln_f"](x)
-        head = self.transformer["wte"].weight if self.config.weight_tying else self.transformer["ff_out"].weight
-        logits = F.linear(x, head)
+        return self.transformer["ln_f"](x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of final hidden states (..., C): a per-position map, so it can run on the
+        rows that need it only."""
+        weight = self.transformer["wte"].weight if self.config.weight_tying else self.transformer["ff_out"].weight
+        logits = F.linear(hidden, weight)
         if self.config.scale_logits:
             logits = logits / math.sqrt(self.config.d_model)
         return logits

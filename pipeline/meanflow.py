@@ -197,7 +197,7 @@ def meanflow_loss(
     base = student.base
     with torch.no_grad():
         z = base.embed(input_ids)  # (B, T, C)
-    embedding = base.transformer["wte"].weight.detach()
+    embedding = base.embedding_weight.detach()
     dz_dt = tangent(params.tangent, v, masked, embedding, base.config.mask_token_id, t)
 
     # du/dt only matters where r < t (the target is v itself at r = t): with the no-grad JVP,

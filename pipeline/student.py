@@ -84,7 +84,7 @@ class Student(nn.Module):
         weight = self.soft_prompt.prompt_gate
         r, t = as_time(r, ref.shape[0], weight), as_time(t, ref.shape[0], weight)
         prefix, gate = self.soft_prompt(r, t, latent)
-        base_dtype = self.base.transformer["wte"].weight.dtype
+        base_dtype = self.base.embedding_weight.dtype
         return self.base(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
