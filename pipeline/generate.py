@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.counter_random import counter_hash, counter_normal, counter_uniform
-from pipeline.llada import upcast
+from pipeline.layers import upcast
 
 # A mask predictor maps (input_ids (B, T), attention_mask (B, T) or None) to logits (B, T, V).
 MaskPredictor = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]

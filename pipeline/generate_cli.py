@@ -24,7 +24,7 @@ from pipeline.data import read_jsonl
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_write_text
 from pipeline.generate import completion_latents, generate, mask_predictor
-from pipeline.llada import LLaDA
+from pipeline.models import load_model as load_checkpoint
 from pipeline.student import Student
 from pipeline.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
 
@@ -83,7 +83,7 @@ def load_model(path: Path, dtype: torch.dtype, device: str):
     path = resolve_checkpoint(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"{path}: neither a LLaDA checkpoint (config.json) nor a student (student_config.json)")
-    return LLaDA.from_pretrained(path, dtype=dtype, device=device), path
+    return load_checkpoint(path, dtype=dtype, device=device), path
 
 
 def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import StudentParams
-from pipeline.llada import upcast
+from pipeline.layers import upcast
 
 Tail = Literal["uniform", "drop"]
 Tangent = Literal["linear", "seed"]

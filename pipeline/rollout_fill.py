@@ -20,7 +20,7 @@ from pipeline.config import CacheParams, RolloutParams
 from pipeline.data import Layout
 from pipeline.errors import ParamsError
 from pipeline.generate import CounterNoise, completion_seeds, field_seeds, mask_predictor, sample_trajectory
-from pipeline.llada import LLaDA
+from pipeline.mask_predictor import MaskPredictor
 from pipeline.rollout_cache import RolloutRows, rollout_schema
 
 
@@ -90,7 +90,7 @@ def rollout_plan(first: int, last: int, params: CacheParams) -> RolloutRows:
 
 
 @torch.inference_mode()
-def fill_rollout_shard(model: LLaDA, dataset, shard: int, layout: Layout, params: CacheParams, sampler: dict,
+def fill_rollout_shard(model: MaskPredictor, dataset, shard: int, layout: Layout, params: CacheParams, sampler: dict,
                        out_dir, progress=None) -> dict:
     """Sample and write rollout shard ``shard``; return its sidecar info. Greedy and sampled rollouts
     go through the sampler in separate batches (one temperature per batch), then are written

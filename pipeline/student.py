@@ -19,7 +19,9 @@ from torch import nn
 from pipeline.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_directory
-from pipeline.llada import LLaDA, Attention
+from pipeline.layers import Attention
+from pipeline.mask_predictor import MaskPredictor
+from pipeline.models import load_model
 from pipeline.config import SoftPromptConfig
 from pipeline.soft_prompt import SoftPrompt
 
@@ -42,7 +44,7 @@ class Student(nn.Module):
     """``Student(base, prompt_length=8, latent_dim=0, **soft_prompt_options)`` (options as
     ``SoftPromptConfig``; without a latent unless asked), or ``Student(base, config=...)``."""
 
-    def __init__(self, base: LLaDA, prompt_length: int = 8, config: SoftPromptConfig | None = None,
+    def __init__(self, base: MaskPredictor, prompt_length: int = 8, config: SoftPromptConfig | None = None,
                  latent_dim: int = 0, **options):
         super().__init__()
         config = config or SoftPromptConfig(prompt_length=prompt_length, latent_dim=latent_dim, **options)
@@ -106,7 +108,7 @@ class Student(nn.Module):
         source = self.base.source_path
         if source is None:
             raise CheckpointError("the student's base model was not loaded from a checkpoint directory; "
-                                  "save it with LLaDA.save_pretrained and reload it first")
+                                  "save it with save_pretrained and reload it first")
         meta = {
             "format": FORMAT,
             "soft_prompt": dataclasses.asdict(self.config),
@@ -131,7 +133,7 @@ class Student(nn.Module):
     def from_pretrained(
         cls,
         path: str | Path,
-        base: LLaDA | str | Path | None = None,
+        base: MaskPredictor | str | Path | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> "Student":
@@ -141,9 +143,9 @@ class Student(nn.Module):
         meta = read_json(path / STUDENT_CONFIG)
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path / STUDENT_CONFIG}: not a {FORMAT} file")
-        if not isinstance(base, LLaDA):
+        if not isinstance(base, MaskPredictor):
             base_dir = resolve_checkpoint(base) if base is not None else cls.base_path_of(path)
-            base = LLaDA.from_pretrained(base_dir, dtype=dtype, device=device)
+            base = load_model(base_dir, dtype=dtype, device=device)
         if base.source_path is None:
             raise CheckpointError("the base model was not loaded from a checkpoint directory")
         found = checkpoint_fingerprint(base.source_path)

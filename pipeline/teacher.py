@@ -15,7 +15,8 @@ from pathlib import Path
 from pipeline.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint, resolve_weight_files
 from pipeline.errors import CheckpointError, DataError
 from pipeline.files import file_sha256
-from pipeline.llada import LLaDA, LLaDAConfig
+from pipeline.mask_predictor import MaskPredictor
+from pipeline.models import load_model, read_config
 from pipeline.tokenizer import load_tokenizer
 
 RECORD = "teacher.json"
@@ -29,6 +30,8 @@ class TeacherRecord:
     mask_token_id: int
     tokenizer_sha256: str
     builtin: bool
+    architecture: str = "llada"
+    """``llada`` or ``llada_moe`` (``pipeline.models``); records written before LLaDA-MoE: llada."""
 
     def save(self, directory: Path) -> None:
         (Path(directory) / RECORD).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -58,8 +61,8 @@ def checkpoint_dir(directory: Path, record: TeacherRecord) -> Path:
 
 
 def validate_checkpoint(path: Path, mask_token_id: int | None = None) -> TeacherRecord:
-    """Check that ``path`` is a usable LLaDA checkpoint: config, weights, tokenizer, mask id."""
-    config = LLaDAConfig.from_file(path / "config.json")
+    """Check that ``path`` is a usable LLaDA or LLaDA-MoE checkpoint: config, weights, tokenizer, mask id."""
+    config = read_config(path)
     resolve_weight_files(path)
     tokenizer = load_tokenizer(path)
     mask = config.mask_token_id if mask_token_id is None else mask_token_id
@@ -77,10 +80,11 @@ def validate_checkpoint(path: Path, mask_token_id: int | None = None) -> Teacher
         mask_token_id=mask,
         tokenizer_sha256=tokenizer_hash(path),
         builtin=False,
+        architecture=config.architecture,
     )
 
 
-def load_teacher(directory: str | Path, dtype=None, device=None) -> tuple[LLaDA, object, TeacherRecord]:
+def load_teacher(directory: str | Path, dtype=None, device=None) -> tuple[MaskPredictor, object, TeacherRecord]:
     """(model, tokenizer, record) of a teacher artifact; the model's ``mask_token_id`` is the
     recorded one."""
     directory = Path(directory)
@@ -92,6 +96,6 @@ def load_teacher(directory: str | Path, dtype=None, device=None) -> tuple[LLaDA,
             f"{directory / RECORD}: checkpoint {path} has fingerprint {found}, recorded {record.fingerprint}; "
             "rerun the teacher stage"
         )
-    model = LLaDA.from_pretrained(path, dtype=dtype, device=device)
+    model = load_model(path, dtype=dtype, device=device)
     model.config.mask_token_id = record.mask_token_id
     return model, load_tokenizer(path), record

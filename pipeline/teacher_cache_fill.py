@@ -26,7 +26,7 @@ from pipeline.cache_shards import (
 from pipeline.config import CacheParams, params_hash
 from pipeline.data import Layout, split_fingerprint
 from pipeline.generate import guided_logits, mask_predictor
-from pipeline.llada import LLaDA
+from pipeline.mask_predictor import MaskPredictor
 from pipeline.teacher_cache import CacheRows, cache_schema
 
 
@@ -70,7 +70,7 @@ def draw_noisy_inputs(x0: torch.Tensor, layout: Layout, params: CacheParams, mas
 
 @torch.inference_mode()
 def teacher_topk(
-    model: LLaDA, x_t: torch.Tensor, attention_mask: torch.Tensor, masked: torch.Tensor, layout: Layout,
+    model: MaskPredictor, x_t: torch.Tensor, attention_mask: torch.Tensor, masked: torch.Tensor, layout: Layout,
     top_k: int, cfg_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k log-softmax (over the full vocabulary) of the teacher at the masked positions, row-major:
@@ -85,7 +85,7 @@ def teacher_topk(
 
 
 def fill_shard(
-    model: LLaDA, dataset, shard: int, layout: Layout, params: CacheParams, out_dir: Path, progress=None
+    model: MaskPredictor, dataset, shard: int, layout: Layout, params: CacheParams, out_dir: Path, progress=None
 ) -> dict:
     """Write shard ``shard`` (all its rows) and return its sidecar info."""
     device = next(model.parameters()).device
@@ -120,7 +120,7 @@ def fill_shard(
 
 
 def fill_cache(
-    model: LLaDA, dataset, layout: Layout, params: CacheParams, out_dir: Path, header: dict,
+    model: MaskPredictor, dataset, layout: Layout, params: CacheParams, out_dir: Path, header: dict,
     shard_index: int = 0, num_shards: int = 1,
 ) -> dict:
     """Fill this process's shards (j % num_shards == shard_index) of both families (top-k rows, then
@@ -177,7 +177,7 @@ def load_train_split(data_dir: Path, max_examples: int | None, tokens_only: bool
     return train.with_format("numpy", columns=["input_ids", "attention_mask"]) if tokens_only else train
 
 
-def cache_header(record, layout: Layout, params: CacheParams, data_dir: Path, model: LLaDA) -> dict:
+def cache_header(record, layout: Layout, params: CacheParams, data_dir: Path, model: MaskPredictor) -> dict:
     """What makes two caches interchangeable: teacher, tokenizer, data, and content params (the
     forward batch size changes speed only, so it is left out of the hash)."""
     content = {k: v for k, v in dataclasses.asdict(params).items() if k != "batch_size"}

@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from pipeline.llada import LLaDA, LLaDAConfig
+from pipeline.llada_moe import LLaDAMoE, LLaDAMoEConfig
 from pipeline.tasks import ALPHABET
 from pipeline.tokenizer import MASK, build_char_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE_CHECKPOINT = FIXTURES / "llada_tiny"
+REFERENCE_MOE_CHECKPOINT = FIXTURES / "llada_moe_tiny"
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +52,46 @@ def make_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
     return make_checkpoint(tmp_path / "teacher")
+
+
+def tiny_moe_config(vocab_size: int, mask_token_id: int, **overrides) -> LLaDAMoEConfig:
+    """Every LLaDA-MoE feature at once: a dense first layer, a shared expert, GQA, partial rotary,
+    an expert bias."""
+    fields = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+        num_experts=6, num_experts_per_tok=2, expert_intermediate_size=16, dense_intermediate_size=40,
+        shared_expert_intermediate_size=24, moe_layer_freq=[0, 1], moe_router_enable_expert_bias=True,
+        partial_rotary_factor=0.5, rope_theta=10000.0, max_position_embeddings=64, mask_token_id=mask_token_id,
+        eos_token_id=0, pad_token_id=0,
+    )
+    fields.update(overrides)
+    return LLaDAMoEConfig(**fields)
+
+
+def random_moe(config: LLaDAMoEConfig, seed: int = 0, std: float = 0.2) -> LLaDAMoE:
+    """A random LLaDA-MoE with a nonzero expert bias (so the bias has an effect to check)."""
+    generator = torch.Generator().manual_seed(seed)
+    model = LLaDAMoE(config).init_weights(std=std, generator=generator)
+    for block in model.blocks:
+        if getattr(block.mlp, "expert_bias", None) is not None:
+            block.mlp.expert_bias.copy_(0.1 * torch.randn(config.num_experts, generator=generator))
+    return model
+
+
+def make_moe_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+    """A random tiny LLaDA-MoE saved with the char tokenizer at ``path``."""
+    tokenizer = build_char_tokenizer(ALPHABET)
+    config = tiny_moe_config(len(tokenizer), tokenizer.convert_tokens_to_ids(MASK), **overrides)
+    random_moe(config, seed).save_pretrained(path)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(params=["llada", "llada_moe"])
+def any_checkpoint(request, tmp_path) -> Path:
+    """A tiny random checkpoint of each architecture."""
+    make = make_checkpoint if request.param == "llada" else make_moe_checkpoint
+    return make(tmp_path / request.param)
 
 
 def make_workdir(path: Path, train_per_task: int = 30, gen_length: int = 7, **model_overrides) -> Path:

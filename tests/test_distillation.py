@@ -207,7 +207,7 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
     keys = (0, 0, batch["example_index"], batch["sample_index"])
     r = sample_r(t, 0.5, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
     v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], base.config.embedding_size).double()
-    dz = tangent("linear", v, masked, base.transformer["wte"].weight.detach(), base.config.mask_token_id, t)
+    dz = tangent("linear", v, masked, base.embedding_weight.detach(), base.config.mask_token_id, t)
     z = base.embed(batch["input_ids"]).detach()
     fn = lambda z_, t_: module.student(inputs_embeds=z_, r=r, t=t_, attention_mask=batch["attention_mask"],  # noqa: E731
                                        attention="math")

@@ -8,13 +8,15 @@ import torch
 
 from pipeline.errors import CheckpointError
 from pipeline.llada import LLaDA
+from pipeline.models import load_model
 from pipeline.student import Student
 from tests.conftest import make_checkpoint
 
 
 @pytest.fixture
-def base(tiny_checkpoint):
-    return LLaDA.from_pretrained(tiny_checkpoint)
+def base(any_checkpoint):
+    """Each architecture (LLaDA, LLaDA-MoE with every feature): the prefix path is shared, the blocks differ."""
+    return load_model(any_checkpoint)
 
 
 def perturb_gate(student, seed=0):
@@ -81,8 +83,10 @@ def test_only_soft_prompt_trains(base):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.soft_prompt.parameters())
 
 
-def test_jvp_over_embeddings_and_time_matches_finite_differences(tiny_checkpoint):
-    base = LLaDA.from_pretrained(tiny_checkpoint, dtype=torch.float64)
+def test_jvp_over_embeddings_and_time_matches_finite_differences(any_checkpoint):
+    """For LLaDA-MoE, through routed blocks: the routing choice is constant near the point, the
+    routing weights are differentiated."""
+    base = load_model(any_checkpoint, dtype=torch.float64)
     student = Student(base, prompt_length=4)
     perturb_gate(student, seed=1)
     ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -141,7 +145,7 @@ def test_loading_against_another_base_is_refused(tiny_checkpoint, tmp_path):
 
 
 def test_unsaved_base_cannot_back_a_saved_student(base, tmp_path):
-    fresh = LLaDA(base.config)
+    fresh = type(base)(base.config)
     with pytest.raises(CheckpointError, match="not loaded from a checkpoint"):
         Student(fresh).save_pretrained(tmp_path / "student")
 
