@@ -206,11 +206,14 @@ def test_counter_noise_is_a_function_of_the_seed():
         assert torch.equal(again, out[[2, 0]])
         assert not torch.equal(generate(model, prompt, noise=CounterNoise(seeds + 100, fixed), **options), out)
     noise = CounterNoise(torch.tensor([3]), fixed=True)
-    field = noise.gumbel_uniforms((1, 4, V), "cpu", step=0, offset=2)
-    assert torch.equal(noise.gumbel_uniforms((1, 4, V), "cpu", step=5, offset=2), field)  # one field for all steps
-    assert torch.equal(noise.gumbel_uniforms((1, 2, V), "cpu", step=1, offset=4), field[:, 2:])  # keyed by position
+    block = torch.ones(1, 4, dtype=torch.bool)
+    field = noise.gumbel_uniforms(block, V, step=0, offset=2)  # (4, V)
+    assert torch.equal(noise.gumbel_uniforms(block, V, step=5, offset=2), field)  # one field for all steps
+    assert torch.equal(noise.gumbel_uniforms(block[:, :2], V, step=1, offset=4), field[2:])  # keyed by position
+    some = torch.tensor([[False, True, False, True]])  # only the positions asked for, the same values
+    assert torch.equal(noise.gumbel_uniforms(some, V, step=0, offset=2), field[[1, 3]])
     per_step = CounterNoise(torch.tensor([3]))
-    assert not torch.equal(per_step.gumbel_uniforms((1, 4, V), "cpu", 0, 2), per_step.gumbel_uniforms((1, 4, V), "cpu", 1, 2))
+    assert not torch.equal(per_step.gumbel_uniforms(block, V, 0, 2), per_step.gumbel_uniforms(block, V, 1, 2))
 
 
 @pytest.mark.parametrize("fixed", [False, True])
