@@ -161,7 +161,8 @@ def test_no_grad_jvp_then_forward_gives_the_same_gradient(tiny_checkpoint):
 
     def objective(jvp):
         student.zero_grad()
-        out = meanflow_loss(student, ids, attention_mask, masked, t, r, v[masked], StudentParams(jvp=jvp, soft_prompt=SoftPromptConfig(latent_dim=0)), answer_length=3)
+        out = meanflow_loss(student, ids, attention_mask, masked, t, r, v[masked], StudentParams(jvp=jvp, soft_prompt=SoftPromptConfig(latent_dim=0)), answer_length=3,
+                             keep_target=True)
         out.loss.backward()
         return out, [p.grad.clone() for p in student.soft_prompt.parameters()]
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.generate import CounterNoise, sample_trajectory
 from pipeline.llada import LLaDA
-from pipeline.rollout_objective import rollout_interval, rollout_loss, row_losses, sample_steps, select_latents
+from pipeline.rollout_objective import rollout_interval, rollout_loss, sample_steps, select_latents
 from pipeline.student import Student
 from tests.conftest import make_checkpoint
 
@@ -38,6 +38,13 @@ def recorded(base):
                                    temperature=1.0, mask_id=base.config.mask_token_id,
                                    noise=CounterNoise(torch.tensor([11, 12, 13])))
     return prompt, mask, trajectory, states + [trajectory.sequences]
+
+
+def reference_row_losses(answer_logits, tokens, targets):
+    """Each row's mean cross-entropy at its targets from the full answer logits (N, G, V): the
+    objective as it was computed before the head ran on the target positions only."""
+    ce = F.cross_entropy(answer_logits.float().transpose(1, 2), tokens, reduction="none")  # (N, G)
+    return (ce * targets).sum(dim=1) / targets.sum(dim=1).clamp(min=1)
 
 
 def latent_student(base):
@@ -107,7 +114,7 @@ def test_without_a_latent_the_loss_is_plain_cross_entropy(base, recorded):
     single = rollout_loss(latent_student, interval, z, base.config.mask_token_id)
     logits = latent_student(input_ids=interval.input_ids, attention_mask=interval.attention_mask, r=interval.r,
                             t=interval.t, latent=z[:, 0])
-    assert torch.allclose(single.loss, row_losses(logits[:, PROMPT:], interval.tokens, interval.targets).mean())
+    assert torch.allclose(single.loss, reference_row_losses(logits[:, PROMPT:], interval.tokens, interval.targets).mean())
 
 
 def test_latent_selection_trains_the_winner_as_if_it_were_fixed(base, recorded):
@@ -124,7 +131,7 @@ def test_latent_selection_trains_the_winner_as_if_it_were_fixed(base, recorded):
 
     # each draw's loss, computed one draw at a time: the winner is the argmin
     with torch.no_grad():
-        per_draw = torch.stack([row_losses(student(input_ids=interval.input_ids, attention_mask=interval.attention_mask,
+        per_draw = torch.stack([reference_row_losses(student(input_ids=interval.input_ids, attention_mask=interval.attention_mask,
                                                    r=interval.r, t=interval.t, latent=latents[:, j])[:, PROMPT:],
                                            interval.tokens, interval.targets) for j in range(5)], dim=1)
     assert torch.allclose(selected.selection.losses, per_draw, rtol=1e-5)
