@@ -20,16 +20,17 @@ LOGITS_CHUNK_BYTES = 64 * 2**20
 Peak memory above the trunk is a few chunks, whatever the batch."""
 
 
-def rows_per_chunk(vocab_size: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
-    """Rows of (rows, V) float32 logits that fit in ``chunk_bytes`` (at least 1)."""
-    return max(1, chunk_bytes // (4 * vocab_size))
+def rows_per_chunk(vocab_size: int, chunk_bytes: int | None = None) -> int:
+    """Rows of (rows, V) float32 logits that fit in ``chunk_bytes`` (``LOGITS_CHUNK_BYTES`` when None;
+    at least 1)."""
+    return max(1, (LOGITS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * vocab_size))
 
 
 def map_row_chunks(
     fn: Callable[..., tuple[torch.Tensor, ...]],
     rows: tuple[torch.Tensor, ...],
     vocab_size: int,
-    chunk_bytes: int = LOGITS_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """``fn(*chunk)`` on consecutive row chunks of ``rows`` (tensors (N, ...) with one row per
     position), its outputs (per-row tensors (n, ...)) concatenated over the chunks. ``fn`` must be a

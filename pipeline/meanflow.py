@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pipeline.config import StudentParams
 from pipeline.llada import upcast
-from pipeline.logit_rows import LOGITS_CHUNK_BYTES, map_row_chunks
+from pipeline.logit_rows import map_row_chunks
 
 Tail = Literal["uniform", "drop"]
 Tangent = Literal["linear", "seed"]
@@ -94,7 +94,7 @@ class TeacherRows:
 
 def tangent(
     kind: Tangent, v_masked: "torch.Tensor | TeacherRows", masked: torch.Tensor, embedding: torch.Tensor, mask_id: int,
-    t: torch.Tensor, chunk_bytes: int = LOGITS_CHUNK_BYTES,
+    t: torch.Tensor, chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """dz/dt (B, T, C) of the student's input embeddings along the forward process.
 
@@ -223,7 +223,7 @@ def meanflow_loss(
     x0: torch.Tensor | None = None,
     latent: torch.Tensor | None = None,
     keep_target: bool = False,
-    chunk_bytes: int = LOGITS_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> MeanFlowLoss:
     """Tangent, JVP, target and loss for rows x_t = ``input_ids`` (B, T) with ``masked`` (B, T) bool,
     times ``t`` and ``r`` (B,), and the teacher's v at the masked positions: dense (M, V), or

@@ -22,7 +22,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from pipeline.logit_rows import LOGITS_CHUNK_BYTES, map_row_chunks
+from pipeline.llada import upcast
+from pipeline.logit_rows import map_row_chunks
 
 
 @dataclasses.dataclass
@@ -96,7 +97,7 @@ def row_losses(ce: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def answer_scores(student, interval: RolloutInterval, latent: torch.Tensor | None, positions: torch.Tensor,
-                  mask_id: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> AnswerScores:
+                  mask_id: int, chunk_bytes: int | None = None) -> AnswerScores:
     """u(x_t, r, t, z) at the answer positions ``positions`` (N, G) bool only: the trunk runs on the
     whole sequence, the head on those rows, ``chunk_bytes`` of logits at a time
     (``pipeline.logit_rows``)."""
@@ -105,7 +106,7 @@ def answer_scores(student, interval: RolloutInterval, latent: torch.Tensor | Non
                             t=interval.t, latent=latent)[:, -G:]  # (N, G, C)
 
     def scores(h_rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = student.head(h_rows).float()  # (n, V)
+        logits = upcast(student.head(h_rows))  # (n, V), float32 at least
         with torch.no_grad():
             never_mask = torch.arange(logits.shape[-1], device=logits.device) == mask_id
             greedy = logits.masked_fill(never_mask, -torch.inf).argmax(-1)

@@ -27,7 +27,7 @@ from pipeline.config import CacheParams, params_hash
 from pipeline.data import Layout, split_fingerprint
 from pipeline.generate import guided_hidden, mask_predictor
 from pipeline.llada import LLaDA
-from pipeline.logit_rows import LOGITS_CHUNK_BYTES, map_row_chunks
+from pipeline.logit_rows import map_row_chunks
 from pipeline.teacher_cache import CacheRows, cache_schema
 
 
@@ -72,7 +72,7 @@ def draw_noisy_inputs(x0: torch.Tensor, layout: Layout, params: CacheParams, mas
 @torch.inference_mode()
 def teacher_topk(
     model: LLaDA, x_t: torch.Tensor, attention_mask: torch.Tensor, masked: torch.Tensor, layout: Layout,
-    top_k: int, cfg_scale: float, chunk_bytes: int = LOGITS_CHUNK_BYTES,
+    top_k: int, cfg_scale: float, chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k log-softmax (over the full vocabulary) of the teacher at the masked positions, row-major:
     ids (M, k) int32 and log-probs (M, k) float16. With ``cfg_scale > 0`` the guided logits.
