@@ -15,9 +15,11 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-LOGITS_CHUNK_BYTES = 64 * 2**20
-"""Float32 logits per chunk (64 MiB: 132 rows of LLaDA's vocabulary, every row of the built-in one).
-Peak memory above the trunk is a few chunks, whatever the batch."""
+LOGITS_CHUNK_BYTES = 16 * 2**20
+"""Float32 logits per chunk (16 MiB: 33 rows of LLaDA's vocabulary, every row of the built-in one).
+A training step holds about eight (rows, V) tensors of a chunk at once (logits, log-softmax, target,
+their products), so the logit side of its peak stays near 130 MiB whatever the batch
+(``benchmarks/memory.py``)."""
 
 
 def rows_per_chunk(vocab_size: int, chunk_bytes: int | None = None) -> int:

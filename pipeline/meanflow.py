@@ -49,7 +49,7 @@ def dense_logprobs(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, vocab_si
     tail_mass = (-torch.expm1(head.clamp(max=0.0))).clamp(min=0.0)  # 1 - sum p_topk, (M, 1)
     per_id = torch.log(tail_mass / (vocab_size - k))  # -inf when there is no tail
     dense = per_id.expand(M, vocab_size).clone()
-    return dense.scatter(1, topk_ids.long(), logprobs)
+    return dense.scatter_(1, topk_ids.long(), logprobs)
 
 
 def sample_r(
@@ -168,7 +168,7 @@ def token_losses(kind: Loss, u: torch.Tensor, target: torch.Tensor, labels: torc
         log_target = F.log_softmax(target.float(), dim=-1)
         p = log_target.exp()
         # 0 log 0 = 0 where the target gives an id no mass (a dropped tail); NaN stays NaN.
-        return torch.where(p == 0, torch.zeros_like(p), p * (log_target - log_u)).sum(dim=-1)
+        return (p * (log_target - log_u)).masked_fill(p == 0, 0.0).sum(dim=-1)
     if kind == "mse":
         log_target = F.log_softmax(target.float(), dim=-1)
         defined = ~torch.isneginf(log_target)  # NaN stays in, so a broken target still raises
@@ -269,12 +269,14 @@ def meanflow_loss(
         """Per token of a chunk: the loss, the CE to x0, the KL and sum |du/dt| (and the target)."""
         du_dt = upcast(student.head(dh_rows))  # (n, V)
         target = meanflow_target(teacher.rows(index), du_dt, r_rows, t_rows)  # (n, V)
+        with torch.no_grad():
+            du_dt_abs = du_dt.abs().sum(dim=-1)
+        del du_dt  # each (n, V) tensor held is a chunk of memory
         u_rows = upcast(student.head(h_rows))  # (n, V)
         losses = token_losses(params.loss, u_rows, target)
         ce = token_losses("ce", u_rows, target, label_rows) if params.ce_weight else torch.zeros_like(losses)
         with torch.no_grad():
             kl = losses.detach() if params.loss == "kl" else token_losses("kl", u_rows, target)
-            du_dt_abs = du_dt.abs().sum(dim=-1)
         return (losses, ce, kl, du_dt_abs) + ((target,) if keep_target else ())
 
     terms = map_row_chunks(token_terms, (h, dh_dt, torch.arange(len(row), device=z.device), r[row], t[row], labels),
