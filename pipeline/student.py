@@ -66,18 +66,9 @@ class Student(nn.Module):
         self.base.eval()  # frozen: never in training mode
         return self
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        r: float | torch.Tensor = 0.0,
-        t: float | torch.Tensor = 1.0,
-        attention_mask: torch.Tensor | None = None,
-        attention: Attention = "sdpa",
-        latent: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
         """Average-velocity logits u(x_t, r, t, z): (B, T, V), ``head(hidden(...))``; arguments as ``hidden``."""
-        return self.head(self.hidden(input_ids, inputs_embeds, r, t, attention_mask, attention, latent))
+        return self.head(self.hidden(*args, **kwargs))
 
     def hidden(
         self,
