@@ -170,17 +170,29 @@ def fit(points: list[dict]) -> dict:
     return {"c0": c0, "per_masked_position": c_m, "per_position": c_bt}
 
 
-LLADA_8B = {"T": 768, "answer": 384, "fraction": 0.25, "budget": 8 * GIB}
+LLADA_8B = {"d_model": 4096, "T": 768, "answer": 384, "fraction": 0.25, "budget": 8 * GIB}
 
 
-def largest_batch(coefficients: dict) -> int:
-    """LLaDA-8B's largest batch whose vocabulary-side memory fits the budget, at T = 768 (answer 384,
-    a quarter masked): the measured per-masked-position and per-position costs (LLaDA's vocabulary,
-    so they carry over) times the positions of one row. Extrapolated: it leaves out the 8B trunk's own
-    activations (the same before and after), which the 2 x 256 trunk measured here barely has."""
+def largest_batch(kind: str, code: dict, after: dict) -> int:
+    """LLaDA-8B's largest batch whose vocabulary-side memory fits the budget at T = 768 (answer 384, a
+    quarter masked), extrapolated from the fits of this code and of the "after" code:
+
+    * per position: what this code needs beyond "after", whose per-position cost is the trunk's alone
+      (no V-sized tensor grows with T there): the (B, T, V) term, carried over as measured (same V);
+    * per masked position: the same difference, plus the "after" cost, which is (M, C)-sized (hidden
+      states of the masked rows), scaled to d_model 4096; except generation's, its (M, V) logits;
+    * the fixed cost (the chunk working set) comes off the budget.
+
+    Left out: the 8B trunk's own activations, identical before and after."""
     s = LLADA_8B
-    per_row = coefficients["per_masked_position"] * s["answer"] * s["fraction"] + coefficients["per_position"] * s["T"]
-    return int(s["budget"] // per_row)
+    if kind == "full_logits":  # all of it is the logits
+        per_row = code["per_position"] * s["T"]
+    else:
+        width = 1 if kind == "generation_step" else s["d_model"] / D_MODEL
+        per_masked = code["per_masked_position"] - after["per_masked_position"] * (1 - width)
+        per_row = (per_masked * s["answer"] * s["fraction"]
+                   + (code["per_position"] - after["per_position"]) * s["T"])
+    return int((s["budget"] - max(code["c0"], 0.0)) // per_row)
 
 
 def report(results: dict) -> str:
@@ -198,8 +210,8 @@ def report(results: dict) -> str:
                 cells = [f"{rows[label][(kind, B, T, fraction)]['peak_bytes'] / 2**20:.0f}"
                          for kind in KINDS[1:] for label in labels]
                 lines.append(f"| {B} | {T} | {fraction:g} | {M} | {full / 2**20:.0f} | " + " | ".join(cells) + " |")
-    lines += ["", "Fit peak = c0 + c_M M + c_BT B T (bytes), and LLaDA-8B's largest batch in 8 GiB at T = 768 "
-              "(answer 384, a quarter masked; extrapolated):", "",
+    lines += ["", "Fit peak = c0 + c_M M + c_BT B T (bytes), and LLaDA-8B's largest batch whose vocabulary-side "
+              "memory fits 8 GiB at T = 768 (answer 384, a quarter masked; extrapolated, see largest_batch):", "",
               "| step | code | c_M (bytes / masked position) | c_BT (bytes / position) | c0 (MiB) | "
               "at a quarter masked: peak / full logits | LLaDA-8B largest batch in 8 GiB |", "|---|---|---|---|---|---|---|"]
     fits = {}
@@ -207,9 +219,10 @@ def report(results: dict) -> str:
         for kind in KINDS:
             points = [p for p in results[label] if p["kind"] == kind]
             coefficients = fit(points)
+            after = fit([p for p in results["after"] if p["kind"] == kind]) if "after" in results else coefficients
             quarter = [p["peak_bytes"] / rows[label][("full_logits", p["B"], p["T"], FRACTIONS[0])]["peak_bytes"]
                        for p in points if p["fraction"] == 0.25]
-            fits[f"{kind}/{label}"] = {**coefficients, "llada_8b_largest_batch": largest_batch(coefficients),
+            fits[f"{kind}/{label}"] = {**coefficients, "llada_8b_largest_batch": largest_batch(kind, coefficients, after),
                                        "quarter_masked_over_full_logits": [round(q, 3) for q in quarter]}
             lines.append(f"| {kind.replace('_', ' ')} | {label} | {coefficients['per_masked_position']:,.0f} | "
                          f"{coefficients['per_position']:,.0f} | {coefficients['c0'] / 2**20:.0f} | "
