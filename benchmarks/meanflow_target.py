@@ -75,7 +75,8 @@ def main() -> None:
             for gap in (1.0, 0.5, 0.25):
                 with torch.no_grad():  # the target only: no gradient wanted
                     out = meanflow_loss(student, x, attention_mask, masked, t, t - gap, v[masked],
-                                        StudentParams(tangent=kind), layout.gen_length, latent=latent)
+                                        StudentParams(tangent=kind), layout.gen_length, latent=latent,
+                                        keep_target=True)
                 target = out.target.view(len(x), layout.gen_length, -1)  # every answer position is masked
                 results[f"{name}: u_tgt, {kind}, t - r = {gap:g}"] = accuracy(target, rows, tokenizer, layout, mask_id)
 

@@ -19,7 +19,7 @@ import torch
 from pipeline.config import StudentParams
 from pipeline.counter_random import counter_normal, counter_uniform
 from pipeline.lr_schedule import warmup_cosine
-from pipeline.meanflow import MeanFlowLoss, dense_logprobs, meanflow_loss, sample_r
+from pipeline.meanflow import MeanFlowLoss, TeacherRows, meanflow_loss, sample_r
 from pipeline.rollout_objective import RolloutLoss, rollout_interval, rollout_loss, sample_steps
 from pipeline.student import Student
 from pipeline.teacher_cache_loader import TeacherCacheDataModule
@@ -45,14 +45,15 @@ class StudentDistillation(L.LightningModule):
         self.recent: dict[str, deque] = {}
 
     def meanflow_step(self, batch) -> MeanFlowLoss:
-        """The MeanFlow objective on a batch of top-k rows; v is rebuilt from the cached top-k."""
+        """The MeanFlow objective on a batch of top-k rows; v is rebuilt from the cached top-k, a chunk of
+        masked positions at a time."""
         p = self.params
         keys = (p.seed, self.current_epoch, batch["example_index"], batch["sample_index"])
         r = sample_r(batch["t"], p.equal_fraction, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
         latent = None
         if self.student.latent_dim:
             latent = counter_normal(self.student.latent_dim, *keys, MEANFLOW_LATENT_STREAM).to(batch["t"].device)
-        v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], self.student.base.config.embedding_size, p.tail)
+        v = TeacherRows(self.student.base.config.embedding_size, batch["topk_ids"], batch["topk_logprobs"], p.tail)
         return meanflow_loss(self.student, batch["input_ids"], batch["attention_mask"], batch["masked"], batch["t"], r, v,
                              p, self.gen_length, batch["x0"], latent=latent)
 

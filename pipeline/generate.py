@@ -20,9 +20,30 @@ import torch.nn.functional as F
 from pipeline.counter_random import counter_hash, counter_normal, counter_uniform
 from pipeline.layers import upcast
 
-# A mask predictor maps (input_ids (B, T), attention_mask (B, T) or None) to logits (B, T, V).
-MaskPredictor = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Remasking = Literal["low_confidence", "random"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerNetwork:
+    """A network split at its LM head, as the sampler and stage one call it: ``hidden(input_ids (B, T),
+    attention_mask (B, T) or None)`` runs the trunk once, (B, T, C); ``head`` maps any rows of hidden
+    states (N, C) to logits (N, V), so logits exist only where they are needed. ``mask_predictor``
+    builds one for a LLaDA or a Student."""
+
+    hidden: Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+    head: Callable[[torch.Tensor], torch.Tensor]
+
+
+def as_sampler_network(model: "SamplerNetwork | Callable") -> SamplerNetwork:
+    """``model`` itself, or a plain function (input_ids, attention_mask) -> logits (B, T, V) (a
+    network without a trunk/head split, or a scripted one in tests) seen as a trunk whose "hidden
+    states" are its logits and an identity head: it works, at its (B, T, V) cost."""
+    return model if isinstance(model, SamplerNetwork) else SamplerNetwork(hidden=model, head=identity_head)
+
+
+def identity_head(rows: torch.Tensor) -> torch.Tensor:
+    """The head of a predictor whose "hidden states" are already logits."""
+    return rows
 
 
 class GeneratorNoise:
@@ -31,8 +52,13 @@ class GeneratorNoise:
     def __init__(self, generator: torch.Generator | None = None):
         self.generator = generator
 
-    def gumbel_uniforms(self, shape: tuple[int, int, int], device, step: int, offset: int) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator, dtype=torch.float64, device=device)
+    def gumbel_uniforms(self, where: torch.Tensor, vocab_size: int, step: int, offset: int) -> torch.Tensor:
+        """(M, V) float64 uniforms for the positions ``where`` (B, W) of the block. Drawn for the whole
+        block (B, W, V), then selected, so the generator's stream, and the samples of a seeded run,
+        do not depend on which positions are still masked."""
+        block = torch.rand((*where.shape, vocab_size), generator=self.generator, dtype=torch.float64,
+                           device=where.device)
+        return block[where]
 
     def remask_uniforms(self, shape: tuple[int, int], device, step: int, offset: int) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator, device=device)
@@ -49,11 +75,13 @@ class CounterNoise:
     def __init__(self, seeds: torch.Tensor, fixed: bool = False):
         self.seeds, self.fixed = torch.as_tensor(seeds, dtype=torch.int64), fixed
 
-    def gumbel_uniforms(self, shape: tuple[int, int, int], device, step: int, offset: int) -> torch.Tensor:
-        B, W, V = shape
-        seeds = self.seeds.to(device)[:, None, None]  # (B, 1, 1)
-        position = offset + torch.arange(W, device=device)[None, :, None]  # (1, W, 1)
-        token = torch.arange(V, device=device)[None, None, :]  # (1, 1, V)
+    def gumbel_uniforms(self, where: torch.Tensor, vocab_size: int, step: int, offset: int) -> torch.Tensor:
+        """(M, V) float64 uniforms for the positions ``where`` (B, W) of the block starting at answer
+        position ``offset``, computed for those positions only."""
+        row, column = where.nonzero(as_tuple=True)  # (M,) each
+        seeds = self.seeds.to(where.device)[row, None]  # (M, 1)
+        position = (offset + column)[:, None]  # (M, 1)
+        token = torch.arange(vocab_size, device=where.device)[None, :]  # (1, V)
         return counter_uniform(seeds, position, token) if self.fixed else counter_uniform(seeds, step, position, token)
 
     def remask_uniforms(self, shape: tuple[int, int], device, step: int, offset: int) -> torch.Tensor:
@@ -100,24 +128,45 @@ def num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
     return base + (step < remainder).long()
 
 
-def guided_logits(
-    model: MaskPredictor,
+@dataclasses.dataclass
+class HiddenRows:
+    """The trunk's hidden states at selected positions, and their (guided) logits for any slice of rows."""
+
+    cond: torch.Tensor
+    """(N, C) at the selected positions, row-major."""
+    uncond: torch.Tensor | None
+    """(N, C) the unconditional branch's (CFG), None without guidance."""
+    head: Callable[[torch.Tensor], torch.Tensor]
+    cfg_scale: float = 0.0
+
+    def logits(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(n, V) logits of ``rows``; with CFG ``un + (w + 1) * (cond - un)``, the two branches run
+        through the head as stacked rows."""
+        if self.uncond is None:
+            return self.head(self.cond[rows])
+        cond, un = self.head(torch.cat((self.cond[rows], self.uncond[rows]))).chunk(2)  # (n, V) each
+        return un + (self.cfg_scale + 1) * (cond - un)
+
+
+def guided_hidden(
+    model: SamplerNetwork,
     x: torch.Tensor,
     attention_mask: torch.Tensor | None,
     prompt_index: torch.Tensor,
     cfg_scale: float,
     mask_id: int,
-    window: slice = slice(None),
-) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` at positions ``window``; with ``cfg_scale > 0`` unsupervised CFG
-    against the same input with the prompt positions replaced by ``mask_id``."""
+    positions: torch.Tensor,
+) -> HiddenRows:
+    """The trunk of ``model`` once on ``x`` (B, T), kept at ``positions`` (B, T) bool; with
+    ``cfg_scale > 0`` also on the unconditional input (prompt positions replaced by ``mask_id``),
+    in the same batch. ``.logits()`` gives the (guided) logits of those positions only."""
     if cfg_scale <= 0:
-        return model(x, attention_mask)[:, window]
+        return HiddenRows(model.hidden(x, attention_mask)[positions], None, model.head)
     unconditional = x.masked_fill(prompt_index, mask_id)
     both = torch.cat((x, unconditional), dim=0)
     mask = None if attention_mask is None else torch.cat((attention_mask, attention_mask), dim=0)
-    cond, un = model(both, mask)[:, window].chunk(2, dim=0)
-    return un + (cfg_scale + 1) * (cond - un)
+    cond, un = model.hidden(both, mask).chunk(2, dim=0)  # (B, T, C) each
+    return HiddenRows(cond[positions], un[positions], model.head, cfg_scale)
 
 
 @dataclasses.dataclass
@@ -136,7 +185,7 @@ class Trajectory:
     """(B, gen_length, k) float32: their log-probs (over the full vocabulary)."""
 
 
-def generate(model: MaskPredictor, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def generate(model: SamplerNetwork, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None,
              **options) -> torch.Tensor:
     """Fill ``gen_length`` masked positions after ``prompt`` (B, Lp); returns (B, Lp + gen_length).
     Options as ``sample_trajectory``."""
@@ -145,7 +194,7 @@ def generate(model: MaskPredictor, prompt: torch.Tensor, attention_mask: torch.T
 
 @torch.no_grad()
 def sample_trajectory(
-    model: MaskPredictor,
+    model: SamplerNetwork,
     prompt: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     steps: int = 128,
@@ -172,6 +221,12 @@ def sample_trajectory(
     for the current block, never for the whole (B, T, V) logits (10 GB in float64 for LLaDA-8B at
     B = 32): with temperature > 0 the draws differ from the reference's, not their distribution.
     Otherwise the output equals the reference's exactly (tested).
+
+    Memory: the trunk runs on the whole sequence, the head only on the current block's masked
+    positions (M, V) (CFG stacks the unconditional rows under them); ``CounterNoise`` draws for
+    those positions only, ``GeneratorNoise`` for the block (its stream keeps seeded runs unchanged).
+    ``model`` is a ``SamplerNetwork`` (``mask_predictor``), or a plain function returning full logits
+    (see ``as_sampler_network``).
     """
     if gen_length < 1 or block_length < 1 or steps < 1:
         raise ValueError("gen_length, block_length and steps must be positive")
@@ -183,6 +238,7 @@ def sample_trajectory(
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
     noise = noise if noise is not None else GeneratorNoise(generator)
+    model = as_sampler_network(model)
     steps_per_block = steps // num_blocks
     B, Lp = prompt.shape
     x = torch.full((B, Lp + gen_length), mask_id, dtype=torch.long, device=prompt.device)
@@ -204,22 +260,27 @@ def sample_trajectory(
             step = block * steps_per_block + i
             current = x[:, window]  # (B, block)
             mask_index = current == mask_id
-            logits = guided_logits(model, x, attention_mask, prompt_index, cfg_scale, mask_id, window)
+            positions = torch.zeros_like(prompt_index)
+            positions[:, window] = mask_index
+            # Logits only at the block's masked positions, the only ones a step can commit: (M, V).
+            logits = guided_hidden(model, x, attention_mask, prompt_index, cfg_scale, mask_id, positions).logits()
             if record_top_k:
                 top_logprobs, top_ids = torch.log_softmax(upcast(logits), dim=-1).topk(record_top_k, dim=-1)
             logits[..., mask_id] = -torch.inf  # committing [MASK] would be a wasted no-op
             if temperature > 0:
-                uniforms = noise.gumbel_uniforms(tuple(logits.shape), logits.device, step, offset)
-                x0 = torch.argmax(gumbel_perturbed(logits, temperature, uniforms), dim=-1)  # (B, block)
+                uniforms = noise.gumbel_uniforms(mask_index, logits.shape[-1], step, offset)  # (M, V)
+                x0_masked = torch.argmax(gumbel_perturbed(logits, temperature, uniforms), dim=-1)  # (M,)
             else:
-                x0 = torch.argmax(logits, dim=-1)
+                x0_masked = torch.argmax(logits, dim=-1)
             if remasking == "low_confidence":
                 # fp32 at least: bf16 probabilities tie often and would make the ranking arbitrary.
                 p = F.softmax(upcast(logits), dim=-1)
-                x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+                x0_p = torch.gather(p, -1, x0_masked[:, None]).squeeze(-1)  # (M,)
             else:
-                x0_p = noise.remask_uniforms(tuple(x0.shape), x.device, step, offset)
-            confidence = torch.where(mask_index, x0_p, -torch.inf)
+                x0_p = noise.remask_uniforms(tuple(mask_index.shape), x.device, step, offset)[mask_index]
+            x0 = current.masked_scatter(mask_index, x0_masked)  # (B, block)
+            confidence = torch.full(mask_index.shape, -torch.inf, dtype=x0_p.dtype, device=x.device)
+            confidence[mask_index] = x0_p
             # Commit the schedule[:, i] most confident masked positions of each row.
             order = confidence.argsort(dim=-1, descending=True, stable=True)
             transfer = torch.zeros_like(mask_index).scatter(1, order, rank < schedule[:, i : i + 1])
@@ -227,28 +288,32 @@ def sample_trajectory(
             reveal_step[:, offset : offset + block_length].masked_fill_(transfer, step)
             if record_top_k:
                 answer = slice(offset, offset + block_length)
-                reveal_ids[:, answer] = torch.where(transfer[..., None], top_ids.int(), reveal_ids[:, answer])
-                reveal_logprobs[:, answer] = torch.where(transfer[..., None], top_logprobs, reveal_logprobs[:, answer])
+                committed = transfer[mask_index]  # (M,) the masked positions this step commits
+                reveal_ids[:, answer][transfer] = top_ids[committed].int()
+                reveal_logprobs[:, answer][transfer] = top_logprobs[committed].float()
     if record_top_k:
         return Trajectory(x, reveal_step, reveal_ids, reveal_logprobs)
     return Trajectory(x, reveal_step)
 
 
-def one_step_generate(model: MaskPredictor, prompt: torch.Tensor, gen_length: int, **options) -> torch.Tensor:
+def one_step_generate(model: SamplerNetwork, prompt: torch.Tensor, gen_length: int, **options) -> torch.Tensor:
     """Fill the whole answer in a single forward pass (the student's inference; the teacher's baseline)."""
     return generate(model, prompt, steps=1, gen_length=gen_length, block_length=gen_length, **options)
 
 
-def mask_predictor(model, latent: torch.Tensor | None = None) -> MaskPredictor:
-    """Adapt a network called as ``model(input_ids=..., attention_mask=...)`` to the sampler's
-    interface: a ``LLaDA``, or a ``Student``, whose defaults r = 0, t = 1 are the one-step
-    inference point. ``latent`` (B, d): a latent student's z per row, the same at every step (CFG's
-    unconditional rows reuse their row's z)."""
-    if latent is None:
-        return lambda ids, mask: model(input_ids=ids, attention_mask=mask)
+def mask_predictor(model, latent: torch.Tensor | None = None) -> SamplerNetwork:
+    """The sampler's view of a network with ``hidden(input_ids=..., attention_mask=...)`` and
+    ``head``: a ``LLaDA``, or a ``Student``, whose defaults r = 0, t = 1 are the one-step
+    inference point (a network with only ``forward`` gives its full logits, as ``as_sampler_network``).
+    ``latent`` (B, d): a latent student's z per row, the same at every step (CFG's unconditional
+    rows reuse their row's z)."""
+    split = hasattr(model, "hidden")
+    trunk = model.hidden if split else model
 
-    def predict(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def hidden(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if latent is None:
+            return trunk(input_ids=ids, attention_mask=mask)
         z = latent.to(ids.device).repeat(ids.shape[0] // latent.shape[0], 1)  # (B or 2B, d)
-        return model(input_ids=ids, attention_mask=mask, latent=z)
+        return trunk(input_ids=ids, attention_mask=mask, latent=z)
 
-    return predict
+    return SamplerNetwork(hidden=hidden, head=model.head if split else identity_head)

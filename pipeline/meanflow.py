@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from pipeline.config import StudentParams
 from pipeline.layers import upcast
+from pipeline.logit_rows import map_row_chunks
 
 Tail = Literal["uniform", "drop"]
 Tangent = Literal["linear", "seed"]
@@ -48,7 +49,7 @@ def dense_logprobs(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, vocab_si
     tail_mass = (-torch.expm1(head.clamp(max=0.0))).clamp(min=0.0)  # 1 - sum p_topk, (M, 1)
     per_id = torch.log(tail_mass / (vocab_size - k))  # -inf when there is no tail
     dense = per_id.expand(M, vocab_size).clone()
-    return dense.scatter(1, topk_ids.long(), logprobs)
+    return dense.scatter_(1, topk_ids.long(), logprobs)
 
 
 def sample_r(
@@ -64,20 +65,55 @@ def sample_r(
     return torch.where(equal, t, t * uniforms[1].to(t.device, t.dtype))
 
 
+@dataclasses.dataclass
+class TeacherRows:
+    """The teacher's v at the masked positions (M rows), made dense (M, V) only a chunk of rows at a
+    time: from the cached top-k (``topk_ids``/``topk_logprobs`` (M, k), ``dense_logprobs``), or from
+    dense logits (``dense`` (M, V), as tests and benchmarks have them)."""
+
+    vocab_size: int
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    tail: Tail = "uniform"
+    dense: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, v: "torch.Tensor | TeacherRows") -> "TeacherRows":
+        """``v`` itself, or dense logits (M, V) wrapped."""
+        return v if isinstance(v, TeacherRows) else cls(vocab_size=v.shape[-1], dense=v)
+
+    def __len__(self) -> int:
+        return len(self.dense if self.dense is not None else self.topk_ids)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """(n, V) v at the rows ``index`` (n,)."""
+        if self.dense is not None:
+            return self.dense[index]
+        return dense_logprobs(self.topk_ids[index], self.topk_logprobs[index], self.vocab_size, self.tail)
+
+
 def tangent(
-    kind: Tangent, v_masked: torch.Tensor, masked: torch.Tensor, embedding: torch.Tensor, mask_id: int, t: torch.Tensor
+    kind: Tangent, v_masked: "torch.Tensor | TeacherRows", masked: torch.Tensor, embedding: torch.Tensor, mask_id: int,
+    t: torch.Tensor, chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """dz/dt (B, T, C) of the student's input embeddings along the forward process.
 
-    v_masked (M, V) teacher logits (or log-probs) at the masked positions, in row-major order of
-    masked (B, T) bool; embedding (V, C) the input embedding matrix; t (B,). With e_bar = softmax(v) @ E:
+    v_masked (M, V) teacher logits (or log-probs) at the masked positions (or ``TeacherRows``), in
+    row-major order of masked (B, T) bool; embedding (V, C) the input embedding matrix; t (B,). With
+    e_bar = softmax(v) @ E (computed ``chunk_bytes`` of logits at a time):
 
     * ``linear``: the mean-embedding path E[z_s] = s e_mask + (1 - s) e(x0), re-anchored through x_t
       (p = softmax(v) as the posterior of x0): at masked positions (e_mask - e_bar) / t, 0 at visible
       ones (for s < t visible tokens stay visible);
     * ``seed``: the seed's literal e_bar - e(x_t) at masked positions (opposite sign, no 1 / t).
     """
-    e_bar = (torch.softmax(v_masked.float(), dim=-1) @ embedding.float()).to(embedding.dtype)  # (M, C)
+    teacher = TeacherRows.of(v_masked)
+
+    def mean_embedding(rows: torch.Tensor) -> tuple[torch.Tensor]:
+        return ((torch.softmax(teacher.rows(rows).float(), dim=-1) @ embedding.float()).to(embedding.dtype),)
+
+    (e_bar,) = map_row_chunks(mean_embedding, (torch.arange(len(teacher), device=embedding.device),),
+                              teacher.vocab_size, chunk_bytes)  # (M, C)
     e_mask = embedding[mask_id]  # (C,)
     if kind == "linear":
         t_masked = t[masked.nonzero()[:, 0]].to(embedding.dtype)[:, None]  # (M, 1)
@@ -98,7 +134,9 @@ def average_velocity_jvp(
     dz_dt: torch.Tensor,
     keep_graph: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, du/dt) with ``torch.func.jvp`` of ``student_fn(z, t)`` along (dz_dt, 1).
+    """(u, du/dt) with ``torch.func.jvp`` of ``student_fn(z, t)`` along (dz_dt, 1). ``student_fn`` may
+    return logits, or the hidden states the logits are a linear map of (the LM head): then the
+    second output is their tangent, and the head of it is du/dt.
 
     ``student_fn`` must use the explicit ("math") attention: fused SDPA kernels have no forward-mode
     derivative. With ``keep_graph`` the primal u keeps its autograd graph (one grad-mode JVP); without,
@@ -130,7 +168,7 @@ def token_losses(kind: Loss, u: torch.Tensor, target: torch.Tensor, labels: torc
         log_target = F.log_softmax(target.float(), dim=-1)
         p = log_target.exp()
         # 0 log 0 = 0 where the target gives an id no mass (a dropped tail); NaN stays NaN.
-        return torch.where(p == 0, torch.zeros_like(p), p * (log_target - log_u)).sum(dim=-1)
+        return (p * (log_target - log_u)).masked_fill(p == 0, 0.0).sum(dim=-1)
     if kind == "mse":
         log_target = F.log_softmax(target.float(), dim=-1)
         defined = ~torch.isneginf(log_target)  # NaN stays in, so a broken target still raises
@@ -168,8 +206,8 @@ class MeanFlowLoss:
     """(M,) bool: the token's row has r = t (its target is v itself)."""
     du_dt_abs: torch.Tensor
     """Mean |du/dt| over the tokens of rows with r < t (0 when there are none)."""
-    target: torch.Tensor
-    """(M, V) u_tgt = v - (t - r) du/dt."""
+    target: torch.Tensor | None = None
+    """(M, V) u_tgt = v - (t - r) du/dt, with ``keep_target`` only (training never holds it whole)."""
 
 
 def meanflow_loss(
@@ -179,52 +217,78 @@ def meanflow_loss(
     masked: torch.Tensor,
     t: torch.Tensor,
     r: torch.Tensor,
-    v: torch.Tensor,
+    v: "torch.Tensor | TeacherRows",
     params: StudentParams,
     answer_length: int,
     x0: torch.Tensor | None = None,
     latent: torch.Tensor | None = None,
+    keep_target: bool = False,
+    chunk_bytes: int | None = None,
 ) -> MeanFlowLoss:
     """Tangent, JVP, target and loss for rows x_t = ``input_ids`` (B, T) with ``masked`` (B, T) bool,
-    times ``t`` and ``r`` (B,), and the teacher's v (M, V) at the masked positions.
+    times ``t`` and ``r`` (B,), and the teacher's v at the masked positions: dense (M, V), or
+    ``TeacherRows`` (the cached top-k, made dense a chunk at a time).
 
     ``student`` is a ``Student``; ``params`` chooses the tangent, the JVP pattern (``no_grad``: the JVP
     without a graph on the rows with r < t, then an ordinary forward for u; ``grad``: one grad-mode
     JVP whose primal is u), the loss and its adaptive weight, and the weight of the auxiliary
     cross-entropy to ``x0`` (B, T). ``latent`` (B, d): a latent student's z per row, held fixed
     along the JVP. The loss is summed over tokens and divided by B x
-    ``answer_length`` (per row, like LLaDA's: means over ranks average exactly)."""
+    ``answer_length`` (per row, like LLaDA's: means over ranks average exactly).
+
+    Memory grows with the M masked positions, not with B x T x V: the trunk runs once on the whole
+    sequence, and its hidden states h and their tangent dh/dt are kept at the masked positions only
+    (M, C); the head is linear, so u = head(h) and du/dt = head(dh/dt), and u, du/dt, v, the target
+    and the loss exist for ``chunk_bytes`` of logits at a time (``pipeline.logit_rows``)."""
     base = student.base
+    teacher = TeacherRows.of(v)
     with torch.no_grad():
         z = base.embed(input_ids)  # (B, T, C)
     embedding = base.embedding_weight.detach()
-    dz_dt = tangent(params.tangent, v, masked, embedding, base.config.mask_token_id, t)
+    dz_dt = tangent(params.tangent, teacher, masked, embedding, base.config.mask_token_id, t, chunk_bytes)
+    row = masked.nonzero()[:, 0]  # (M,) row of each masked position
 
     # du/dt only matters where r < t (the target is v itself at r = t): with the no-grad JVP,
     # only those rows pay for it.
     jvp_rows = torch.ones_like(t, dtype=torch.bool) if params.jvp == "grad" else r < t
 
-    def average_velocity(z_, t_):
-        return student(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=attention_mask[jvp_rows], attention="math",
-                       latent=None if latent is None else latent[jvp_rows])
+    def hidden_at_masked(z_, t_):  # (M_jvp, C): the masked positions of the rows in jvp_rows
+        h = student.hidden(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=attention_mask[jvp_rows],
+                           attention="math", latent=None if latent is None else latent[jvp_rows])
+        return h[masked[jvp_rows]]
 
-    du_dt = torch.zeros(*masked.shape, base.config.embedding_size, dtype=z.dtype, device=z.device)
+    dh_dt = torch.zeros(len(row), z.shape[-1], dtype=z.dtype, device=z.device)  # (M, C), 0 where r = t
     if jvp_rows.any():
-        u, du_dt[jvp_rows] = average_velocity_jvp(average_velocity, z[jvp_rows], t[jvp_rows],
-                                                  dz_dt[jvp_rows].to(z.dtype), keep_graph=params.jvp == "grad")
+        h, dh_dt[jvp_rows[row]] = average_velocity_jvp(hidden_at_masked, z[jvp_rows], t[jvp_rows],
+                                                       dz_dt[jvp_rows].to(z.dtype), keep_graph=params.jvp == "grad")
     if params.jvp == "no_grad":
-        u = student(inputs_embeds=z, r=r, t=t, attention_mask=attention_mask, latent=latent)
-    row = masked.nonzero()[:, 0]  # (M,) row of each masked position
-    du_dt = upcast(du_dt[masked])  # (M, V)
-    target = meanflow_target(v, du_dt, r[row], t[row])
-    u_masked = upcast(u[masked])
-    losses = token_losses(params.loss, u_masked, target)
+        h = student.hidden(inputs_embeds=z, r=r, t=t, attention_mask=attention_mask, latent=latent)[masked]
+    labels = x0[masked] if params.ce_weight else torch.zeros_like(row)
+
+    def token_terms(h_rows, dh_rows, index, r_rows, t_rows, label_rows):
+        """Per token of a chunk: the loss, the CE to x0, the KL and sum |du/dt| (and the target)."""
+        du_dt = upcast(student.head(dh_rows))  # (n, V)
+        target = meanflow_target(teacher.rows(index), du_dt, r_rows, t_rows)  # (n, V)
+        with torch.no_grad():
+            du_dt_abs = du_dt.abs().sum(dim=-1)
+        del du_dt  # each (n, V) tensor held is a chunk of memory
+        u_rows = upcast(student.head(h_rows))  # (n, V)
+        losses = token_losses(params.loss, u_rows, target)
+        ce = token_losses("ce", u_rows, target, label_rows) if params.ce_weight else torch.zeros_like(losses)
+        with torch.no_grad():
+            kl = losses.detach() if params.loss == "kl" else token_losses("kl", u_rows, target)
+        return (losses, ce, kl, du_dt_abs) + ((target,) if keep_target else ())
+
+    terms = map_row_chunks(token_terms, (h, dh_dt, torch.arange(len(row), device=z.device), r[row], t[row], labels),
+                           teacher.vocab_size, chunk_bytes)
+    losses, ce, kl, du_dt_abs = terms[:4]
     normalizer = masked.shape[0] * answer_length
     loss = adaptive_weighted_mean(losses, params.adaptive_power, params.adaptive_eps, normalizer=normalizer)
     if params.ce_weight:
-        loss = loss + params.ce_weight * token_losses("ce", u_masked, target, x0[masked]).sum() / normalizer
+        loss = loss + params.ce_weight * ce.sum() / normalizer
     with torch.no_grad():
-        kl = losses.detach() if params.loss == "kl" else token_losses("kl", u_masked, target)
         equal = (r == t)[row]
-        du_dt_abs = du_dt[~equal].abs().mean() if (~equal).any() else du_dt.new_zeros(())
-    return MeanFlowLoss(loss=loss, kl=kl, equal=equal, du_dt_abs=du_dt_abs, target=target)
+        du_dt_abs = du_dt_abs[~equal].sum() / ((~equal).sum() * teacher.vocab_size) if (~equal).any() \
+            else du_dt_abs.new_zeros(())
+    return MeanFlowLoss(loss=loss, kl=kl.detach(), equal=equal, du_dt_abs=du_dt_abs,
+                        target=terms[4] if keep_target else None)

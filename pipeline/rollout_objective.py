@@ -22,6 +22,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from pipeline.layers import upcast
+from pipeline.logit_rows import map_row_chunks
+
 
 @dataclasses.dataclass
 class RolloutInterval:
@@ -77,19 +80,42 @@ def rollout_interval(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens
     )
 
 
-def row_losses(answer_logits: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(N,) cross-entropy of answer logits (N, G, V) to ``tokens`` (N, G), averaged over each row's
-    ``targets`` (N, G) (0 for a row without targets)."""
-    ce = F.cross_entropy(answer_logits.float().transpose(1, 2), tokens, reduction="none")  # (N, G)
+@dataclasses.dataclass
+class AnswerScores:
+    """The student's answer positions scored against the rollout's final tokens."""
+
+    ce: torch.Tensor
+    """(N, G) cross-entropy at the scored positions, 0 elsewhere."""
+    greedy: torch.Tensor
+    """(N, G) argmax (never [MASK]) at the scored positions, the rollout's tokens elsewhere."""
+
+
+def row_losses(ce: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) cross-entropy ``ce`` (N, G) averaged over each row's ``targets`` (N, G) (0 for a row
+    without targets)."""
     return (ce * targets).sum(dim=1) / targets.sum(dim=1).clamp(min=1)
 
 
-def answer_logits(student, interval: RolloutInterval, latent: torch.Tensor | None) -> torch.Tensor:
-    """u(x_t, r, t, z) at the answer positions: (B, G, V)."""
+def answer_scores(student, interval: RolloutInterval, latent: torch.Tensor | None, positions: torch.Tensor,
+                  mask_id: int, chunk_bytes: int | None = None) -> AnswerScores:
+    """u(x_t, r, t, z) at the answer positions ``positions`` (N, G) bool only: the trunk runs on the
+    whole sequence, the head on those rows, ``chunk_bytes`` of logits at a time
+    (``pipeline.logit_rows``)."""
     G = interval.tokens.shape[1]
-    logits = student(input_ids=interval.input_ids, attention_mask=interval.attention_mask, r=interval.r,
-                     t=interval.t, latent=latent)
-    return logits[:, -G:]
+    hidden = student.hidden(input_ids=interval.input_ids, attention_mask=interval.attention_mask, r=interval.r,
+                            t=interval.t, latent=latent)[:, -G:]  # (N, G, C)
+
+    def scores(h_rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = upcast(student.head(h_rows))  # (n, V), float32 at least
+        with torch.no_grad():
+            never_mask = torch.arange(logits.shape[-1], device=logits.device) == mask_id
+            greedy = logits.masked_fill(never_mask, -torch.inf).argmax(-1)
+        return F.cross_entropy(logits, labels, reduction="none"), greedy
+
+    labels = interval.tokens[positions]  # (n,)
+    ce, greedy = map_row_chunks(scores, (hidden[positions], labels), student.base.config.embedding_size, chunk_bytes)
+    return AnswerScores(ce=torch.zeros(positions.shape, dtype=ce.dtype, device=ce.device).masked_scatter(positions, ce),
+                        greedy=interval.tokens.masked_scatter(positions, greedy))
 
 
 @dataclasses.dataclass
@@ -113,18 +139,20 @@ def repeat_rows(interval: RolloutInterval, K: int) -> RolloutInterval:
                              for f in dataclasses.fields(interval)))
 
 
-def score_draws(logits: torch.Tensor, expanded: RolloutInterval, latents: torch.Tensor, mask_id: int
-                ) -> LatentSelection:
-    """The selection from the answer logits (B*K, G, V) of K draws per rollout (``latents`` (B, K, d))."""
+def score_draws(scores: AnswerScores, expanded: RolloutInterval, latents: torch.Tensor) -> LatentSelection:
+    """The selection from the scores of K draws per rollout (``latents`` (B, K, d)) at the masked answer
+    positions of ``expanded`` (B*K rows)."""
     B, K, _ = latents.shape
-    logits = logits.detach()
-    losses = row_losses(logits, expanded.tokens, expanded.targets).view(B, K)
-    greedy = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) == mask_id, -torch.inf).argmax(-1)
-    visible = expanded.input_ids[:, -expanded.tokens.shape[1]:] != mask_id
-    answers = torch.where(visible, expanded.tokens, greedy).view(B, K, -1)  # (B, K, G)
+    losses = row_losses(scores.ce.detach(), expanded.targets).view(B, K)
+    answers = scores.greedy.view(B, K, -1)  # (B, K, G): greedy where masked, the rollout's tokens where visible
     distinct = torch.tensor([len(torch.unique(a, dim=0)) for a in answers], device=latents.device)
     winner = latents[torch.arange(B, device=latents.device), losses.argmin(dim=1)]
     return LatentSelection(winner=winner, losses=losses, distinct=distinct)
+
+
+def masked_answer(interval: RolloutInterval, mask_id: int) -> torch.Tensor:
+    """(N, G) bool: the answer positions still masked in x_t (the targets are among them)."""
+    return interval.input_ids[:, -interval.tokens.shape[1]:] == mask_id
 
 
 @torch.no_grad()
@@ -135,9 +163,9 @@ def select_latents(student, interval: RolloutInterval, latents: torch.Tensor, ma
     expanded = repeat_rows(interval, K)
     was_training = student.training
     student.eval()
-    logits = answer_logits(student, expanded, latents.reshape(B * K, d))  # (B*K, G, V)
+    scores = answer_scores(student, expanded, latents.reshape(B * K, d), masked_answer(expanded, mask_id), mask_id)
     student.train(was_training)
-    return score_draws(logits, expanded, latents, mask_id)
+    return score_draws(scores, expanded, latents)
 
 
 @dataclasses.dataclass
@@ -157,17 +185,19 @@ def rollout_loss(student, interval: RolloutInterval, latents: torch.Tensor | Non
     """The rollout objective on one batch. ``latents``: (B, K, d) draws for a latent student (the
     best of K is trained; K = 1 trains the only draw), None without a latent. With
     ``selection_temperature`` T > 0 every draw is trained, weighted by sg(softmax(-loss / T)) over
-    the K draws (annealed selection: draws that never win still learn; T -> 0 is winner-takes-all)."""
+    the K draws (annealed selection: draws that never win still learn; T -> 0 is winner-takes-all).
+    The head runs at the target positions only (at the masked answer positions when draws are
+    scored)."""
     selection = None
     if latents is not None and latents.shape[1] > 1 and selection_temperature > 0:
         B, K, d = latents.shape
         expanded = repeat_rows(interval, K)
-        logits = answer_logits(student, expanded, latents.reshape(B * K, d))
-        losses = row_losses(logits, expanded.tokens, expanded.targets).view(B, K)
+        scores = answer_scores(student, expanded, latents.reshape(B * K, d), masked_answer(expanded, mask_id), mask_id)
+        losses = row_losses(scores.ce, expanded.targets).view(B, K)
         weights = torch.softmax(-losses.detach() / selection_temperature, dim=1)
         rows = (weights * losses).sum(dim=1)
         return RolloutLoss(loss=rows.mean(), rows=rows.detach(), one_step=interval.one_step,
-                           selection=score_draws(logits, expanded, latents, mask_id))
+                           selection=score_draws(scores, expanded, latents))
     if latents is None:
         latent = None
     elif latents.shape[1] == 1:
@@ -175,5 +205,5 @@ def rollout_loss(student, interval: RolloutInterval, latents: torch.Tensor | Non
     else:
         selection = select_latents(student, interval, latents, mask_id)
         latent = selection.winner
-    rows = row_losses(answer_logits(student, interval, latent), interval.tokens, interval.targets)
+    rows = row_losses(answer_scores(student, interval, latent, interval.targets, mask_id).ce, interval.targets)
     return RolloutLoss(loss=rows.mean(), rows=rows.detach(), one_step=interval.one_step, selection=selection)

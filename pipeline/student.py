@@ -68,7 +68,11 @@ class Student(nn.Module):
         self.base.eval()  # frozen: never in training mode
         return self
 
-    def forward(
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """Average-velocity logits u(x_t, r, t, z): (B, T, V), ``head(hidden(...))``; arguments as ``hidden``."""
+        return self.head(self.hidden(*args, **kwargs))
+
+    def hidden(
         self,
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -78,8 +82,9 @@ class Student(nn.Module):
         attention: Attention = "sdpa",
         latent: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Average-velocity logits u(x_t, r, t, z): (B, T, V). r, t: floats or (B,) tensors; latent:
-        (B, latent_dim) when the soft prompt has one (``pipeline.latent`` draws it)."""
+        """The base's final hidden states (B, T, C) under the soft prompt of (r, t, z); ``head`` maps
+        any rows of them to logits. r, t: floats or (B,) tensors; latent: (B, latent_dim) when the soft
+        prompt has one (``pipeline.generate.completion_latents`` draws it)."""
         ref = inputs_embeds if inputs_embeds is not None else input_ids
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
@@ -87,7 +92,7 @@ class Student(nn.Module):
         r, t = as_time(r, ref.shape[0], weight), as_time(t, ref.shape[0], weight)
         prefix, gate = self.soft_prompt(r, t, latent)
         base_dtype = self.base.embedding_weight.dtype
-        return self.base(
+        return self.base.hidden(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             prefix=prefix.to(base_dtype),
@@ -95,6 +100,11 @@ class Student(nn.Module):
             attention_mask=attention_mask,
             attention=attention,
         )
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of hidden states (..., C): the frozen base's head (the soft prompt acts in
+        the trunk only), so it can run on the rows that need it only."""
+        return self.base.head(hidden)
 
     # ------------------------------------------------------------------ checkpoint I/O
 

@@ -25,7 +25,8 @@ from pipeline.cache_shards import (
 )
 from pipeline.config import CacheParams, params_hash
 from pipeline.data import Layout, split_fingerprint
-from pipeline.generate import guided_logits, mask_predictor
+from pipeline.generate import guided_hidden, mask_predictor
+from pipeline.logit_rows import map_row_chunks
 from pipeline.mask_predictor import MaskPredictor
 from pipeline.teacher_cache import CacheRows, cache_schema
 
@@ -71,17 +72,25 @@ def draw_noisy_inputs(x0: torch.Tensor, layout: Layout, params: CacheParams, mas
 @torch.inference_mode()
 def teacher_topk(
     model: MaskPredictor, x_t: torch.Tensor, attention_mask: torch.Tensor, masked: torch.Tensor, layout: Layout,
-    top_k: int, cfg_scale: float,
+    top_k: int, cfg_scale: float, chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k log-softmax (over the full vocabulary) of the teacher at the masked positions, row-major:
-    ids (M, k) int32 and log-probs (M, k) float16. With ``cfg_scale > 0`` the guided logits."""
+    ids (M, k) int32 and log-probs (M, k) float16. With ``cfg_scale > 0`` the guided logits.
+
+    The trunk runs once; the head, the float32 upcast (bf16 logits on GPU), the log-softmax and the
+    top-k run on the masked positions only, ``chunk_bytes`` of float32 logits at a time."""
     prompt_index = attention_mask.bool().clone()
     prompt_index[:, layout.prompt_length:] = False
-    logits = guided_logits(mask_predictor(model), x_t, attention_mask, prompt_index, cfg_scale,
-                           model.config.mask_token_id)
-    logprobs = torch.log_softmax(logits[masked].float(), dim=-1)  # (M, V)
-    values, ids = torch.topk(logprobs, top_k, dim=-1)
-    return ids.to(torch.int32), values.to(torch.float16)
+    hidden = guided_hidden(mask_predictor(model), x_t, attention_mask, prompt_index, cfg_scale,
+                           model.config.mask_token_id, masked)
+
+    def topk_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs = torch.log_softmax(hidden.logits(rows).float(), dim=-1)  # (n, V)
+        values, ids = torch.topk(logprobs, top_k, dim=-1)
+        return ids.to(torch.int32), values.to(torch.float16)
+
+    rows = torch.arange(len(hidden.cond), device=x_t.device)  # (M,)
+    return map_row_chunks(topk_rows, (rows,), model.config.embedding_size, chunk_bytes)
 
 
 def fill_shard(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.generate import (
-    CounterNoise, generate, mask_predictor, num_transfer_tokens, one_step_generate, sample_trajectory,
+    CounterNoise, SamplerNetwork, generate, mask_predictor, num_transfer_tokens, one_step_generate, sample_trajectory,
 )
 from pipeline.llada import LLaDA, LLaDAConfig
 from pipeline.rollout_cache import state_after
@@ -206,11 +206,14 @@ def test_counter_noise_is_a_function_of_the_seed():
         assert torch.equal(again, out[[2, 0]])
         assert not torch.equal(generate(model, prompt, noise=CounterNoise(seeds + 100, fixed), **options), out)
     noise = CounterNoise(torch.tensor([3]), fixed=True)
-    field = noise.gumbel_uniforms((1, 4, V), "cpu", step=0, offset=2)
-    assert torch.equal(noise.gumbel_uniforms((1, 4, V), "cpu", step=5, offset=2), field)  # one field for all steps
-    assert torch.equal(noise.gumbel_uniforms((1, 2, V), "cpu", step=1, offset=4), field[:, 2:])  # keyed by position
+    block = torch.ones(1, 4, dtype=torch.bool)
+    field = noise.gumbel_uniforms(block, V, step=0, offset=2)  # (4, V)
+    assert torch.equal(noise.gumbel_uniforms(block, V, step=5, offset=2), field)  # one field for all steps
+    assert torch.equal(noise.gumbel_uniforms(block[:, :2], V, step=1, offset=4), field[2:])  # keyed by position
+    some = torch.tensor([[False, True, False, True]])  # only the positions asked for, the same values
+    assert torch.equal(noise.gumbel_uniforms(some, V, step=0, offset=2), field[[1, 3]])
     per_step = CounterNoise(torch.tensor([3]))
-    assert not torch.equal(per_step.gumbel_uniforms((1, 4, V), "cpu", 0, 2), per_step.gumbel_uniforms((1, 4, V), "cpu", 1, 2))
+    assert not torch.equal(per_step.gumbel_uniforms(block, V, 0, 2), per_step.gumbel_uniforms(block, V, 1, 2))
 
 
 @pytest.mark.parametrize("fixed", [False, True])
@@ -225,3 +228,29 @@ def test_counter_noise_samples_the_tempered_softmax(fixed):
     frequencies = torch.bincount(out[:, 1], minlength=V).double() / out.shape[0]
     expected = torch.softmax(logits[:MASK].double() / 0.5, dim=0)
     assert frequencies[MASK] == 0 and (frequencies[:MASK] - expected).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_head_runs_only_on_the_current_blocks_masked_positions(cfg_scale):
+    """The trunk sees the whole sequence once per step (CFG: twice the rows), the head only the
+    current block's masked positions (CFG: stacked twice), and the output is that of the full logits."""
+    model = tiny_llada(seed=7)
+    predictor = mask_predictor(model)
+    head_rows, trunk_rows = [], []
+
+    def hidden(ids, mask):
+        trunk_rows.append(ids.shape)
+        return predictor.hidden(ids, mask)
+
+    def head(rows):
+        head_rows.append(rows.shape[0])
+        return predictor.head(rows)
+
+    prompt = torch.randint(0, MASK, (3, 4), generator=torch.Generator().manual_seed(8))
+    options = dict(steps=6, gen_length=12, block_length=4, mask_id=MASK, cfg_scale=cfg_scale)
+    out = generate(SamplerNetwork(hidden=hidden, head=head), prompt, **options)
+    copies = 2 if cfg_scale else 1
+    masked_per_step = [3 * (4 - 2 * (step % 2)) for step in range(6)]  # 2 of 4 block positions committed per step
+    assert head_rows == [copies * m for m in masked_per_step]
+    assert trunk_rows == [(copies * 3, 16)] * 6
+    assert torch.equal(out, generate(lambda ids, mask: model(input_ids=ids, attention_mask=mask), prompt, **options))

@@ -9,7 +9,7 @@ from pipeline.config import SoftPromptConfig, StudentParams
 from pipeline.counter_random import counter_uniform
 from pipeline.models import load_model
 from pipeline.meanflow import (
-    adaptive_weighted_mean, average_velocity_jvp, dense_logprobs, meanflow_loss, meanflow_target,
+    TeacherRows, adaptive_weighted_mean, average_velocity_jvp, dense_logprobs, meanflow_loss, meanflow_target,
     sample_r, tangent, token_losses,
 )
 from pipeline.student import Student
@@ -161,7 +161,8 @@ def test_no_grad_jvp_then_forward_gives_the_same_gradient(any_checkpoint):
 
     def objective(jvp):
         student.zero_grad()
-        out = meanflow_loss(student, ids, attention_mask, masked, t, r, v[masked], StudentParams(jvp=jvp, soft_prompt=SoftPromptConfig(latent_dim=0)), answer_length=3)
+        out = meanflow_loss(student, ids, attention_mask, masked, t, r, v[masked], StudentParams(jvp=jvp, soft_prompt=SoftPromptConfig(latent_dim=0)), answer_length=3,
+                             keep_target=True)
         out.loss.backward()
         return out, [p.grad.clone() for p in student.soft_prompt.parameters()]
 
@@ -176,3 +177,72 @@ def test_no_grad_jvp_then_forward_gives_the_same_gradient(any_checkpoint):
     assert torch.allclose(out_b.target, meanflow_target(v, du_dt, r, t)[masked], rtol=1e-10)
     assert not out_b.target.requires_grad and out_b.du_dt_abs > 0
     assert torch.equal(out_b.equal, (r == t)[masked.nonzero()[:, 0]])  # row 1 has r = t: its target is v
+
+
+def reference_meanflow_loss(student, input_ids, attention_mask, masked, t, r, v, params, answer_length, x0=None):
+    """The objective as computed before memory followed the masked positions: full (B, T, V) logits,
+    a JVP of the logits, du/dt allocated for every position. Kept here as the oracle."""
+    base = student.base
+    with torch.no_grad():
+        z = base.embed(input_ids)
+    dz_dt = tangent(params.tangent, v, masked, base.embedding_weight.detach(), base.config.mask_token_id, t)
+    jvp_rows = torch.ones_like(t, dtype=torch.bool) if params.jvp == "grad" else r < t
+
+    def average_velocity(z_, t_):
+        return student(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=attention_mask[jvp_rows], attention="math")
+
+    du_dt = torch.zeros(*masked.shape, base.config.embedding_size, dtype=z.dtype)
+    if jvp_rows.any():
+        u, du_dt[jvp_rows] = average_velocity_jvp(average_velocity, z[jvp_rows], t[jvp_rows], dz_dt[jvp_rows],
+                                                  keep_graph=params.jvp == "grad")
+    if params.jvp == "no_grad":
+        u = student(inputs_embeds=z, r=r, t=t, attention_mask=attention_mask)
+    row = masked.nonzero()[:, 0]
+    target = meanflow_target(v, du_dt[masked], r[row], t[row])
+    losses = token_losses(params.loss, u[masked], target)
+    normalizer = masked.shape[0] * answer_length
+    loss = adaptive_weighted_mean(losses, params.adaptive_power, params.adaptive_eps, normalizer=normalizer)
+    if params.ce_weight:
+        loss = loss + params.ce_weight * token_losses("ce", u[masked], target, x0[masked]).sum() / normalizer
+    return loss, target
+
+
+@pytest.mark.parametrize("jvp", ["no_grad", "grad"])
+@pytest.mark.parametrize("loss,ce_weight", [("kl", 0.0), ("mse", 0.5)])
+@pytest.mark.parametrize("chunk_rows", [None, 2])
+def test_objective_on_masked_rows_equals_the_full_logits_objective(any_checkpoint, jvp, loss, ce_weight, chunk_rows):
+    """Float64: the head, u, du/dt, the target and the loss on the masked rows only (in chunks of 2
+    rows, checkpointed, or one chunk) give exactly the loss, target and soft-prompt gradient of the
+    full (B, T, V) computation, on a batch mixing r = t and r < t, from dense v or the cached top-k."""
+    student = Student(load_model(any_checkpoint, dtype=torch.float64), prompt_length=3, hidden_size=16)
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.normal_(0, 1, generator=torch.Generator().manual_seed(10))
+    g = torch.Generator().manual_seed(11)
+    V = student.base.config.embedding_size
+    ids = torch.randint(0, student.base.config.vocab_size, (3, 7), generator=g)
+    masked = torch.rand(3, 7, generator=g) < 0.6
+    masked[:, :2], masked[:, -1] = False, True
+    x0 = ids.clone()
+    ids[masked] = student.base.config.mask_token_id
+    t = torch.tensor([0.9, 0.5, 0.7], dtype=torch.float64)
+    r = torch.tensor([0.3, 0.5, 0.0], dtype=torch.float64)  # row 1 at r = t
+    topk_ids, topk_logprobs = topk_of(torch.randn(int(masked.sum()), V, generator=g, dtype=torch.float64) * 2, 5)
+    teacher = TeacherRows(V, topk_ids, topk_logprobs)
+    v = dense_logprobs(topk_ids, topk_logprobs, V).double()
+    params = StudentParams(jvp=jvp, loss=loss, ce_weight=ce_weight, soft_prompt=SoftPromptConfig(latent_dim=0))
+    mask = torch.ones_like(ids)
+    chunk = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * 4 * V}
+
+    def gradient(fn):
+        student.zero_grad()
+        value, target = fn()
+        value.backward()
+        return value.detach(), target, [p.grad.clone() for p in student.soft_prompt.parameters()]
+
+    expected = gradient(lambda: reference_meanflow_loss(student, ids, mask, masked, t, r, v, params, 4, x0))
+    for source in (v, teacher):
+        out = gradient(lambda: (lambda o: (o.loss, o.target))(
+            meanflow_loss(student, ids, mask, masked, t, r, source, params, 4, x0, keep_target=True, **chunk)))
+        assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])  # bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(out[2], expected[2]))
+    assert all(g.abs().sum() > 0 for g in expected[2])

@@ -2,13 +2,19 @@
 step sampler covers every pair, the latent selection trains the winner exactly as if it were fixed,
 and without a latent the loss is plain cross-entropy."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline import logit_rows
+
 from pipeline.generate import CounterNoise, sample_trajectory
+from pipeline.layers import upcast
 from pipeline.llada import LLaDA
-from pipeline.rollout_objective import rollout_interval, rollout_loss, row_losses, sample_steps, select_latents
+from pipeline.rollout_objective import repeat_rows, rollout_interval, rollout_loss, sample_steps, select_latents
 from pipeline.student import Student
 from tests.conftest import make_checkpoint
 
@@ -38,6 +44,13 @@ def recorded(base):
                                    temperature=1.0, mask_id=base.config.mask_token_id,
                                    noise=CounterNoise(torch.tensor([11, 12, 13])))
     return prompt, mask, trajectory, states + [trajectory.sequences]
+
+
+def reference_row_losses(answer_logits, tokens, targets):
+    """Each row's mean cross-entropy at its targets from the full answer logits (N, G, V): the
+    objective as it was computed before the head ran on the target positions only."""
+    ce = F.cross_entropy(upcast(answer_logits).transpose(1, 2), tokens, reduction="none")  # (N, G)
+    return (ce * targets).sum(dim=1) / targets.sum(dim=1).clamp(min=1)
 
 
 def latent_student(base):
@@ -107,7 +120,7 @@ def test_without_a_latent_the_loss_is_plain_cross_entropy(base, recorded):
     single = rollout_loss(latent_student, interval, z, base.config.mask_token_id)
     logits = latent_student(input_ids=interval.input_ids, attention_mask=interval.attention_mask, r=interval.r,
                             t=interval.t, latent=z[:, 0])
-    assert torch.allclose(single.loss, row_losses(logits[:, PROMPT:], interval.tokens, interval.targets).mean())
+    assert torch.allclose(single.loss, reference_row_losses(logits[:, PROMPT:], interval.tokens, interval.targets).mean())
 
 
 def test_latent_selection_trains_the_winner_as_if_it_were_fixed(base, recorded):
@@ -124,7 +137,7 @@ def test_latent_selection_trains_the_winner_as_if_it_were_fixed(base, recorded):
 
     # each draw's loss, computed one draw at a time: the winner is the argmin
     with torch.no_grad():
-        per_draw = torch.stack([row_losses(student(input_ids=interval.input_ids, attention_mask=interval.attention_mask,
+        per_draw = torch.stack([reference_row_losses(student(input_ids=interval.input_ids, attention_mask=interval.attention_mask,
                                                    r=interval.r, t=interval.t, latent=latents[:, j])[:, PROMPT:],
                                            interval.tokens, interval.targets) for j in range(5)], dim=1)
     assert torch.allclose(selected.selection.losses, per_draw, rtol=1e-5)
@@ -176,3 +189,56 @@ def test_annealed_selection_spans_winner_takes_all_to_the_mean_of_draws(base, re
     assert torch.allclose(hot.loss, hard.selection.losses.mean(), rtol=1e-4)
     assert torch.allclose(cold.selection.losses, hard.selection.losses, rtol=1e-5)
     assert torch.equal(cold.selection.distinct, hard.selection.distinct)
+
+
+def reference_rollout_loss(student, interval, latents, mask_id, selection_temperature=0.0):
+    """The objective as computed before the head ran on target rows only: full answer logits
+    (N, G, V) for every draw. Kept here as the oracle."""
+    def answer_logits(rows, latent):
+        return student(input_ids=rows.input_ids, attention_mask=rows.attention_mask, r=rows.r, t=rows.t,
+                       latent=latent)[:, PROMPT:]
+
+    if latents is None:
+        return reference_row_losses(answer_logits(interval, None), interval.tokens, interval.targets).mean()
+    B, K, d = latents.shape
+    expanded = repeat_rows(interval, K)
+    if selection_temperature > 0:
+        losses = reference_row_losses(answer_logits(expanded, latents.reshape(B * K, d)), expanded.tokens,
+                                      expanded.targets).view(B, K)
+        return (torch.softmax(-losses.detach() / selection_temperature, dim=1) * losses).sum(dim=1).mean()
+    with torch.no_grad():
+        losses = reference_row_losses(answer_logits(expanded, latents.reshape(B * K, d)), expanded.tokens,
+                                      expanded.targets).view(B, K)
+    winner = latents[torch.arange(B), losses.argmin(dim=1)]
+    return reference_row_losses(answer_logits(interval, winner), interval.tokens, interval.targets).mean()
+
+
+@pytest.mark.parametrize("draws,temperature", [(0, 0.0), (1, 0.0), (5, 0.0), (5, 0.5)])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_loss_on_target_rows_equals_the_full_logits_loss(base, recorded, monkeypatch, draws, temperature, chunk_rows):
+    """Float64: the head on the target rows (the masked answer rows when draws are scored), in chunks
+    of 3 rows or one, gives the loss and soft-prompt gradient of the full answer logits."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(logit_rows, "LOGITS_CHUNK_BYTES", chunk_rows * 4 * base.config.embedding_size)
+    student = latent_student(copy.deepcopy(base)).double() if draws else Student(copy.deepcopy(base), prompt_length=2,
+                                                                                 hidden_size=8).double()
+    if not draws:
+        with torch.no_grad():
+            student.soft_prompt.prompt_gate.normal_(generator=torch.Generator().manual_seed(1))
+    mask_id = base.config.mask_token_id
+    interval = interval_at(recorded, 1, 3, mask_id)
+    interval = dataclasses.replace(interval, t=interval.t.double(), r=interval.r.double())
+    latents = torch.randn(3, draws, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64) if draws else None
+
+    def gradient(fn):
+        student.zero_grad()
+        value = fn()
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in student.soft_prompt.parameters()]
+
+    expected = gradient(lambda: reference_rollout_loss(student, interval, latents, mask_id, temperature))
+    out = gradient(lambda: rollout_loss(student, interval, latents, mask_id, temperature).loss)
+    # equal up to float64 rounding (the head's gradient is summed over fewer rows)
+    assert torch.allclose(out[0], expected[0], rtol=1e-15, atol=0)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12 * b.abs().max()) for a, b in zip(out[1], expected[1]))
+    assert any(g.abs().sum() > 0 for g in expected[1])

@@ -193,3 +193,34 @@ def test_killed_run_resumes_to_the_same_cache(tmp_path):
     fill(work, reference, **params["cache"])
     assert shard_digests(cache) == shard_digests(reference)
     assert len(open_cache(cache)) == 600 * 4 * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_topk_on_masked_rows_equals_the_full_logits_topk(tiny_checkpoint, dtype, cfg_scale, chunk_rows):
+    """The head, log-softmax and top-k on the masked positions only (in chunks of 3 rows, or one)
+    give the cache rows of the full (B, T, V) logits: the same ids, and the same float16 log-probs."""
+    from pipeline.llada import LLaDA
+    from pipeline.teacher_cache_fill import teacher_topk
+
+    model = LLaDA.from_pretrained(tiny_checkpoint, dtype=dtype)
+    layout = Layout(prompt_length=4, gen_length=6, pad_token_id=0)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(3, model.config.vocab_size, (5, 10), generator=g)
+    attention = torch.ones_like(x0)
+    attention[0, :2] = 0
+    masked = torch.rand(5, 10, generator=g) < 0.5
+    masked[:, :4], masked[:, -1] = False, True
+    x_t = x0.masked_fill(masked, model.config.mask_token_id)
+    chunk = None if chunk_rows is None else chunk_rows * 4 * model.config.embedding_size
+    ids, logprobs = teacher_topk(model, x_t, attention, masked, layout, 5, cfg_scale, chunk_bytes=chunk)
+
+    with torch.no_grad():  # the computation before: guided logits for every position, then the masked rows
+        predict = lambda x: model(input_ids=x, attention_mask=torch.cat((attention, attention)))  # noqa: E731
+        prompt = attention.bool() & (torch.arange(10) < 4)
+        cond, un = predict(torch.cat((x_t, x_t.masked_fill(prompt, model.config.mask_token_id)))).chunk(2)
+        logits = un + (cfg_scale + 1) * (cond - un) if cfg_scale else model(input_ids=x_t, attention_mask=attention)
+        values, expected = torch.log_softmax(logits[masked].float(), dim=-1).topk(5, dim=-1)
+    assert ids.dtype == torch.int32 and logprobs.dtype == torch.float16
+    assert torch.equal(ids, expected.int()) and torch.equal(logprobs, values.half())
