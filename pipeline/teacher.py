@@ -12,6 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from pipeline.checkpoint_check import check_weight_files, meta_shapes
 from pipeline.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint, resolve_weight_files
 from pipeline.errors import CheckpointError, DataError
 from pipeline.files import file_sha256
@@ -60,7 +61,7 @@ def checkpoint_dir(directory: Path, record: TeacherRecord) -> Path:
 def validate_checkpoint(path: Path, mask_token_id: int | None = None) -> TeacherRecord:
     """Check that ``path`` is a usable LLaDA checkpoint: config, weights, tokenizer, mask id."""
     config = LLaDAConfig.from_file(path / "config.json")
-    resolve_weight_files(path)
+    check_weight_files(resolve_weight_files(path), meta_shapes(lambda: LLaDA(config)))
     tokenizer = load_tokenizer(path)
     mask = config.mask_token_id if mask_token_id is None else mask_token_id
     if len(tokenizer) > config.embedding_size:
