@@ -143,7 +143,7 @@ def flatten(data: Any, prefix: str) -> dict[str, Any]:
         return {prefix: data}
     out: dict[str, Any] = {}
     for key, value in data.items():
-        out.update(flatten(value, f"{prefix}.{key}"))
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
 
 
@@ -358,6 +358,11 @@ class CacheParams:
     """Teacher forward batch of the top-k rows (speed only: not part of the params hash)."""
     seed: int = 0
     rollouts: RolloutParams = dataclasses.field(default_factory=RolloutParams)
+
+    def content(self) -> dict:
+        """The params that determine the cache's content (its params hash): all but ``batch_size``,
+        which changes speed only."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "samples_per_example", "top_k", "rows_per_shard", "record_batch_rows", "batch_size")

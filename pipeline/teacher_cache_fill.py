@@ -184,7 +184,7 @@ def load_train_split(data_dir: Path, max_examples: int | None, tokens_only: bool
 def cache_header(record, layout: Layout, params: CacheParams, data_dir: Path, model: LLaDA) -> dict:
     """What makes two caches interchangeable: teacher, tokenizer, data, and content params (the
     forward batch size changes speed only, so it is left out of the hash)."""
-    content = {k: v for k, v in dataclasses.asdict(params).items() if k != "batch_size"}
+    content = params.content()
     return {
         "teacher_fingerprint": record.fingerprint,
         "tokenizer_sha256": record.tokenizer_sha256,
