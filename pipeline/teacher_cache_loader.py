@@ -9,6 +9,7 @@ distributed sampler gives every rank a disjoint set of items, the same number on
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -145,6 +146,10 @@ class TeacherCacheDataModule(L.LightningDataModule):
             sampler.skip = trainer.global_step - trainer.current_epoch * len(sampler)
         return torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=sampler,
                                            num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+
+# Lightning warns about any resume mid-epoch with a loader it cannot save; ResumableSampler resumes it exactly.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
