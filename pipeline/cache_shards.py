@@ -2,7 +2,9 @@
 
 A cache directory holds one ``manifest.json`` and shard families, each a run of
 ``{family}-{index:05d}.arrow`` files with ``.json`` sidecars (``shard-*`` the top-k rows of
-``pipeline.teacher_cache``, ``rollouts-*`` the rollouts of ``pipeline.rollout_cache``). A family's
+``pipeline.teacher_cache``, ``rollouts-*`` the rollouts of ``pipeline.rollout_cache``); a sidecar
+holds the shard's rows, bytes and sha256 and, under ``cache``, the identity of the cache it was
+written for, which a rerun checks along with the shard's checksum. A family's
 bookkeeping (``num_shards``, ``record_batch_rows`` and, once complete, ``shards``) lives in the
 manifest's top level for ``shard`` and under the manifest's ``rollouts`` key for ``rollouts``; the
 cache is ``complete`` when every shard of every family has its sidecar.
@@ -202,11 +204,14 @@ def header_mismatch(existing: dict, current: dict) -> str | None:
     """How the cache described by manifest header ``existing`` differs from ``current``: the first
     ``HEADER_CHECKS`` key that differs, with the params keys that do (``cache.top_k: 16 -> 8``)."""
     for key in HEADER_CHECKS:
-        if existing.get(key) != current[key]:
-            changed = differences(existing.get("params", {}), current.get("params", {}), "cache") + differences(
-                existing.get("layout", {}), current.get("layout", {}), "layout") if key == "params_hash" else []
-            detail = f" ({'; '.join(changed)})" if changed else ""
-            return f"{key} {existing.get(key)}, the current run has {current[key]}{detail}"
+        if existing.get(key) == current[key]:
+            continue
+        changed = []
+        if key == "params_hash":  # a hash alone does not tell the user which key to look at
+            changed = (differences(existing.get("params", {}), current.get("params", {}), "cache")
+                       + differences(existing.get("layout", {}), current.get("layout", {}), "layout"))
+        detail = f" ({'; '.join(changed)})" if changed else ""
+        return f"{key} {existing.get(key)}, the current run has {current[key]}{detail}"
     return None
 
 
