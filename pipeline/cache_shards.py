@@ -2,7 +2,9 @@
 
 A cache directory holds one ``manifest.json`` and shard families, each a run of
 ``{family}-{index:05d}.arrow`` files with ``.json`` sidecars (``shard-*`` the top-k rows of
-``pipeline.teacher_cache``, ``rollouts-*`` the rollouts of ``pipeline.rollout_cache``). A family's
+``pipeline.teacher_cache``, ``rollouts-*`` the rollouts of ``pipeline.rollout_cache``); a sidecar
+holds the shard's rows, bytes and sha256 and, under ``cache``, the identity of the cache it was
+written for, which a rerun checks along with the shard's checksum. A family's
 bookkeeping (``num_shards``, ``record_batch_rows`` and, once complete, ``shards``) lives in the
 manifest's top level for ``shard`` and under the manifest's ``rollouts`` key for ``rollouts``; the
 cache is ``complete`` when every shard of every family has its sidecar.
@@ -12,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config import differences
 from pipeline.errors import CacheError, CheckpointError
 from pipeline.files import atomic_write_text, file_sha256
 
@@ -59,6 +63,7 @@ class ShardWriter:
     def __init__(self, directory: Path, index: int, schema: pa.Schema, record_batch_rows: int, family: str = TOPK):
         self.directory, self.index, self.schema, self.family = Path(directory), index, schema, family
         self.record_batch_rows = record_batch_rows
+        self.identity = cache_identity(read_manifest(self.directory))
         self.path = self.directory / shard_name(index, family)
         self.tmp = self.directory / f".{shard_name(index, family)}.tmp-{os.getpid()}"
         self.sink = pa.OSFile(str(self.tmp), "wb")
@@ -94,7 +99,7 @@ class ShardWriter:
             os.fsync(f.fileno())
         info = {"rows": self.rows, **self.counts, "bytes": self.tmp.stat().st_size, "sha256": file_sha256(self.tmp)}
         os.replace(self.tmp, self.path)
-        write_json_atomic(self.directory / sidecar_name(self.index, self.family), info)
+        write_json_atomic(self.directory / sidecar_name(self.index, self.family), {**info, IDENTITY: self.identity})
         return info
 
     def abort(self) -> None:
@@ -118,14 +123,41 @@ def my_shards(total: int, shard_index: int, num_shards: int) -> list[int]:
 
 
 def pending_shards(directory: Path, total: int, family: str, shard_index: int, num_shards: int) -> list[int]:
-    """This process's shards of ``family`` that have no sidecar yet; the temporary files a killed run
-    of ours left for them (never complete) are deleted."""
+    """This process's shards of ``family`` that have no sidecar yet, or whose bytes no longer match
+    their sidecar (damaged: deleted, to be written again); the temporary files a killed run of ours
+    left for them (never complete) are deleted. A sidecar written for another cache (other params,
+    data or teacher, e.g. under a deleted manifest) is refused."""
     done = completed_shards(directory, total, family)
-    todo = [j for j in my_shards(total, shard_index, num_shards) if j not in done]
+    identity = cache_identity(read_manifest(directory))
+    mine = my_shards(total, shard_index, num_shards)
+    for index in [j for j in mine if j in done]:
+        check_sidecar_identity(Path(directory) / sidecar_name(index, family), done[index], identity)
+        if not shard_matches_sidecar(Path(directory) / shard_name(index, family), done[index]):
+            print(f"{Path(directory) / shard_name(index, family)}: damaged (size or checksum differs from its "
+                  "sidecar); writing it again", file=sys.stderr)
+            (Path(directory) / sidecar_name(index, family)).unlink()
+            del done[index]
+    todo = [j for j in mine if j not in done]
     for index in todo:
         for stale in Path(directory).glob(f".{shard_name(index, family)}.tmp-*"):
             stale.unlink()
     return todo
+
+
+def shard_matches_sidecar(path: Path, sidecar: dict) -> bool:
+    return path.stat().st_size == sidecar.get("bytes") and file_sha256(path) == sidecar.get("sha256")
+
+
+def check_sidecar_identity(path: Path, sidecar: dict, identity: dict) -> None:
+    """Refuse a shard's sidecar that belongs to another cache than the manifest describes."""
+    found = sidecar.get(IDENTITY)
+    if found is None:
+        raise CacheError(f"{path}: written by an older stage one, which recorded no identity; delete "
+                         f"{path.parent} and rerun cache_teacher")
+    for key in HEADER_CHECKS:
+        if found.get(key) != identity[key]:
+            raise CacheError(f"{path}: this shard was written with {key} {found.get(key)}, the manifest has "
+                             f"{identity[key]} (another cache's shard); delete {path.parent} and rerun cache_teacher")
 
 
 def shard_rows(shards: list[int], examples_per_shard: int, num_examples: int, per_example: int) -> int:
@@ -159,6 +191,28 @@ def read_manifest(directory: Path) -> dict:
 
 
 HEADER_CHECKS = ("teacher_fingerprint", "tokenizer_sha256", "data_fingerprint", "params_hash")
+IDENTITY = "cache"
+"""The sidecar key holding the ``HEADER_CHECKS`` of the cache its shard was written for."""
+
+
+def cache_identity(manifest: dict) -> dict:
+    """What identifies a cache: teacher, tokenizer, data and params (``HEADER_CHECKS``)."""
+    return {key: manifest.get(key) for key in HEADER_CHECKS}
+
+
+def header_mismatch(existing: dict, current: dict) -> str | None:
+    """How the cache described by manifest header ``existing`` differs from ``current``: the first
+    ``HEADER_CHECKS`` key that differs, with the params keys that do (``cache.top_k: 16 -> 8``)."""
+    for key in HEADER_CHECKS:
+        if existing.get(key) == current[key]:
+            continue
+        changed = []
+        if key == "params_hash":  # a hash alone does not tell the user which key to look at
+            changed = (differences(existing.get("params", {}), current.get("params", {}), "cache")
+                       + differences(existing.get("layout", {}), current.get("layout", {}), "layout"))
+        detail = f" ({'; '.join(changed)})" if changed else ""
+        return f"{key} {existing.get(key)}, the current run has {current[key]}{detail}"
+    return None
 
 
 def ensure_manifest(directory: Path, header: dict) -> None:
@@ -168,13 +222,10 @@ def ensure_manifest(directory: Path, header: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST
     if path.exists():
-        existing = read_manifest(directory)
-        for key in HEADER_CHECKS:
-            if existing.get(key) != header[key]:
-                raise CacheError(
-                    f"{path}: this cache was built with {key} {existing.get(key)}, the current run has "
-                    f"{header[key]}; delete {directory} or point the stage at another directory"
-                )
+        mismatch = header_mismatch(read_manifest(directory), header)
+        if mismatch is not None:
+            raise CacheError(f"{path}: this cache was built with {mismatch}; delete {directory} or point the "
+                             "stage at another directory")
         return
     write_json_atomic(path, {"format": FORMAT, "version": VERSION, **header, "complete": False})
 
@@ -200,7 +251,7 @@ def finalize_manifest(directory: Path) -> bool:
     if any(len(done[family]) < entry["num_shards"] for family, entry in entries):
         return False
     for family, entry in entries:
-        shards = done[family]
+        shards = {i: {k: v for k, v in sidecar.items() if k != IDENTITY} for i, sidecar in done[family].items()}
         entry["shards"] = {f"{i:05d}": shards[i] for i in sorted(shards)}
         for key in sorted({k for s in shards.values() for k in s} - {"sha256"}):
             entry[key] = sum(s.get(key, 0) for s in shards.values())
@@ -234,7 +285,10 @@ class ShardSet:
         per_batch = entry["record_batch_rows"]
         for index in range(entry["num_shards"]):
             path = self.directory / shard_name(index, family)
-            shard = entry["shards"][f"{index:05d}"]
+            shard = entry["shards"].get(f"{index:05d}")
+            if shard is None:
+                raise CacheError(f"{self.directory / MANIFEST}: no entry for {path.name} (a damaged manifest); "
+                                 "rerun cache_teacher")
             if not path.is_file():
                 raise CacheError(f"{path}: missing shard")
             if path.stat().st_size != shard["bytes"]:

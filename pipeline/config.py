@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,32 @@ from pipeline.errors import ParamsError
 
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
+SECTIONS = ("data", "teacher", "cache", "student", "evaluate")
+"""The top-level sections of ``params.yaml``, one per stage; any other top-level key is a typo."""
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names one key twice (plain YAML keeps the last copy without a word)."""
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """YAML as people write params files: a key given twice in one mapping is refused, and ``1e-3``
+    is a float (YAML 1.1, which PyYAML follows, reads it as text: it wants ``1.0e-3``)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in first_line:
+                raise DuplicateKeyError(f"line {key_node.start_mark.line + 1}: {key!r} appears twice (also on line "
+                                        f"{first_line[key] + 1}); only one copy can count, so delete the other")
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+# YAML 1.2's float syntax (exponents without a dot), which DVC's own YAML reader already follows.
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 
 def _check(where: str, value: Any, hint: Any) -> Any:
@@ -59,8 +86,8 @@ def _check(where: str, value: Any, hint: Any) -> Any:
 
 def from_mapping(cls: type[T], data: Any, where: str) -> T:
     """Build dataclass ``cls`` from a mapping, checking keys and types; ``__post_init__`` checks ranges."""
-    if data is None:
-        data = {}
+    if data is None:  # `key:` with nothing under it: usually its keys lost their indentation
+        raise ParamsError(f"{where}: empty (are its keys indented under it?); write '{{}}' for every default")
     if not isinstance(data, dict):
         raise ParamsError(f"{where}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -81,9 +108,16 @@ def load_section(cls: type[T], section: str, path: str | Path = PARAMS_FILE) -> 
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=ParamsLoader) or {}
+    except DuplicateKeyError as err:
+        raise ParamsError(f"{path}: {err}") from err
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {data!r}")
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
+    if unknown:
+        raise ParamsError(f"{path}:{unknown[0]}: unknown section (known sections: {', '.join(SECTIONS)})")
     if section not in data:
         raise ParamsError(f"{path}: no '{section}' section")
     return from_mapping(cls, data[section], f"{path}:{section}")
@@ -99,6 +133,25 @@ def require_at_least(section: Any, minimum: float, *keys: str) -> None:
     """``require(section.key >= minimum)`` for each key."""
     for key in keys:
         require(getattr(section, key) >= minimum, key, f"must be >= {minimum}")
+
+
+def flatten(data: Any, prefix: str) -> dict[str, Any]:
+    """Nested dicts (or dataclasses) as ``{dotted key: leaf value}``, keys under ``prefix``."""
+    if dataclasses.is_dataclass(data):
+        data = dataclasses.asdict(data)
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def differences(old: Any, new: Any, prefix: str) -> list[str]:
+    """``"key: old -> new"`` for each dotted key whose value differs between two nested mappings."""
+    a, b = flatten(old, prefix), flatten(new, prefix)
+    return [f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}"
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
 def params_hash(*sections: Any) -> str:
@@ -306,6 +359,11 @@ class CacheParams:
     seed: int = 0
     rollouts: RolloutParams = dataclasses.field(default_factory=RolloutParams)
 
+    def content(self) -> dict:
+        """The params that determine the cache's content (its params hash): all but ``batch_size``,
+        which changes speed only."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
+
     def __post_init__(self) -> None:
         require_at_least(self, 1, "samples_per_example", "top_k", "rows_per_shard", "record_batch_rows", "batch_size")
         require(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1 or null")
@@ -395,7 +453,7 @@ class StudentParams:
     strategy: str = "auto"
     """Lightning strategy (``ddp`` for several GPUs)."""
     precision: str | None = None
-    """Lightning precision; default bf16-mixed on GPU, 32-true on CPU."""
+    """Lightning precision (one of ``PRECISIONS``); default bf16-mixed on GPU, 32-true on CPU."""
     num_workers: int = 0
     seed: int = 0
 
@@ -412,6 +470,13 @@ class StudentParams:
         require(self.lr > 0, "lr", "must be > 0")
         require(self.adaptive_eps > 0, "adaptive_eps", "must be > 0")
         require(self.max_minutes > 0, "max_minutes", "must be > 0")
+        require(self.precision is None or self.precision in PRECISIONS, "precision",
+                f"{self.precision!r} is not one of {', '.join(PRECISIONS)} (or null)")
+
+
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine",
+              "transformer-engine-float16", "64", "32", "16", "bf16")
+"""The precision values Lightning accepts."""
 
 
 @dataclasses.dataclass

@@ -86,9 +86,10 @@ def encode_examples(
     return columns
 
 
-def read_jsonl(path: Path, fields: tuple[str, ...], error: type[Exception] = ValueError, what: str = "data file") -> list[dict]:
-    """Records of a JSONL file, each required to hold string ``fields``; blank lines are skipped.
-    Problems raise ``error`` naming the file and line."""
+def read_jsonl(path: Path, fields: tuple[str, ...], error: type[Exception] = ValueError, what: str = "data file",
+               lists: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a JSONL file, each required to hold string ``fields`` and non-empty lists of strings
+    ``lists``; blank lines are skipped. Problems raise ``error`` naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {what} not found")
@@ -103,6 +104,10 @@ def read_jsonl(path: Path, fields: tuple[str, ...], error: type[Exception] = Val
         for field in fields:
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise error(f"{path}:{number}: expected an object with a string field {field!r}")
+        for field in lists:
+            value = record.get(field)
+            if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+                raise error(f"{path}:{number}: {field!r} must be a non-empty list of strings, got {value!r}")
         records.append(record)
     if not records:
         raise error(f"{path}: no records (the file is empty)")

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import StudentParams
 from pipeline.counter_random import counter_normal, counter_uniform
+from pipeline.errors import TrainingError
 from pipeline.lr_schedule import warmup_cosine
 from pipeline.meanflow import MeanFlowLoss, TeacherRows, meanflow_loss, sample_r
 from pipeline.rollout_objective import RolloutLoss, rollout_interval, rollout_loss, sample_steps
@@ -94,7 +95,7 @@ class StudentDistillation(L.LightningModule):
 
     def require_finite(self, loss: torch.Tensor, name: str, hint: str) -> None:
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite {name} loss ({loss.item()}) at step {self.global_step}; {hint}")
+            raise TrainingError(f"non-finite {name} loss ({loss.item()}) at step {self.global_step}; {hint}")
 
     def track(self, name: str, value: torch.Tensor) -> None:
         """Log ``train/{name}`` and keep it for the end-of-training diagnostics."""
@@ -154,24 +155,46 @@ def check_cache_matches_teacher(cache_dir: Path, record) -> None:
 
 
 def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, data_dir: Path, out_dir: Path,
-                  metrics_dir: Path, checkpoint_dir: Path, resume: Path | None = None) -> dict:
-    """Distil a student from the cache and save it (soft prompt + base pointer) to ``out_dir``.
-    Returns a summary on global rank 0, None on the other ranks."""
+                  metrics_dir: Path, checkpoint_dir: Path, resume=None, cache_params=None) -> dict:
+    """Distil a student from the cache and save it (soft prompt + base pointer) to ``out_dir``, with
+    checkpoints in this run's directory under ``checkpoint_dir`` (``pipeline.student_run``; ``resume``:
+    a checkpoint of this run, or ``Resume`` for its last one). With ``cache_params`` (params.yaml's
+    ``cache``), a cache built with others is refused. Returns a summary on global rank 0, None on the
+    other ranks."""
     import datetime
     import time
 
     import datasets
     from dvclive.lightning import DVCLiveLogger
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities import rank_zero_only
 
+    from pipeline import student_run
+    from pipeline.cache_shards import read_manifest
     from pipeline.data import Layout
     from pipeline.generation_accuracy import GenerationAccuracy
     from pipeline.teacher import load_teacher
 
     L.seed_everything(params.seed, workers=True)
+    # Every input is checked before an output is touched (the logger clears metrics_dir / "training").
+    student_run.check_strategy(params.strategy)
     base, tokenizer, record = load_teacher(teacher_dir)
     check_cache_matches_teacher(cache_dir, record)
     layout = Layout.load(data_dir)
+    manifest = read_manifest(cache_dir)
+    if cache_params is not None:
+        student_run.check_cache_is_current(cache_dir, manifest, cache_params, layout, data_dir)
+    identity = student_run.run_identity(params, manifest)
+    run_dir = student_run.run_directory(checkpoint_dir, identity)
+    ckpt_path = student_run.resume_checkpoint(resume, run_dir, identity)
+    data = TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers, seed=params.seed,
+                                  meanflow=params.meanflow_weight > 0,
+                                  rollouts=params.rollouts if params.rollout_weight > 0 else None)
+    data.setup("fit")  # opens (rank 0: verifies) the cache
+    if rank_zero_only.rank == 0:
+        print(f"checkpoints: {run_dir}; " + (f"resuming {ckpt_path}" if ckpt_path else "training afresh"))
+        if ckpt_path is None:
+            student_run.clear_run_directory(run_dir)
     student = Student(base, config=params.soft_prompt)
     rollout_steps = None
     if params.rollout_weight > 0:
@@ -190,15 +213,14 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
         strategy=params.strategy,
         precision=params.precision or ("bf16-mixed" if on_gpu else "32-true"),
         logger=DVCLiveLogger(dir=str(metrics_dir / "training"), save_dvc_exp=False, dvcyaml=False),
-        callbacks=[accuracy, ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, every_n_train_steps=params.eval_every)],
+        callbacks=[accuracy, student_run.RecordRunIdentity(identity),
+                   ModelCheckpoint(dirpath=str(run_dir), save_last=True, every_n_train_steps=params.eval_every,
+                                   enable_version_counter=False)],
         log_every_n_steps=10,
         gradient_clip_val=1.0,
     )
     started = time.perf_counter()
-    data = TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers, seed=params.seed,
-                                  meanflow=params.meanflow_weight > 0,
-                                  rollouts=params.rollouts if params.rollout_weight > 0 else None)
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
     if not trainer.is_global_zero:
         return None
     student.cpu().save_pretrained(out_dir)

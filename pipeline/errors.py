@@ -23,3 +23,7 @@ class DataError(PipelineError):
 
 class CacheError(PipelineError):
     """A cache is damaged, incomplete or incompatible; the message names the file."""
+
+
+class TrainingError(PipelineError):
+    """Training diverged (a non-finite loss or weights); the message names the params key to change."""

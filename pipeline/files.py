@@ -33,13 +33,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary siblings ``.{name}.tmp-{pid}-*`` and ``.{name}.old-{pid}`` that a killed
+    writer of ``path`` left (its process is gone; a name without a pid is from an older version)."""
+    for stale in path.parent.glob(f".{path.name}.*"):
+        kind, _, rest = stale.name[len(path.name) + 2:].partition("-")
+        if kind not in ("tmp", "old"):
+            continue
+        pid = rest.split("-")[0]
+        if not (pid.isdigit() and process_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename, on failure
-    it is removed, so a killed writer never leaves something that reads as complete."""
+    it is removed, so a killed writer never leaves something that reads as complete (and what a
+    killed writer did leave, the next one deletes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
         if path.exists():

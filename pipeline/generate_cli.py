@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from pipeline.files import atomic_write_text
 from pipeline.generate import completion_latents, generate, mask_predictor
 from pipeline.models import load_model as load_checkpoint
 from pipeline.student import Student
-from pipeline.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
+from pipeline.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
 
 class UsageError(Exception):
     """Bad command-line input; reported as one line on stderr."""
@@ -34,6 +36,25 @@ class UsageError(Exception):
 
 def read_prompts(path: Path) -> list[str]:
     return [record["prompt"] for record in read_jsonl(path, ("prompt",), UsageError, "prompt file")]
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse an ``--out`` that cannot be written before any generating (minutes on a large model)."""
+    if path.is_dir():
+        raise UsageError(f"--out {path}: is a directory; give a file path")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {path}: cannot create it ({parent} is not a writable directory)")
+
+
+def check_known_characters(tokenizer, prompts: list[str], path: Path) -> None:
+    """Refuse prompts with characters the tokenizer would silently turn into its unknown token."""
+    lines = [n for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    for line, prompt in zip(lines, prompts):
+        unknown = unknown_characters(tokenizer, prompt)
+        if unknown:
+            raise UsageError(f"{path}:{line}: the tokenizer has no token for {', '.join(map(repr, unknown))} "
+                             "(it would become the unknown token)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +88,9 @@ def check_sampling_options(args: argparse.Namespace, gen_length: int, steps: int
                         ("--samples", args.samples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    if args.temperature < 0 or args.cfg_scale < 0:
-        raise UsageError("--temperature and --cfg-scale must be >= 0")
+    for flag, value in (("--temperature", args.temperature), ("--cfg-scale", args.cfg_scale)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
     if gen_length % block_length:
         raise UsageError(f"--gen-length {gen_length} is not a multiple of --block-length {block_length}")
     if steps % (gen_length // block_length):
@@ -104,6 +126,7 @@ def run(args: argparse.Namespace) -> None:
 
     hf_logging.set_verbosity_error()
     prompts = read_prompts(args.prompts)
+    check_output_path(args.out)
     is_student = Student.is_student_dir(args.model)
     try:
         hints = generation_hints(Student.base_path_of(args.model) if is_student else args.model)
@@ -119,6 +142,7 @@ def run(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer(base_dir)
         config = (model.base if is_student else model).config
         stops = stop_token_ids(tokenizer, config, base_dir)
+        check_known_characters(tokenizer, prompts, args.prompts)
         encoded = encode_prompts(tokenizer, prompts, chat={"auto": None, "on": True, "off": False}[args.chat_template])
     except CheckpointError as err:
         raise UsageError(str(err)) from err

@@ -197,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     cmd = sub.add_parser("score", help="score a pipeline.generate_cli output file")
     cmd.add_argument("completions", type=Path)
     args = parser.parse_args(argv)
+    from pipeline.data import read_jsonl
+
     try:
-        records = [json.loads(line) for line in args.completions.read_text().splitlines() if line.strip()]
+        records = read_jsonl(args.completions, ("prompt",), what="completions file", lists=("completions",))
         print(json.dumps(score(records), indent=2))
-    except (OSError, ValueError, KeyError) as err:
-        print(f"error: {args.completions}: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # read_jsonl's messages name the file and line
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 

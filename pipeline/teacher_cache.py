@@ -11,11 +11,12 @@ Directory (the shard machinery is ``pipeline.cache_shards``)::
                            every shard of every family is written also "complete": true and, per
                            family, "shards": {index: {rows, sha256, bytes, ...}} and the totals
     shard-00000.arrow      top-k rows: Arrow IPC *file* format, zstd-compressed buffers, record
-    shard-00000.json       batches of ``record_batch_rows`` rows; the .json sidecar (same fields as
-    ...                    the manifest's shard entry) is written after the shard, so a shard counts
-    rollouts-00000.arrow   as complete only when both exist. Writers use a temporary name and
-    rollouts-00000.json    rename, so a killed run never leaves a file that reads as a shard.
-    ...
+    shard-00000.json       batches of ``record_batch_rows`` rows; the .json sidecar (the manifest's
+    ...                    shard entry, and ``cache``: the teacher fingerprint, tokenizer hash, data
+    rollouts-00000.arrow   fingerprint and params hash it was written for) is written after the
+    rollouts-00000.json    shard, so a shard counts as complete only when both exist. Writers use a
+    ...                    temporary name and rename, so a killed run never leaves a file that
+                           reads as a shard.
 
 Top-k rows: one per (example, sample); L = prompt_length + gen_length, k = top_k:
 

@@ -25,6 +25,7 @@ from pipeline.cache_shards import (
 )
 from pipeline.config import CacheParams, params_hash
 from pipeline.data import Layout, split_fingerprint
+from pipeline.errors import CacheError, ParamsError
 from pipeline.generate import guided_hidden, mask_predictor
 from pipeline.logit_rows import map_row_chunks
 from pipeline.mask_predictor import MaskPredictor
@@ -115,6 +116,9 @@ def fill_shard(
             part = slice(start, start + params.batch_size)
             ids, logprobs = teacher_topk(model, x_t[part].to(device), attention[part].to(device),
                                          masked[part].to(device), layout, params.top_k, params.cfg_scale)
+            if torch.isnan(logprobs).any():
+                raise CacheError(f"{out_dir}: shard {shard}: the teacher's log-probs are NaN (a diverged teacher?); "
+                                 "rerun the teacher stage")
             positions = masked[part].nonzero()[:, 1]  # row-major, like the boolean gather above
             writer.write(CacheRows(
                 example_index=example_index[part].numpy(), sample_index=sample_index[part].numpy().astype(np.int32),
@@ -141,7 +145,7 @@ def fill_cache(
         raise ValueError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
     for key, k in (("cache.top_k", params.top_k), ("cache.rollouts.top_k", params.rollouts.top_k)):
         if k > model.config.embedding_size:
-            raise ValueError(f"{key} {k} exceeds the vocabulary ({model.config.embedding_size})")
+            raise ParamsError(f"params.yaml:{key}: {k} exceeds the vocabulary ({model.config.embedding_size})")
     out_dir = Path(out_dir)
     total = num_shards_for(len(dataset), params)
     manifest = {**header, "num_shards": total, "top_k": params.top_k, "record_batch_rows": params.record_batch_rows}
@@ -189,7 +193,7 @@ def load_train_split(data_dir: Path, max_examples: int | None, tokens_only: bool
 def cache_header(record, layout: Layout, params: CacheParams, data_dir: Path, model: MaskPredictor) -> dict:
     """What makes two caches interchangeable: teacher, tokenizer, data, and content params (the
     forward batch size changes speed only, so it is left out of the hash)."""
-    content = {k: v for k, v in dataclasses.asdict(params).items() if k != "batch_size"}
+    content = params.content()
     return {
         "teacher_fingerprint": record.fingerprint,
         "tokenizer_sha256": record.tokenizer_sha256,

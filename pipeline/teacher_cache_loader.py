@@ -9,11 +9,13 @@ distributed sampler gives every rank a disjoint set of items, the same number on
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.errors import ParamsError
 from pipeline.rollout_cache import RolloutRows, open_rollouts
@@ -126,7 +128,7 @@ class TeacherCacheDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:  # checksums are read once, by rank 0, not by every rank
-            verify = self.trainer is None or self.trainer.is_global_zero
+            verify = rank_zero_only.rank == 0  # known from the environment before a trainer exists
             parts = {}
             if self.meanflow:
                 parts["meanflow"] = CacheMiniBatches(self.cache_dir, self.batch_size, verify=verify)
@@ -135,16 +137,31 @@ class TeacherCacheDataModule(L.LightningDataModule):
             self.dataset = TrainingItems(**parts)
 
     def train_dataloader(self):
-        # Items are whole mini-batches (batch_size=None), so the sampler is ours to choose: under
-        # DDP a DistributedSampler gives each rank a disjoint slice and (padding by repetition) the
-        # same number of steps; Lightning calls its set_epoch.
-        sampler = None
-        if self.trainer is not None and self.trainer.world_size > 1:
-            sampler = torch.utils.data.DistributedSampler(
-                self.dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
-                shuffle=self.shuffle, seed=self.seed,
-            )
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, sampler=sampler, shuffle=self.shuffle if sampler is None else None,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
+        # Items are whole mini-batches (batch_size=None), so the sampler is ours to choose: each rank
+        # a disjoint slice of a seeded order (one rank: all of it) with the same number of steps.
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.dataset, world, rank, self.shuffle, self.seed)
+        if trainer is not None:  # resumed mid-epoch: the checkpointed run took this epoch's first items
+            sampler.skip = trainer.global_step - trainer.current_epoch * len(sampler)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=sampler,
+                                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+
+# Lightning warns about any resume mid-epoch with a loader it cannot save; ResumableSampler resumes it exactly.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """A rank's slice of each epoch's order, a function of (seed, epoch) alone (Lightning calls
+    ``set_epoch``); the first iteration leaves out its first ``skip`` items, which a checkpointed run
+    already trained on, so a resumed run sees the items an uninterrupted one would."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        items = list(super().__iter__())[self.skip:]
+        self.skip = 0
+        return iter(items)

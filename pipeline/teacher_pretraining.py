@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import Layout, forward_mask, sample_mask_ratio
-from pipeline.errors import ParamsError
+from pipeline.errors import ParamsError, TrainingError
 from pipeline.generation_accuracy import GenerationAccuracy
 from pipeline.llada import LLaDA
 from pipeline.lr_schedule import warmup_cosine
@@ -53,6 +53,9 @@ class MaskedDiffusionSFT(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
+        if not torch.isfinite(loss):  # stop here: a diverged teacher would pass for a trained one
+            raise TrainingError(f"non-finite teacher loss ({loss.item()}) at step {self.global_step}; lower "
+                                f"teacher.train.lr (now {self.hparams.lr})")
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -143,6 +146,7 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     import datasets
     from dvclive.lightning import DVCLiveLogger
 
+    from pipeline.checkpoint_check import first_non_finite
     from pipeline.checkpoint_io import checkpoint_fingerprint
     from pipeline.files import atomic_directory
     from pipeline.llada import LLaDAConfig
@@ -187,6 +191,9 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     trainer.fit(module, datamodule=data)
     minutes = (time.perf_counter() - started) / 60
     model.cpu().eval()
+    broken = first_non_finite(model)
+    if broken is not None:
+        raise TrainingError(f"the pretrained teacher's {broken} is not finite; lower teacher.train.lr (now {train.lr})")
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(str(tmp))

@@ -65,6 +65,15 @@ def encode_prompts(
     return [tokenizer(p)["input_ids"] for p in prompts]
 
 
+def unknown_characters(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
+    """The characters of ``text`` the tokenizer can only encode as its unknown token (none for a
+    tokenizer with a byte fallback, like LLaDA-8B's; the built-in one knows only its alphabet)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk not in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        return []
+    return [c for c in dict.fromkeys(text) if unk in tokenizer(c, add_special_tokens=False)["input_ids"]]
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, config, checkpoint: str | Path | None = None) -> set[int]:
     """Ids that end an answer: the config's and tokenizer's EOS, and ``generation_config.json``'s
     ``eos_token_id`` (an int or a list; LLaDA-8B-Instruct ends turns with ``<|eot_id|>``)."""

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.checkpoint_check import first_non_finite
 from pipeline.config import CacheParams, load_section
+from pipeline.errors import CheckpointError
 from pipeline.data import Layout
 from pipeline.rollout_cache import open_rollouts, rollout_statistics
 from pipeline.scoring import score_rollouts
@@ -59,6 +61,10 @@ def main() -> None:
     params = load_section(CacheParams, "cache")
     on_gpu = args.device.startswith("cuda")
     model, tokenizer, record = load_teacher(args.teacher, dtype=torch.bfloat16 if on_gpu else torch.float32, device=args.device)
+    broken = first_non_finite(model)
+    if broken is not None:
+        raise CheckpointError(f"{args.teacher}: the teacher's {broken} is not finite (a diverged teacher?); "
+                              "rerun the teacher stage")
     layout = Layout.load(args.data)
     check_data_tokenizer(record, args.data)
     train = load_train_split(args.data, params.max_examples)

@@ -2,35 +2,40 @@
 ``artifacts/cache/``, saved to ``artifacts/student/`` (params: ``student``).
 
     python stages/train_student.py                                  # what dvc repro runs (dvc.yaml passes the paths)
-    python stages/train_student.py --resume checkpoints/student/last.ckpt
+    python stages/train_student.py --resume                         # continue this params' run, if it has a checkpoint
     torchrun --nproc-per-node 8 stages/train_student.py             # with student.strategy=ddp, devices=8
 """
 
 import json
 from pathlib import Path
 
-from pipeline.config import StudentParams, load_section
+from pipeline.config import CacheParams, StudentParams, load_section
 from pipeline.distillation import train_student
 from pipeline.stage import run_stage, stage_parser
+from pipeline.student_run import Resume
 
 
 def parse_args(argv=None):
     parser = stage_parser(__doc__, reads=["data", "teacher", "cache"], writes="student")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/student"), help="summary and curves")
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/student"),
-                        help="Lightning checkpoints (soft prompt and optimizer state) for resuming")
-    parser.add_argument("--resume", type=Path, help="a Lightning checkpoint to continue from")
+                        help="Lightning checkpoints (soft prompt and optimizer state), one directory per run "
+                             "(a hash of the params that determine it)")
+    parser.add_argument("--resume", type=Path, nargs="?", const=Resume,
+                        help="continue this run (the same params) from its last checkpoint, when it has one; or "
+                             "from the checkpoint PATH, which must be this run's")
     return parser.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
     params = load_section(StudentParams, "student")
-    args.metrics.mkdir(parents=True, exist_ok=True)
+    cache_params = load_section(CacheParams, "cache")  # to refuse a cache built with other params
     summary = train_student(params, args.teacher, args.cache, args.data, args.out, args.metrics, args.checkpoints,
-                            args.resume)
+                            args.resume, cache_params)
     if summary is None:  # not global rank 0: rank 0 writes the student and the metrics
         return
+    args.metrics.mkdir(parents=True, exist_ok=True)
     (args.metrics / "accuracy_curve.json").write_text(json.dumps(summary.pop("curve"), indent=2) + "\n")
     (args.metrics / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -60,3 +60,33 @@ def test_ints_are_accepted_as_floats_and_hash_is_stable(tmp_path):
     assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
     assert params_hash(params) == params_hash(TeacherParams(train=params.train))
     assert params_hash(params) != params_hash(TeacherParams())
+
+
+def test_params_file_typos_are_refused(tmp_path):
+    """A section written twice, a misspelt section and an empty one are refused, not silently
+    resolved (last copy wins, ignored, all defaults)."""
+    path = tmp_path / "params.yaml"
+    path.write_text("student:\n  lr: 0.1\ndata: {}\nstudent:\n  lr: 0.2\n")
+    with pytest.raises(ParamsError, match=r"line 4: 'student' appears twice \(also on line 1\)"):
+        load_section(StudentParams, "student", path)
+    path.write_text("student: {}\nstudnet:\n  lr: 0.1\n")
+    with pytest.raises(ParamsError, match=r"params.yaml:studnet: unknown section"):
+        load_section(StudentParams, "student", path)
+    path.write_text("student:\nlr: 0.1\n")  # the keys lost their indentation
+    with pytest.raises(ParamsError, match=r"params.yaml:lr: unknown section"):
+        load_section(StudentParams, "student", path)
+    path.write_text("student:\ndata: {}\n")
+    with pytest.raises(ParamsError, match=r"params.yaml:student: empty"):
+        load_section(StudentParams, "student", path)
+
+
+def test_exponents_without_a_dot_are_floats(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("student:\n  lr: 1e-3\n  adaptive_eps: 2E-4\n")
+    params = load_section(StudentParams, "student", path)
+    assert params.lr == 0.001 and params.adaptive_eps == 0.0002
+
+
+def test_lightning_precision_is_checked(tmp_path):
+    with pytest.raises(ParamsError, match=r"student.precision: 'bf17' is not one of"):
+        load_section(StudentParams, "student", write(tmp_path, {"student": {"precision": "bf17"}}))

@@ -110,3 +110,26 @@ def test_chat_template_and_generation_config_stops(tokenizer, tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7]}))
     config = LLaDAConfig(d_model=8, n_layers=1, n_heads=2, vocab_size=len(tokenizer), mask_token_id=2, eos_token_id=3)
     assert stop_token_ids(tokenizer, config, tmp_path) == {0, 3, 7}
+
+
+def test_a_killed_prepare_data_leaves_nothing_the_next_run_keeps(tokenizer, tmp_path):
+    """The temporaries a killed writer left beside data/ (its process gone, or an older version's
+    nameless ones) are deleted by the next run; a live writer's are kept; git ignores them."""
+    import fnmatch
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, old_style, live = (tmp_path / name for name in (f".data.tmp-{int(gone.stdout)}-x1", ".data.tmp-ab12cd",
+                                                          f".data.tmp-{os.getpid()}-x2"))
+    for stale in (dead, old_style, live):
+        (stale / "train").mkdir(parents=True)
+    prepare_data(DataParams(tasks=["word"], train_per_task=4, val_per_task=1, test_per_task=1), tokenizer,
+                 tmp_path / "data")
+    assert not dead.exists() and not old_style.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", live.name])
+    patterns = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+    for name in (dead.name, old_style.name, ".data.old-123"):
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name

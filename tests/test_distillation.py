@@ -13,9 +13,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.config import CacheParams, SoftPromptConfig, StudentParams
+from pipeline.config import CacheParams, SoftPromptConfig, StudentParams, from_mapping
 from pipeline.data import Layout
 from pipeline.distillation import StudentDistillation
+from pipeline.errors import TrainingError
 from pipeline.student import Student
 from pipeline.teacher import load_teacher
 from pipeline.teacher_cache import open_cache
@@ -26,10 +27,14 @@ from tests.conftest import make_workdir
 ROOT = Path(__file__).resolve().parents[1]
 
 
+CACHE = dict(samples_per_example=2, top_k=6, rows_per_shard=64, record_batch_rows=16)
+"""The cache of the module's workdir (params.yaml's ``cache`` section for the stage)."""
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     work = make_workdir(tmp_path_factory.mktemp("distill"), train_per_task=16)
-    params = CacheParams(samples_per_example=2, top_k=6, rows_per_shard=64, record_batch_rows=16)
+    params = CacheParams(**CACHE)
     model, _, record = load_teacher(work / "artifacts" / "teacher")
     layout = Layout.load(work / "data")
     fill_cache(model, load_train_split(work / "data", None), layout, params, work / "artifacts" / "cache",
@@ -98,7 +103,7 @@ def test_non_finite_loss_stops_with_a_clear_error(workdir):
     module, params = make_module(workdir)
     with torch.no_grad():
         module.student.soft_prompt.prompt_gate.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="non-finite MeanFlow loss"):
+    with pytest.raises(TrainingError, match="non-finite MeanFlow loss"):
         trainer(max_steps=1).fit(module, datamodule=TeacherCacheDataModule(workdir / "artifacts" / "cache", 8))
 
 
@@ -128,6 +133,28 @@ def test_checkpoints_hold_only_the_soft_prompt_and_resume(workdir, tmp_path):
     assert all(torch.equal(seen["state"][k], v) for k, v in saved.items())
 
 
+@pytest.mark.parametrize("stop", [3, 4, 6])
+def test_a_resumed_run_continues_the_data_order(workdir, tmp_path, stop):
+    """Interrupted after ``stop`` steps (mid-epoch, at an epoch's end, in the second epoch; 4 batches
+    per epoch) and resumed from its checkpoint, a run ends with the weights of an uninterrupted one
+    (it used to restart the epoch's order, training again on the batches it had seen)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = lambda: TeacherCacheDataModule(workdir / "artifacts" / "cache", 32)  # noqa: E731  (128 rows: 4 batches)
+    L.seed_everything(0)
+    straight, _ = make_module(workdir, max_steps=8)
+    trainer(max_steps=8).fit(straight, datamodule=data())
+    L.seed_everything(0)
+    interrupted, _ = make_module(workdir, max_steps=8)
+    save = ModelCheckpoint(dirpath=str(tmp_path), save_last=True, every_n_train_steps=stop)
+    trainer(max_steps=stop, enable_checkpointing=True, callbacks=[save]).fit(interrupted, datamodule=data())
+    L.seed_everything(0)
+    resumed, _ = make_module(workdir, max_steps=8)
+    trainer(max_steps=8).fit(resumed, datamodule=data(), ckpt_path=str(tmp_path / "last.ckpt"))
+    for key, value in straight.student.soft_prompt.state_dict().items():
+        assert torch.equal(resumed.student.soft_prompt.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("objective", ["meanflow", "rollouts"])
 def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path, objective):
     """Two gloo ranks with 4 rows each = one process with 8 rows: the same soft prompt after training,
@@ -152,7 +179,7 @@ def test_train_student_stage_with_rollouts_and_a_latent(workdir, tmp_path):
     diagnostics and the 4-latent validation."""
     params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3}, "batch_size": 8,
                           "max_steps": 2, "eval_every": 1, "warmup_steps": 1, "meanflow_weight": 0.0,
-                          "rollout_weight": 1.0, "latent_draws": 3}}
+                          "rollout_weight": 1.0, "latent_draws": 3}, "cache": CACHE}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     metrics = tmp_path / "metrics"
     result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py"), "--out", str(tmp_path / "s"),
@@ -170,7 +197,7 @@ def test_train_student_stage_with_rollouts_and_a_latent(workdir, tmp_path):
 def test_train_student_stage_end_to_end(workdir, tmp_path):
     params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 0}, "batch_size": 8,
                           "max_steps": 2, "eval_every": 1, "warmup_steps": 1, "meanflow_weight": 1.0,
-                          "rollout_weight": 0.0}}
+                          "rollout_weight": 0.0}, "cache": CACHE}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py")], cwd=workdir,
                             capture_output=True, text=True, timeout=600)
@@ -219,3 +246,98 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
     grad_mode, _ = make_module(workdir, equal_fraction=0.5, jvp="grad")
     grad_mode.student = module.student
     assert torch.allclose(grad_mode.meanflow_step(batch).loss, out.loss, rtol=1e-6)
+
+
+STAGE_STUDENT = {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 0}, "batch_size": 8,
+                 "max_steps": 2, "eval_every": 1, "warmup_steps": 1, "meanflow_weight": 1.0, "rollout_weight": 0.0}
+
+
+def run_student_stage(workdir, tmp_path, student: dict, *args):
+    (workdir / "params.yaml").write_text(yaml.safe_dump({"student": student, "cache": CACHE}))
+    return subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py"), "--out", str(tmp_path / "s"),
+                           "--metrics", str(tmp_path / "m"), "--checkpoints", str(tmp_path / "c"), *args],
+                          cwd=workdir, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_continues_this_run_and_refuses_another_runs_checkpoint(workdir, tmp_path):
+    """Checkpoints live in a directory per run (a hash of the params that determine it): a run with
+    other params and ``--resume`` trains afresh in its own directory instead of resuming (and
+    publishing) the previous run's student; an explicit checkpoint of another run is refused,
+    naming the key that differs."""
+    first = run_student_stage(workdir, tmp_path, STAGE_STUDENT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (old_run,) = (tmp_path / "c").iterdir()
+    assert (old_run / "last.ckpt").is_file() and not list(old_run.glob("last-v*.ckpt"))
+    seed = {**STAGE_STUDENT, "tangent": "seed"}
+    second = run_student_stage(workdir, tmp_path, seed, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "training afresh" in second.stdout
+    (new_run,) = set((tmp_path / "c").iterdir()) - {old_run}
+    resumed = torch.load(new_run / "last.ckpt", weights_only=False)
+    assert resumed["run_identity"]["student"]["tangent"] == "seed" and resumed["global_step"] == 2
+    saved = load_file(str(tmp_path / "s" / "soft_prompt.safetensors"))
+    for key, value in saved.items():
+        assert torch.equal(resumed["state_dict"][f"student.soft_prompt.{key}"], value), key
+    again = run_student_stage(workdir, tmp_path, seed, "--resume")  # the same params: this run, continued (done)
+    assert again.returncode == 0 and f"resuming {new_run / 'last.ckpt'}" in again.stdout, again.stderr[-3000:]
+    refused = run_student_stage(workdir, tmp_path, seed, "--resume", str(old_run / "last.ckpt"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --resume") and "student.tangent: 'linear' -> 'seed'" in last
+
+
+def student_call(workdir, tmp_path, resume=None, cache=None, cache_params=None, **overrides):
+    from pipeline.distillation import train_student
+
+    params = from_mapping(StudentParams, {**STAGE_STUDENT, **overrides}, "student")
+    return train_student(params, workdir / "artifacts" / "teacher", cache or workdir / "artifacts" / "cache",
+                         workdir / "data", tmp_path / "s", tmp_path / "m", tmp_path / "c", resume,
+                         cache_params or CacheParams(**CACHE))
+
+
+@pytest.mark.parametrize("case", ["missing_resume", "foreign_resume", "damaged_cache", "cache_params", "strategy"])
+def test_a_failed_run_keeps_the_last_good_runs_record(workdir, tmp_path, case):
+    """Inputs are checked before an output is touched: a bad resume path or a damaged cache used to
+    delete metrics/student/training/ (the logger clears it) while summary.json still described the
+    old run. Each failure is a pipeline error naming the file or key (one ``error:`` line)."""
+    import shutil
+
+    from pipeline.errors import CacheError, CheckpointError, ParamsError
+
+    record = tmp_path / "m" / "training" / "metrics.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{}")
+    kwargs, error, message = {}, CheckpointError, None
+    if case == "missing_resume":
+        kwargs, message = {"resume": tmp_path / "nope.ckpt"}, r"--resume .*nope.ckpt: file not found"
+    elif case == "foreign_resume":  # a checkpoint written before runs were recorded
+        torch.save({"state_dict": {}, "global_step": 3}, tmp_path / "old.ckpt")
+        kwargs, message = {"resume": tmp_path / "old.ckpt"}, r"old.ckpt: records no run identity"
+    elif case == "damaged_cache":
+        cache = shutil.copytree(workdir / "artifacts" / "cache", tmp_path / "cache")
+        shard = cache / "shard-00000.arrow"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 1
+        shard.write_bytes(bytes(data))
+        kwargs, error, message = {"cache": cache}, CacheError, r"shard-00000.arrow: checksum mismatch"
+    elif case == "cache_params":  # params.yaml changed, stage one not rerun
+        kwargs = {"cache_params": CacheParams(**{**CACHE, "top_k": 8})}
+        error, message = CacheError, r"built with other params than params.yaml \(cache.top_k: 6 -> 8\); rerun cache_teacher"
+    else:
+        kwargs, error, message = {"strategy": "dpp"}, ParamsError, r"student.strategy: 'dpp' is not a Lightning strategy"
+    with pytest.raises(error, match=message):
+        student_call(workdir, tmp_path, **kwargs)
+    assert record.read_text() == "{}" and not (tmp_path / "s").exists()
+
+
+def test_a_cache_from_other_training_data_is_refused(workdir, tmp_path):
+    from pipeline.errors import CacheError
+    from pipeline.student_run import check_cache_is_current
+    from pipeline.teacher_cache import read_manifest
+
+    manifest = read_manifest(workdir / "artifacts" / "cache")
+    layout = Layout.load(workdir / "data")
+    check_cache_is_current(tmp_path, manifest, CacheParams(**CACHE), layout, workdir / "data")  # the same: accepted
+    with pytest.raises(CacheError, match=r"built from other training data .*train .*rerun cache_teacher"):
+        check_cache_is_current(tmp_path, {**manifest, "data_fingerprint": "0" * 16}, CacheParams(**CACHE), layout,
+                               workdir / "data")

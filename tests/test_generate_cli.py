@@ -103,15 +103,19 @@ def one_error_line(capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "too_long", "not_json", "neither", "blocks", "zero_length",
-                                  "temperature", "no_chat_template"])
+                                  "temperature", "no_chat_template", "unknown_character", "nan_temperature",
+                                  "inf_cfg_scale", "out_is_a_directory"])
 def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
     model, prompts = tiny_checkpoint, tmp_path / "in.jsonl"
     expected = {"missing": "not found", "empty": "empty", "too_long": "max_sequence_length",
                 "not_json": ":2: not valid JSON", "neither": "neither a LLaDA checkpoint", "blocks": "multiple of --block-length",
                 "zero_length": "--gen-length must be >= 1", "temperature": "--temperature",
-                "no_chat_template": "no chat template"}[case]
+                "no_chat_template": "no chat template", "unknown_character": "in.jsonl:3: the tokenizer has no token for 'É'",
+                "nan_temperature": "--temperature must be a finite number", "inf_cfg_scale": "--cfg-scale must be a finite",
+                "out_is_a_directory": "o.jsonl: is a directory"}[case]
     extra = {"blocks": ["--block-length", "3"], "zero_length": ["--gen-length", "0"],
-             "temperature": ["--temperature", "-1"], "no_chat_template": ["--chat-template", "on"]}.get(case, [])
+             "temperature": ["--temperature", "-1"], "no_chat_template": ["--chat-template", "on"],
+             "nan_temperature": ["--temperature", "nan"], "inf_cfg_scale": ["--cfg-scale", "inf"]}.get(case, [])
     if case == "empty":
         prompts.write_text("\n")
     elif case == "too_long":
@@ -122,13 +126,18 @@ def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
         write_prompts(prompts, ["a"])
         model = tmp_path / "empty_dir"
         model.mkdir()
+    elif case == "unknown_character":  # the built-in tokenizer knows lower-case letters, digits and +=:
+        prompts.write_text('{"prompt": "word:1"}\n\n{"prompt": "word:É"}\n')
     elif case != "missing":
         write_prompts(prompts, ["a"])
+    if case == "out_is_a_directory":
+        (tmp_path / "o.jsonl").mkdir()
     code = main(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
                  "--gen-length", "8", *extra])
     assert code == 2
     assert expected in one_error_line(capsys)
-    assert not (tmp_path / "o.jsonl").exists()
+    assert (tmp_path / "o.jsonl").is_dir() if case == "out_is_a_directory" else not (tmp_path / "o.jsonl").exists()
+    assert not list(tmp_path.glob("*tmp*"))
 
 
 def test_cli_reports_error_on_stderr_as_a_process(tmp_path):

@@ -87,3 +87,64 @@ def test_stage_errors_are_one_clear_line(tmp_path, case):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and expected in last
     assert not (tmp_path / "artifacts" / "teacher").exists()
+
+
+def last_error_line(result) -> str:
+    """The stage failed with exit code 2 and one ``error:`` line (no traceback)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:")
+    return last
+
+
+def test_a_diverging_teacher_is_refused_not_saved(tmp_path):
+    """lr 1e30: the teacher stage used to save NaN weights and exit 0."""
+    params = {**TINY, "teacher": {**TINY["teacher"], "train": {**TINY["teacher"]["train"], "lr": 1.0e30}}}
+    assert run_stage(tmp_path, "prepare_data", params).returncode == 0
+    last = last_error_line(run_stage(tmp_path, "teacher", params))
+    assert "teacher.train.lr" in last and "non-finite" in last
+    assert not (tmp_path / "artifacts" / "teacher").exists()
+
+
+def test_stage_one_refuses_a_teacher_with_non_finite_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.checkpoint_io import checkpoint_fingerprint
+    from tests.conftest import make_workdir
+
+    work = make_workdir(tmp_path, train_per_task=4)
+    teacher = work / "artifacts" / "teacher"
+    weights = load_file(str(teacher / "model.safetensors"))
+    weights["model.transformer.ln_f.weight"][0] = float("nan")
+    save_file(weights, str(teacher / "model.safetensors"), metadata={"format": "pt"})
+    record = TeacherRecord.load(teacher)
+    record.fingerprint = checkpoint_fingerprint(teacher)  # recorded as if the teacher stage had saved it
+    record.save(teacher)
+    last = last_error_line(run_stage(work, "cache_teacher", {"cache": {"rows_per_shard": 64, "rollouts": {"per_example": 0}}}))
+    assert "artifacts/teacher" in last and "model.transformer.ln_f.weight is not finite" in last
+    assert not (work / "artifacts" / "cache" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "vocab_size_above_the_weights", "header"])
+def test_broken_external_checkpoints_are_refused_naming_the_file(tmp_path, damage):
+    """A safetensors file cut in half or with a garbled header, or a config whose vocab_size exceeds
+    the embedding rows, used to pass the teacher stage (exit 0) and fail later with no file named."""
+    checkpoint = make_checkpoint(tmp_path / "llada")
+    weights = checkpoint / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        expected = "model.safetensors: "
+    elif damage == "header":
+        data = bytearray(weights.read_bytes())
+        data[8:20] = b"#" * 12
+        weights.write_bytes(bytes(data))
+        expected = "model.safetensors: unreadable safetensors header"
+    else:
+        config = json.loads((checkpoint / "config.json").read_text())
+        config["vocab_size"] = config["embedding_size"] = config["vocab_size"] + 5
+        (checkpoint / "config.json").write_text(json.dumps(config))
+        expected = "has shape (43, 32), config.json implies (48, 32)"
+    last = last_error_line(run_stage(tmp_path, "teacher", {"teacher": {"checkpoint": str(checkpoint)}}))
+    assert expected in last
+    assert not (tmp_path / "artifacts" / "teacher").exists()

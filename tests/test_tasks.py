@@ -100,3 +100,21 @@ def test_score_command(tmp_path, capsys):
     path.write_text('{"prompt": "sort:bca", "completions": ["abc"]}\n')
     assert main(["score", str(path)]) == 0
     assert '"accuracy": 1.0' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"prompt": "word:1", "completions": ["at"]}\n\n{"prompt": "word:2", "completions": ["x"],}\n',
+     r"completions.jsonl:3: not valid JSON"),
+    ('{"prompt": "word:1", "completions": "cat"}\n', r"completions.jsonl:1: 'completions' must be a non-empty list"),
+    ('{"prompt": "word:1", "completions": []}\n', r"completions.jsonl:1: 'completions' must be a non-empty list"),
+    ("\n", r"completions.jsonl: no records"),
+])
+def test_score_command_refuses_bad_files_naming_the_line(tmp_path, capsys, text, message):
+    """Bad JSON on line 3 (not 1), a string scored letter by letter, no completions (a division by
+    zero), an empty file (``{}``, exit 0): each one ``error:`` line naming the file and line."""
+    path = tmp_path / "completions.jsonl"
+    path.write_text(text)
+    assert main(["score", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:")
+    assert re.search(message, err), err

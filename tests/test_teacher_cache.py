@@ -17,7 +17,7 @@ from pipeline.config import CacheParams, from_mapping
 from pipeline.data import Layout
 from pipeline.teacher import load_teacher
 from pipeline.cache_shards import ShardWriter, ensure_manifest, finalize_manifest
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, ParamsError
 from pipeline.teacher_cache import CacheRows, cache_schema, cache_statistics, open_cache
 from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
@@ -134,13 +134,65 @@ def test_deterministic_and_independent_of_the_process_split(workdir, tmp_path):
 
 def test_mismatched_params_or_teacher_are_refused(workdir, tmp_path):
     fill(workdir, tmp_path / "cache", max_examples=16)
-    with pytest.raises(CacheError, match="params_hash"):
+    with pytest.raises(CacheError, match=r"params_hash .*\(cache.top_k: 5 -> 6\)"):  # names the key that differs
         fill(workdir, tmp_path / "cache", max_examples=16, top_k=6)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     manifest["teacher_fingerprint"] = "0" * 16
     (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match="teacher_fingerprint"):
         fill(workdir, tmp_path / "cache", max_examples=16)
+
+
+def test_shards_of_another_cache_are_not_relabelled(workdir, tmp_path):
+    """With the manifest deleted and cache.seed changed, a rerun used to adopt the old shards as the
+    new cache's (exit 0, complete); their sidecars carry the params hash they were written with."""
+    fill(workdir, tmp_path / "cache", max_examples=16)
+    (tmp_path / "cache" / "manifest.json").unlink()
+    with pytest.raises(CacheError, match=r"shard-00000.json: this shard was written with params_hash \w+, the manifest has"):
+        fill(workdir, tmp_path / "cache", max_examples=16, seed=1)
+
+
+def test_a_rerun_rewrites_damaged_shards_it_would_skip(workdir, tmp_path):
+    """A damaged shard used to count as complete on a rerun; now its checksum is checked and the
+    shard written again, to the same bytes as a fresh cache."""
+    fill(workdir, tmp_path / "cache", max_examples=16)
+    reference = shard_digests(tmp_path / "cache")
+    shard = tmp_path / "cache" / "shard-00001.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    again = fill(workdir, tmp_path / "cache", max_examples=16)
+    assert again["complete"] and again["shards_written"] == 1
+    assert shard_digests(tmp_path / "cache") == reference
+    assert len(open_cache(tmp_path / "cache")) == 16 * 3
+
+
+def test_a_manifest_missing_a_shard_entry_is_refused_by_name(workdir, tmp_path):
+    fill(workdir, tmp_path / "cache", max_examples=16)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    del manifest["shards"]["00001"]
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"manifest.json: no entry for shard-00001.arrow"):
+        open_cache(tmp_path / "cache")
+
+
+def test_top_k_above_the_vocabulary_names_the_key(workdir, tmp_path):
+    with pytest.raises(ParamsError, match=r"params.yaml:cache.top_k: 99 exceeds the vocabulary \(43\)"):
+        fill(workdir, tmp_path / "cache", top_k=99)
+
+
+def test_a_teacher_with_non_finite_outputs_is_refused(workdir, tmp_path):
+    """Finite weights whose logits overflow: NaN log-probs are refused, not cached as complete."""
+    params = from_mapping(CacheParams, {**SMALL, "max_examples": 16}, "cache")
+    model, _, record = load_teacher(workdir / "artifacts" / "teacher")
+    with torch.no_grad():
+        model.transformer["ln_f"].weight.fill_(1e38)
+    layout = Layout.load(workdir / "data")
+    with pytest.raises(CacheError, match="shard 0: the teacher's log-probs are NaN"):
+        fill_cache(model, load_train_split(workdir / "data", 16), layout, params, tmp_path / "cache",
+                   cache_header(record, layout, params, workdir / "data", model))
+    assert not json.loads((tmp_path / "cache" / "manifest.json").read_text())["complete"]
+    assert not list((tmp_path / "cache").glob("shard-*"))
 
 
 def assert_damage_refused(shard, open_family, cut: int) -> None:
