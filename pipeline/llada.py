@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline.errors import CheckpointError
 from pipeline.layers import Attention, RMSNorm, RopeTables, prefixed_attention
-from pipeline.mask_predictor import MaskPredictor, config_from_file
+from pipeline.mask_predictor import MaskPredictor, config_from_dict, config_from_file
 
 
 @dataclasses.dataclass
@@ -139,10 +139,7 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LLaDAConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
-        return cls(**known, extra=extra)
+        return config_from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.layers import Attention, RMSNorm, RopeTables, prefixed_attention, upcast
-from pipeline.mask_predictor import MOE_FIELDS, MaskPredictor, config_from_file
+from pipeline.mask_predictor import MOE_FIELDS, MaskPredictor, config_from_dict, config_from_file
 
 
 @dataclasses.dataclass
@@ -188,10 +188,7 @@ class LLaDAMoEConfig:
         missing = [key for key in MOE_FIELDS if key not in data]
         if missing:
             raise ValueError(f"a LLaDA-MoE config needs {', '.join(MOE_FIELDS)}; missing {', '.join(missing)}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
-        return cls(**known, extra=extra)
+        return config_from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

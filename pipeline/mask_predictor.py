@@ -11,6 +11,8 @@ per-position map, so the logits can be computed on the rows that need them only.
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from pipeline.checkpoint_check import check_weight_files
 from pipeline.checkpoint_io import read_json, resolve_weight_files, write_sharded_safetensors
 from pipeline.errors import CheckpointError
 from pipeline.layers import Attention, prepare_inputs
@@ -43,7 +46,7 @@ def architecture_of(data: dict[str, Any]) -> str:
     return ""
 
 
-class MaskPredictor(nn.Module):
+class MaskPredictor(nn.Module, abc.ABC):
     """Base class. Subclasses set ``config_class`` and build ``blocks`` (each called as
     ``block(x, rope, bias, prefix, gate, attention)``), ``final_norm``, ``embedding`` (nn.Embedding)
     and ``head_weight``."""
@@ -58,21 +61,24 @@ class MaskPredictor(nn.Module):
     # ------------------------------------------------------------------ subclass parts
 
     @property
+    @abc.abstractmethod
     def blocks(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The transformer blocks, in order."""
 
     @property
+    @abc.abstractmethod
     def final_norm(self) -> nn.Module:
-        raise NotImplementedError
+        """The norm applied after the last block."""
 
     @property
+    @abc.abstractmethod
     def embedding(self) -> nn.Embedding:
-        raise NotImplementedError
+        """The input embedding."""
 
     @property
+    @abc.abstractmethod
     def head_weight(self) -> torch.Tensor:
         """The output head (embedding_size, C)."""
-        raise NotImplementedError
 
     def scale_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """Input embeddings as the first block sees them (identity unless the architecture scales)."""
@@ -99,17 +105,9 @@ class MaskPredictor(nn.Module):
         """Input embeddings (B, T, C) of ``input_ids`` (B, T)."""
         return self.embedding(input_ids)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        prefix: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        prefix_gate: torch.Tensor | None = None,
-        attention: Attention = "sdpa",
-    ) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
         """Logits (B, T, V): ``head(hidden(...))``; arguments as ``hidden``."""
-        return self.head(self.hidden(input_ids, inputs_embeds, prefix, attention_mask, prefix_gate, attention))
+        return self.head(self.hidden(*args, **kwargs))
 
     def hidden(
         self,
@@ -164,25 +162,13 @@ class MaskPredictor(nn.Module):
         files = resolve_weight_files(path)
         with torch.device("meta"):
             model = cls(config)
-        expected = model.state_dict()
+        check_weight_files(files, {name: tuple(t.shape) for name, t in model.state_dict().items()})
         state: dict[str, torch.Tensor] = {}
         for file in files:
             with safe_open(str(file), framework="pt", device=str(device or "cpu")) as f:
                 for key in f.keys():
-                    if key not in expected:
-                        raise CheckpointError(f"{file}: unexpected tensor {key!r} for a {cls.__name__} with this config")
-                    want = tuple(expected[key].shape)
-                    found = tuple(f.get_slice(key).get_shape())
-                    if found != want:
-                        raise CheckpointError(f"{file}: {key} has shape {found}, config implies {want}")
                     tensor = f.get_tensor(key)
                     state[key] = tensor.to(dtype) if dtype is not None else tensor
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            names = ", ".join(f.name for f in files)
-            raise CheckpointError(
-                f"{path}: the weights ({names}) lack {len(missing)} tensors the config implies, e.g. {missing[:3]}"
-            )
         model.load_state_dict(state, strict=True, assign=True)
         model.source_path = path
         return model.eval()
@@ -196,6 +182,14 @@ class MaskPredictor(nn.Module):
         (path / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         write_sharded_safetensors(state, path, max_shard_bytes)
+
+
+def config_from_dict(config_class, data: dict[str, Any]):
+    """A config dataclass from a ``config.json``'s content: its own fields by name, everything else
+    kept verbatim in ``extra`` (written back on save)."""
+    names = {f.name for f in dataclasses.fields(config_class)} - {"extra"}
+    known = {k: v for k, v in data.items() if k in names}
+    return config_class(**known, extra={k: v for k, v in data.items() if k not in names})
 
 
 def config_from_file(config_class, path: str | Path, architecture: str):

@@ -33,11 +33,6 @@ def model_class(path: str | Path) -> type[MaskPredictor]:
     return ARCHITECTURES[architecture]
 
 
-def read_config(path: str | Path):
-    """The parsed config of a checkpoint directory (an ``LLaDAConfig`` or ``LLaDAMoEConfig``)."""
-    return model_class(path).config_class.from_file(Path(path) / CONFIG_NAME)
-
-
 def load_model(path: str | Path, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None) -> MaskPredictor:
     """A LLaDA or LLaDA-MoE checkpoint directory, loaded (``dtype=None`` keeps the stored dtype)."""

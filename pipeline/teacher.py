@@ -17,7 +17,7 @@ from pipeline.checkpoint_io import checkpoint_fingerprint, read_json, resolve_ch
 from pipeline.errors import CheckpointError, DataError
 from pipeline.files import file_sha256
 from pipeline.mask_predictor import MaskPredictor
-from pipeline.models import load_model, model_class, read_config
+from pipeline.models import load_model, model_class
 from pipeline.tokenizer import load_tokenizer
 
 RECORD = "teacher.json"
@@ -64,8 +64,9 @@ def checkpoint_dir(directory: Path, record: TeacherRecord) -> Path:
 def validate_checkpoint(path: Path, mask_token_id: int | None = None) -> TeacherRecord:
     """Check that ``path`` is a usable LLaDA or LLaDA-MoE checkpoint: config, weights (every header and
     shape, without loading them), tokenizer, mask id."""
-    config = read_config(path)
-    check_weight_files(resolve_weight_files(path), meta_shapes(lambda: model_class(path)(config)))
+    architecture = model_class(path)
+    config = architecture.config_class.from_file(path / "config.json")
+    check_weight_files(resolve_weight_files(path), meta_shapes(lambda: architecture(config)))
     tokenizer = load_tokenizer(path)
     mask = config.mask_token_id if mask_token_id is None else mask_token_id
     if len(tokenizer) > config.embedding_size:

@@ -3,10 +3,8 @@ directory (config, weights, a ``tokenizers``-built tokenizer), and every stage r
 with micro params."""
 
 import json
-import shutil
 
 import pytest
-import torch
 
 from pipeline.llada_moe import LLaDAMoE
 from pipeline.student import Student
