@@ -110,7 +110,8 @@ def tangent(
     teacher = TeacherRows.of(v_masked)
 
     def mean_embedding(rows: torch.Tensor) -> tuple[torch.Tensor]:
-        return ((torch.softmax(teacher.rows(rows).float(), dim=-1) @ embedding.float()).to(embedding.dtype),)
+        table = upcast(embedding)  # (V, C), float32 at least
+        return ((torch.softmax(teacher.rows(rows).to(table.dtype), dim=-1) @ table).to(embedding.dtype),)
 
     (e_bar,) = map_row_chunks(mean_embedding, (torch.arange(len(teacher), device=embedding.device),),
                               teacher.vocab_size, chunk_bytes)  # (M, C)
@@ -163,14 +164,14 @@ def token_losses(kind: Loss, u: torch.Tensor, target: torch.Tensor, labels: torc
     vectors (logits are shift invariant, so raw logits would penalize an irrelevant offset) over the
     ids the target gives mass (a dropped or fp16-vanished tail has log-probability -inf: nothing to
     match there); ``ce``: cross-entropy of u to the hard ``labels`` (N,)."""
-    log_u = F.log_softmax(u.float(), dim=-1)
+    log_u = F.log_softmax(upcast(u), dim=-1)
     if kind == "kl":
-        log_target = F.log_softmax(target.float(), dim=-1)
+        log_target = F.log_softmax(upcast(target), dim=-1)
         p = log_target.exp()
         # 0 log 0 = 0 where the target gives an id no mass (a dropped tail); NaN stays NaN.
         return (p * (log_target - log_u)).masked_fill(p == 0, 0.0).sum(dim=-1)
     if kind == "mse":
-        log_target = F.log_softmax(target.float(), dim=-1)
+        log_target = F.log_softmax(upcast(target), dim=-1)
         defined = ~torch.isneginf(log_target)  # NaN stays in, so a broken target still raises
         squared = torch.where(defined, log_u - log_target, torch.zeros_like(log_u)).pow(2)
         return squared.sum(dim=-1) / defined.sum(dim=-1).clamp(min=1)

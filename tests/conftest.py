@@ -23,6 +23,20 @@ FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE_CHECKPOINT = FIXTURES / "llada_tiny"
 REFERENCE_MOE_CHECKPOINT = FIXTURES / "llada_moe_tiny"
 
+# Two float64 computations of one value that sum in another order (a GEMM over a subset of rows, a
+# chunked reduction, another process) agree to rounding, not bit for bit: which bits a BLAS gives
+# depends on the CPU (MKL on Intel reproduces a subset's bits; on AMD it does not). A relative 1e-12
+# is thousands of float64 ulps times these tests' reduction lengths, and a millionth of any real bug.
+FLOAT64_ROUNDING = 1e-12
+
+
+def assert_float64_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Equal up to float64 rounding: elementwise relative, with an absolute floor scaled to the tensor
+    (an element that should cancel to zero is a sum of rounding errors of the tensor's size)."""
+    assert actual.dtype == expected.dtype == torch.float64, what
+    floor = FLOAT64_ROUNDING * float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=FLOAT64_ROUNDING, atol=floor, msg=lambda m: f"{what}: {m}")
+
 
 @pytest.fixture(scope="session")
 def reference_checkpoint() -> Path:

@@ -1,11 +1,17 @@
 """Helper for test_distillation: train a few steps on a prepared workdir with N CPU processes and
 save each rank's soft prompt, with the MeanFlow objective (``meanflow``) or the rollout objective and
-a latent (``rollouts``). Run as a script (Lightning's DDP relaunches it for every rank)."""
+a latent (``rollouts``). Run as a script (Lightning's DDP relaunches it for every rank).
+
+The optimizer is plain SGD, not the stage's AdamW: what is compared is how DDP shards the batch and
+averages gradients. Adam divides each gradient by its own running scale, so a gradient that is zero
+up to rounding (which differs between a sum over 8 rows and two sums over 4, by CPU) becomes a step of
+size lr in an arbitrary direction; SGD keeps a rounding difference a rounding difference."""
 
 import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from safetensors.torch import save_file
 
 from pipeline.config import SoftPromptConfig, StudentParams
@@ -16,17 +22,22 @@ from pipeline.teacher import load_teacher
 from pipeline.teacher_cache_loader import TeacherCacheDataModule
 
 
+class SGDDistillation(StudentDistillation):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.student.soft_prompt.parameters(), lr=self.params.lr)
+
+
 def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int, objective: str) -> None:
     L.seed_everything(0)
     base, _, _ = load_teacher(workdir / "artifacts" / "teacher")
     rollouts = objective == "rollouts"
     params = StudentParams(soft_prompt=SoftPromptConfig(prompt_length=2, hidden_size=8, latent_dim=4 if rollouts else 0),
-                           batch_size=batch_size, max_steps=steps, warmup_steps=1, lr=1e-2,
+                           batch_size=batch_size, max_steps=steps, warmup_steps=1, lr=0.5,
                            meanflow_weight=0.0 if rollouts else 1.0, rollout_weight=1.0 if rollouts else 0.0,
                            latent_draws=3)
     student = Student(base, config=params.soft_prompt)
     gen_length = Layout.load(workdir / "data").gen_length
-    module = StudentDistillation(student, params, gen_length, rollout_steps=gen_length if rollouts else None)
+    module = SGDDistillation(student, params, gen_length, rollout_steps=gen_length if rollouts else None)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=1.0)

@@ -13,6 +13,7 @@ from pipeline.meanflow import (
     sample_r, tangent, token_losses,
 )
 from pipeline.student import Student
+from tests.conftest import assert_float64_close
 
 
 def topk_of(logits, k):
@@ -212,8 +213,8 @@ def reference_meanflow_loss(student, input_ids, attention_mask, masked, t, r, v,
 @pytest.mark.parametrize("chunk_rows", [None, 2])
 def test_objective_on_masked_rows_equals_the_full_logits_objective(any_checkpoint, jvp, loss, ce_weight, chunk_rows):
     """Float64: the head, u, du/dt, the target and the loss on the masked rows only (in chunks of 2
-    rows, checkpointed, or one chunk) give exactly the loss, target and soft-prompt gradient of the
-    full (B, T, V) computation, on a batch mixing r = t and r < t, from dense v or the cached top-k."""
+    rows, checkpointed, or one chunk) give the loss, target and soft-prompt gradient of the full
+    (B, T, V) computation up to float64 rounding, on a batch mixing r = t and r < t, from dense v or the cached top-k."""
     student = Student(load_model(any_checkpoint, dtype=torch.float64), prompt_length=3, hidden_size=16)
     with torch.no_grad():
         student.soft_prompt.prompt_gate.normal_(0, 1, generator=torch.Generator().manual_seed(10))
@@ -243,6 +244,8 @@ def test_objective_on_masked_rows_equals_the_full_logits_objective(any_checkpoin
     for source in (v, teacher):
         out = gradient(lambda: (lambda o: (o.loss, o.target))(
             meanflow_loss(student, ids, mask, masked, t, r, source, params, 4, x0, keep_target=True, **chunk)))
-        assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])  # bit for bit
-        assert all(torch.equal(a, b) for a, b in zip(out[2], expected[2]))
+        assert_float64_close(out[0], expected[0], "loss")
+        assert_float64_close(out[1], expected[1], "target")
+        for a, b in zip(out[2], expected[2]):
+            assert_float64_close(a, b, "soft-prompt gradient")
     assert all(g.abs().sum() > 0 for g in expected[2])
