@@ -22,16 +22,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import rollout_fill
-from pipeline.config import CacheParams, from_mapping
-from pipeline.cpu_numerics import pin_cpu_numerics
-from pipeline.data import Layout
-from pipeline.llada import LLaDA, LLaDAConfig
-from pipeline.teacher import load_teacher
-from pipeline.cache_shards import ROLLOUTS, shard_name
-from pipeline.rollout_cache import RolloutRows, rollout_arrays, state_after
-from pipeline.teacher_cache import cache_statistics
-from pipeline.teacher_cache_fill import (
+from pipeline.cache import fill_rollouts as rollout_fill
+from pipeline.core.params import CacheParams, from_mapping
+from pipeline.core.cpu_numerics import pin_cpu_numerics
+from pipeline.data.prepare import Layout
+from pipeline.models.llada import LLaDA, LLaDAConfig
+from pipeline.teacher.artifact import load_teacher
+from pipeline.cache.shards import ROLLOUTS, shard_name
+from pipeline.cache.rollouts import RolloutRows, rollout_arrays, state_after
+from pipeline.cache.topk import cache_statistics
+from pipeline.cache.fill import (
     cache_header, draw_noisy_inputs, examples_per_shard, fill_cache, load_train_split, num_shards_for, shard_generator,
 )
 

@@ -1,4 +1,4 @@
-"""What pinned CPU numerics (``pipeline.cpu_numerics``) cost: seconds per teacher pretraining step
+"""What pinned CPU numerics (``pipeline.core.cpu_numerics``) cost: seconds per teacher pretraining step
 with and without the pin, each in a fresh process, at 1 and 2 threads; the weights' digest after
 the steps shows which runs agree bit for bit.
 
@@ -15,8 +15,8 @@ from pathlib import Path
 # A training step of the default teacher's shape (d_model 128, 4 layers, batch 256, 21 tokens).
 STEP = """
 import hashlib, sys, time, torch
-from pipeline.cpu_numerics import pin_cpu_numerics
-from pipeline.llada import LLaDA, LLaDAConfig
+from pipeline.core.cpu_numerics import pin_cpu_numerics
+from pipeline.models.llada import LLaDA, LLaDAConfig
 if sys.argv[3] == "pinned":
     pin_cpu_numerics()
 torch.set_num_threads(int(sys.argv[1]))

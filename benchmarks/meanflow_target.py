@@ -17,15 +17,15 @@ from pathlib import Path
 import datasets
 import torch
 
-from pipeline.config import StudentParams
-from pipeline.generate import completion_latents
-from pipeline.cpu_numerics import pin_cpu_numerics
-from pipeline.data import Layout
-from pipeline.scoring import score_records
-from pipeline.meanflow import meanflow_loss
-from pipeline.student import Student
-from pipeline.teacher import load_teacher
-from pipeline.tokenizer import decode_answer
+from pipeline.core.params import StudentParams
+from pipeline.generation.sampler import completion_latents
+from pipeline.core.cpu_numerics import pin_cpu_numerics
+from pipeline.data.prepare import Layout
+from pipeline.data.scoring import score_records
+from pipeline.student.meanflow import meanflow_loss
+from pipeline.student.model import Student
+from pipeline.teacher.artifact import load_teacher
+from pipeline.data.tokenizer import decode_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 

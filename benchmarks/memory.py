@@ -84,14 +84,14 @@ def measure_grid() -> list[dict]:
     import torch
 
     import pipeline
-    from pipeline.config import SoftPromptConfig, StudentParams
-    from pipeline.data import Layout
-    from pipeline.distillation import StudentDistillation
-    from pipeline.generate import mask_predictor, one_step_generate
-    from pipeline.llada import LLaDA, LLaDAConfig
-    from pipeline.rollout_objective import RolloutInterval, rollout_loss
-    from pipeline.student import Student
-    from pipeline.teacher_cache_fill import teacher_topk
+    from pipeline.core.params import SoftPromptConfig, StudentParams
+    from pipeline.data.prepare import Layout
+    from pipeline.student.distillation import StudentDistillation
+    from pipeline.generation.sampler import mask_predictor, one_step_generate
+    from pipeline.models.llada import LLaDA, LLaDAConfig
+    from pipeline.student.rollout_objective import RolloutInterval, rollout_loss
+    from pipeline.student.model import Student
+    from pipeline.cache.fill import teacher_topk
 
     print(f"measuring {pipeline.__file__}", file=sys.stderr, flush=True)
     torch.set_num_threads(1)

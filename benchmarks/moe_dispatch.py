@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cpu_numerics import pin_cpu_numerics
-from pipeline.llada_moe import LLaDAMoEConfig, SparseMoE, grouped_dispatch, reference_dispatch
+from pipeline.core.cpu_numerics import pin_cpu_numerics
+from pipeline.models.llada_moe import LLaDAMoEConfig, SparseMoE, grouped_dispatch, reference_dispatch
 
 LLADA_MOE_7B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, vocab_size=157184,
                     num_experts=64, num_experts_per_tok=8, expert_intermediate_size=1024)

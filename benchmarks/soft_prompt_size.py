@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import SoftPromptConfig
-from pipeline.soft_prompt import SoftPrompt
+from pipeline.core.params import SoftPromptConfig
+from pipeline.student.soft_prompt import SoftPrompt
 
 # The shapes that size the prefix, and the base's parameter count (its weights are counted in bf16).
 BASES = {

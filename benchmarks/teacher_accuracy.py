@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline.generate_cli import generation_hints
-from pipeline.tasks import score
+from pipeline.data.tasks import score
 
 ROOT = Path(__file__).resolve().parents[1]
 

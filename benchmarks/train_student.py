@@ -25,13 +25,13 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
     import psutil
     import torch
 
-    from pipeline.config import StudentParams, load_section
-    from pipeline.data import Layout
-    from pipeline.distillation import StudentDistillation
-    from pipeline.meanflow import dense_logprobs, token_losses
-    from pipeline.student import Student
-    from pipeline.teacher import load_teacher
-    from pipeline.teacher_cache_loader import CacheMiniBatches
+    from pipeline.core.params import StudentParams, load_section
+    from pipeline.data.prepare import Layout
+    from pipeline.student.distillation import StudentDistillation
+    from pipeline.student.meanflow import dense_logprobs, token_losses
+    from pipeline.student.model import Student
+    from pipeline.teacher.artifact import load_teacher
+    from pipeline.cache.loader import CacheMiniBatches
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _, _ = load_teacher(ROOT / "artifacts" / "teacher", device=device)
@@ -74,7 +74,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
 
 
 def loader_throughput(batch_size: int, batches: int) -> float:
-    from pipeline.teacher_cache_loader import TeacherCacheDataModule
+    from pipeline.cache.loader import TeacherCacheDataModule
 
     data = TeacherCacheDataModule(ROOT / "artifacts" / "cache", batch_size)
     data.setup()

@@ -1,5 +1,5 @@
 """``python -m pipeline.generate_cli``: complete JSONL prompts with a LLaDA checkpoint (multi-step) or
-a student (one step), with the options of LLaDA's sampler (``pipeline.generate``).
+a student (one step), with the options of LLaDA's sampler (``pipeline.generation.sampler``).
 
 Input lines are ``{"prompt": "..."}``; output lines ``{"prompt": "...", "completions": [...]}`` in
 input order, each completion the answer up to the first EOS. A student with a latent decodes
@@ -20,15 +20,15 @@ from typing import Sequence
 
 import torch
 
-from pipeline.checkpoint_io import read_json, resolve_checkpoint
-from pipeline.cpu_numerics import pin_cpu_numerics
-from pipeline.data import read_jsonl
-from pipeline.errors import CheckpointError
-from pipeline.files import atomic_write_text
-from pipeline.generate import completion_latents, generate, mask_predictor
-from pipeline.models import load_model as load_checkpoint
-from pipeline.student import Student
-from pipeline.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
+from pipeline.models.checkpoint_io import read_json, resolve_checkpoint
+from pipeline.core.cpu_numerics import pin_cpu_numerics
+from pipeline.data.prepare import read_jsonl
+from pipeline.core.errors import CheckpointError
+from pipeline.core.files import atomic_write_text
+from pipeline.generation.sampler import completion_latents, generate, mask_predictor
+from pipeline.models.registry import load_model as load_checkpoint
+from pipeline.student.model import Student
+from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
 
 class UsageError(Exception):
     """Bad command-line input; reported as one line on stderr."""

@@ -1,7 +1,7 @@
 """Stage ``cache_teacher`` (stage one): the teacher's top-k log-probs on sampled (x_t, t) pairs and
 the teacher's own rollouts (its sampler on training prompts), in zstd Arrow shards under
-``artifacts/cache/`` (params: ``cache``; formats: ``pipeline/teacher_cache.py``,
-``pipeline/rollout_cache.py``).
+``artifacts/cache/`` (params: ``cache``; formats: ``pipeline/cache/topk.py``,
+``pipeline/cache/rollouts.py``).
 
     python stages/cache_teacher.py --data data --teacher artifacts/teacher --out artifacts/cache \\
         --metrics metrics/cache.json
@@ -21,17 +21,17 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint_check import first_non_finite
-from pipeline.config import CacheParams, load_section
-from pipeline.errors import CheckpointError
-from pipeline.data import Layout
-from pipeline.rollout_cache import open_rollouts, rollout_statistics
-from pipeline.scoring import score_rollouts
-from pipeline.stage import run_stage, stage_parser
-from pipeline.teacher import check_data_tokenizer, checkpoint_dir, load_teacher
-from pipeline.teacher_cache import cache_statistics
-from pipeline.tokenizer import stop_token_ids
-from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
+from pipeline.models.checkpoint_check import first_non_finite
+from pipeline.core.params import CacheParams, load_section
+from pipeline.core.errors import CheckpointError
+from pipeline.data.prepare import Layout
+from pipeline.cache.rollouts import open_rollouts, rollout_statistics
+from pipeline.data.scoring import score_rollouts
+from pipeline.core.stage import run_stage, stage_parser
+from pipeline.teacher.artifact import check_data_tokenizer, checkpoint_dir, load_teacher
+from pipeline.cache.topk import cache_statistics
+from pipeline.data.tokenizer import stop_token_ids
+from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 
 
 def default_rank() -> tuple[int, int]:

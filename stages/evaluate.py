@@ -18,15 +18,15 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from pipeline.config import EvaluateParams, load_section
-from pipeline.data import Layout
-from pipeline.errors import ParamsError
-from pipeline.evaluation import default_teacher_steps, evaluate_settings, settings_for
-from pipeline.evaluation_report import curve_rows, plot_accuracy, results_markdown, summarize
-from pipeline.stage import run_stage, stage_parser
-from pipeline.student import Student
-from pipeline.teacher import checkpoint_dir, load_teacher
-from pipeline.tokenizer import stop_token_ids
+from pipeline.core.params import EvaluateParams, load_section
+from pipeline.data.prepare import Layout
+from pipeline.core.errors import ParamsError
+from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
+from pipeline.evaluation.report import curve_rows, plot_accuracy, results_markdown, summarize
+from pipeline.core.stage import run_stage, stage_parser
+from pipeline.student.model import Student
+from pipeline.teacher.artifact import checkpoint_dir, load_teacher
+from pipeline.data.tokenizer import stop_token_ids
 
 
 def parse_args(argv=None):

@@ -6,11 +6,11 @@ the checkpoint's own tokenizer (and chat template) is used.
     python stages/prepare_data.py --out data
 """
 
-from pipeline.config import DataParams, TeacherParams, load_section
-from pipeline.data import prepare_data
-from pipeline.stage import run_stage, stage_parser
-from pipeline.tasks import ALPHABET
-from pipeline.tokenizer import build_char_tokenizer, load_tokenizer
+from pipeline.core.params import DataParams, TeacherParams, load_section
+from pipeline.data.prepare import prepare_data
+from pipeline.core.stage import run_stage, stage_parser
+from pipeline.data.tasks import ALPHABET
+from pipeline.data.tokenizer import build_char_tokenizer, load_tokenizer
 
 
 def parse_args(argv=None):
@@ -24,7 +24,7 @@ def main() -> None:
     if teacher.checkpoint is None:
         tokenizer = build_char_tokenizer(ALPHABET)
     else:
-        from pipeline.checkpoint_io import resolve_checkpoint
+        from pipeline.models.checkpoint_io import resolve_checkpoint
 
         tokenizer = load_tokenizer(resolve_checkpoint(teacher.checkpoint))
     sizes = prepare_data(params, tokenizer, args.out)

@@ -11,11 +11,11 @@ Otherwise pretrain the built-in tiny LLaDA on ``data/`` with LLaDA's SFT objecti
 import json
 from pathlib import Path
 
-from pipeline.checkpoint_io import resolve_checkpoint
-from pipeline.config import TeacherParams, load_section
-from pipeline.files import atomic_directory
-from pipeline.stage import run_stage, stage_parser
-from pipeline.teacher import check_data_tokenizer, validate_checkpoint
+from pipeline.models.checkpoint_io import resolve_checkpoint
+from pipeline.core.params import TeacherParams, load_section
+from pipeline.core.files import atomic_directory
+from pipeline.core.stage import run_stage, stage_parser
+from pipeline.teacher.artifact import check_data_tokenizer, validate_checkpoint
 
 
 def parse_args(argv=None):
@@ -39,7 +39,7 @@ def main() -> None:
         (args.metrics / "training" / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
         summary["curve"] = []
     else:
-        from pipeline.teacher_pretraining import pretrain_teacher
+        from pipeline.teacher.pretraining import pretrain_teacher
 
         summary = pretrain_teacher(params, args.data, args.out, args.metrics / "training")
     (args.metrics / "accuracy_curve.json").write_text(json.dumps(summary.pop("curve"), indent=2) + "\n")

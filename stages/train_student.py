@@ -9,10 +9,10 @@
 import json
 from pathlib import Path
 
-from pipeline.config import CacheParams, StudentParams, load_section
-from pipeline.distillation import train_student
-from pipeline.stage import run_stage, stage_parser
-from pipeline.student_run import Resume
+from pipeline.core.params import CacheParams, StudentParams, load_section
+from pipeline.student.distillation import train_student
+from pipeline.core.stage import run_stage, stage_parser
+from pipeline.student.run import Resume
 
 
 def parse_args(argv=None):

@@ -14,12 +14,12 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-from pipeline.config import SoftPromptConfig, StudentParams
-from pipeline.data import Layout
-from pipeline.distillation import StudentDistillation
-from pipeline.student import Student
-from pipeline.teacher import load_teacher
-from pipeline.teacher_cache_loader import TeacherCacheDataModule
+from pipeline.core.params import SoftPromptConfig, StudentParams
+from pipeline.data.prepare import Layout
+from pipeline.student.distillation import StudentDistillation
+from pipeline.student.model import Student
+from pipeline.teacher.artifact import load_teacher
+from pipeline.cache.loader import TeacherCacheDataModule
 
 
 class SGDDistillation(StudentDistillation):

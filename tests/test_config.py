@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from pipeline.config import (
+from pipeline.core.params import (
     CacheParams, DataParams, EvaluateParams, ParamsError, StudentParams, TeacherParams, load_section, params_hash,
 )
 

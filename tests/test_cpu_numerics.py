@@ -1,4 +1,4 @@
-"""Stage processes pin CPU arithmetic (``pipeline.cpu_numerics``): the kernels chosen are AVX2 even on
+"""Stage processes pin CPU arithmetic (``pipeline.core.cpu_numerics``): the kernels chosen are AVX2 even on
 an AVX-512 machine, and a training step's result does not depend on the thread count."""
 
 import os
@@ -14,8 +14,8 @@ TRAIN = """
 import hashlib, sys
 import torch
 import lightning  # noqa: F401  (as the stages import it before run_stage)
-from pipeline.llada import LLaDA, LLaDAConfig
-from pipeline.stage import run_stage
+from pipeline.models.llada import LLaDA, LLaDAConfig
+from pipeline.core.stage import run_stage
 
 def main():
     torch.set_num_threads(int(sys.argv[1]))
@@ -46,7 +46,7 @@ def run_training(threads: int) -> tuple[str, str]:
     return capability, digest
 
 
-from pipeline.cpu_numerics import cpu_has_avx2
+from pipeline.core.cpu_numerics import cpu_has_avx2
 
 ROOT = Path(__file__).resolve().parents[1]
 # A stage script's imports, then run_stage: the pin works only if nothing computed at import time.
@@ -54,7 +54,7 @@ IMPORT_THEN_PIN = """
 import importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("stage_script", sys.argv[1])
 spec.loader.exec_module(importlib.util.module_from_spec(spec))
-from pipeline.stage import run_stage
+from pipeline.core.stage import run_stage
 run_stage(lambda: print(torch.backends.cpu.get_cpu_capability()))
 """
 needs_avx2 = pytest.mark.skipif(not cpu_has_avx2(), reason="pinning targets x86-64 CPUs with AVX2")

@@ -6,13 +6,13 @@ import datasets
 import pytest
 import torch
 
-from pipeline.config import DataParams
-from pipeline.data import (
+from pipeline.core.params import DataParams
+from pipeline.data.prepare import (
     DataError, Layout, encode_examples, forward_mask, prepare_data, read_jsonl_examples, sample_mask_ratio,
     split_by_prompt,
 )
-from pipeline.tasks import ALPHABET
-from pipeline.tokenizer import BOS, EOS, MASK, build_char_tokenizer, decode_answer, load_tokenizer
+from pipeline.data.tasks import ALPHABET
+from pipeline.data.tokenizer import BOS, EOS, MASK, build_char_tokenizer, decode_answer, load_tokenizer
 
 LAYOUT = Layout(prompt_length=8, gen_length=5, pad_token_id=0)
 
@@ -98,8 +98,8 @@ def test_forward_mask():
 
 
 def test_chat_template_and_generation_config_stops(tokenizer, tmp_path):
-    from pipeline.llada import LLaDAConfig
-    from pipeline.tokenizer import encode_prompts, stop_token_ids
+    from pipeline.models.llada import LLaDAConfig
+    from pipeline.data.tokenizer import encode_prompts, stop_token_ids
 
     chat = build_char_tokenizer(ALPHABET + "<>|")
     chat.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}|{% endif %}"

@@ -13,15 +13,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.config import CacheParams, SoftPromptConfig, StudentParams, from_mapping
-from pipeline.data import Layout
-from pipeline.distillation import StudentDistillation
-from pipeline.errors import TrainingError
-from pipeline.student import Student
-from pipeline.teacher import load_teacher
-from pipeline.teacher_cache import open_cache
-from pipeline.teacher_cache_loader import CacheMiniBatches, TeacherCacheDataModule
-from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
+from pipeline.core.params import CacheParams, SoftPromptConfig, StudentParams, from_mapping
+from pipeline.data.prepare import Layout
+from pipeline.student.distillation import StudentDistillation
+from pipeline.core.errors import TrainingError
+from pipeline.student.model import Student
+from pipeline.teacher.artifact import load_teacher
+from pipeline.cache.topk import open_cache
+from pipeline.cache.loader import CacheMiniBatches, TeacherCacheDataModule
+from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_loss_at_r_equal_t_is_distillation_of_v(workdir):
     out = module.meanflow_step(batch)
     assert out.equal.all()
     # the target is v itself: the KL logged equals KL(v || u) computed directly
-    from pipeline.meanflow import dense_logprobs
+    from pipeline.student.meanflow import dense_logprobs
 
     v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], module.student.base.config.embedding_size)
     with torch.no_grad():
@@ -217,7 +217,7 @@ def test_train_student_stage_end_to_end(workdir, tmp_path):
 def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
     """The target meanflow_step trains on, recomputed independently, on rows with r < t; and the two
     JVP patterns give the same loss on a batch mixing r = t and r < t."""
-    from pipeline.meanflow import dense_logprobs, tangent, token_losses
+    from pipeline.student.meanflow import dense_logprobs, tangent, token_losses
 
     module, _ = make_module(workdir, equal_fraction=0.5)
     module.student.double()
@@ -228,8 +228,8 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
     out = module.meanflow_step(batch)
     assert out.equal.any() and (~out.equal).any()
     base, masked, t = module.student.base, batch["masked"], batch["t"]
-    from pipeline.counter_random import counter_uniform
-    from pipeline.meanflow import sample_r
+    from pipeline.core.counter_random import counter_uniform
+    from pipeline.student.meanflow import sample_r
 
     keys = (0, 0, batch["example_index"], batch["sample_index"])
     r = sample_r(t, 0.5, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
@@ -287,7 +287,7 @@ def test_resume_continues_this_run_and_refuses_another_runs_checkpoint(workdir, 
 
 
 def student_call(workdir, tmp_path, resume=None, cache=None, cache_params=None, **overrides):
-    from pipeline.distillation import train_student
+    from pipeline.student.distillation import train_student
 
     params = from_mapping(StudentParams, {**STAGE_STUDENT, **overrides}, "student")
     return train_student(params, workdir / "artifacts" / "teacher", cache or workdir / "artifacts" / "cache",
@@ -302,7 +302,7 @@ def test_a_failed_run_keeps_the_last_good_runs_record(workdir, tmp_path, case):
     old run. Each failure is a pipeline error naming the file or key (one ``error:`` line)."""
     import shutil
 
-    from pipeline.errors import CacheError, CheckpointError, ParamsError
+    from pipeline.core.errors import CacheError, CheckpointError, ParamsError
 
     record = tmp_path / "m" / "training" / "metrics.json"
     record.parent.mkdir(parents=True)
@@ -331,9 +331,9 @@ def test_a_failed_run_keeps_the_last_good_runs_record(workdir, tmp_path, case):
 
 
 def test_a_cache_from_other_training_data_is_refused(workdir, tmp_path):
-    from pipeline.errors import CacheError
-    from pipeline.student_run import check_cache_is_current
-    from pipeline.teacher_cache import read_manifest
+    from pipeline.core.errors import CacheError
+    from pipeline.student.run import check_cache_is_current
+    from pipeline.cache.topk import read_manifest
 
     manifest = read_manifest(workdir / "artifacts" / "cache")
     layout = Layout.load(workdir / "data")

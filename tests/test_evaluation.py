@@ -9,14 +9,14 @@ import pytest
 import torch
 import yaml
 
-from pipeline.data import Layout
-from pipeline.evaluation import complete_split, default_teacher_steps, evaluate_settings, settings_for
-from pipeline.scoring import score_records
-from pipeline.evaluation_report import summarize
-from pipeline.generate import generate
-from pipeline.student import Student
-from pipeline.teacher import load_teacher
-from pipeline.tokenizer import decode_answer
+from pipeline.data.prepare import Layout
+from pipeline.evaluation.grid import complete_split, default_teacher_steps, evaluate_settings, settings_for
+from pipeline.data.scoring import score_records
+from pipeline.evaluation.report import summarize
+from pipeline.generation.sampler import generate
+from pipeline.student.model import Student
+from pipeline.teacher.artifact import load_teacher
+from pipeline.data.tokenizer import decode_answer
 from tests.conftest import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +64,8 @@ def test_settings_grid():
 def test_latent_student_decodes_each_completion_given_its_latent(workdir):
     """Completion i of row n is the one-step greedy answer given completion_latents(seed, n, i),
     whatever the batch; the report puts the 4-latent row in the several-completions table."""
-    from pipeline.evaluation_report import results_markdown
-    from pipeline.generate import completion_latents, mask_predictor, one_step_generate
+    from pipeline.evaluation.report import results_markdown
+    from pipeline.generation.sampler import completion_latents, mask_predictor, one_step_generate
 
     teacher, tokenizer, _ = load_teacher(workdir / "artifacts" / "teacher")
     student = Student(teacher, prompt_length=2, hidden_size=8, latent_dim=3).eval()

@@ -4,11 +4,11 @@ with scripted fake models."""
 import pytest
 import torch
 
-from pipeline.generate import (
+from pipeline.generation.sampler import (
     CounterNoise, SamplerNetwork, generate, mask_predictor, num_transfer_tokens, one_step_generate, sample_trajectory,
 )
-from pipeline.llada import LLaDA, LLaDAConfig
-from pipeline.rollout_cache import state_after
+from pipeline.models.llada import LLaDA, LLaDAConfig
+from pipeline.cache.rollouts import state_after
 from tests import reference_sampler
 
 V, MASK = 12, 11

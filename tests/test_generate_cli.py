@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.generate_cli import main
-from pipeline.llada import LLaDA
-from pipeline.student import Student
+from pipeline.models.llada import LLaDA
+from pipeline.student.model import Student
 from tests.conftest import ALPHABET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +83,8 @@ def test_latent_student_draws_one_latent_per_completion(tiny_checkpoint, tmp_pat
     assert any(len(set(c)) > 1 for c in first)  # the latents give different answers
     assert complete("c", "--seed", "1") != first
     # the CLI decodes completion d of prompt i given completion_latents(seed, i, d)
-    from pipeline.generate import completion_latents, mask_predictor, one_step_generate
-    from pipeline.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
+    from pipeline.generation.sampler import completion_latents, mask_predictor, one_step_generate
+    from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     ids = torch.tensor(encode_prompts(tokenizer, ["word:1"]) * 4)

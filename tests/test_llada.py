@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint_io import checkpoint_fingerprint
-from pipeline.errors import CheckpointError
-from pipeline.llada import LLaDA, LLaDAConfig
+from pipeline.models.checkpoint_io import checkpoint_fingerprint
+from pipeline.core.errors import CheckpointError
+from pipeline.models.llada import LLaDA, LLaDAConfig
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "math"])

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import CheckpointError
-from pipeline.layers import apply_rope, rope_cos_sin
-from pipeline.llada import LLaDA
-from pipeline.llada_moe import LLaDAMoE, LLaDAMoEConfig, grouped_dispatch, reference_dispatch
-from pipeline.models import load_model
+from pipeline.core.errors import CheckpointError
+from pipeline.models.layers import apply_rope, rope_cos_sin
+from pipeline.models.llada import LLaDA
+from pipeline.models.llada_moe import LLaDAMoE, LLaDAMoEConfig, grouped_dispatch, reference_dispatch
+from pipeline.models.registry import load_model
 from tests.conftest import REFERENCE_MOE_CHECKPOINT, random_moe, tiny_moe_config
 
 

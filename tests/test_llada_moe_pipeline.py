@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline.llada_moe import LLaDAMoE
-from pipeline.student import Student
-from pipeline.teacher import TeacherRecord, load_teacher
+from pipeline.models.llada_moe import LLaDAMoE
+from pipeline.student.model import Student
+from pipeline.teacher.artifact import TeacherRecord, load_teacher
 from tests.conftest import make_moe_checkpoint
 from tests.test_pipeline_dvc import MICRO, merged
 from tests.test_stages import run_stage

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from pipeline.config import SoftPromptConfig, StudentParams
-from pipeline.counter_random import counter_uniform
-from pipeline.models import load_model
-from pipeline.meanflow import (
+from pipeline.core.params import SoftPromptConfig, StudentParams
+from pipeline.core.counter_random import counter_uniform
+from pipeline.models.registry import load_model
+from pipeline.student.meanflow import (
     TeacherRows, adaptive_weighted_mean, average_velocity_jvp, dense_logprobs, meanflow_loss, meanflow_target,
     sample_r, tangent, token_losses,
 )
-from pipeline.student import Student
+from pipeline.student.model import Student
 from tests.conftest import assert_float64_close
 
 

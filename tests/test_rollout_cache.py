@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache_shards import ROLLOUTS, ShardWriter, ensure_manifest, finalize_manifest
-from pipeline.config import CacheParams, from_mapping
-from pipeline.data import Layout
-from pipeline.errors import CacheError, ParamsError
-from pipeline.generate import CounterNoise, field_seeds, mask_predictor, sample_trajectory
-from pipeline.rollout_cache import RolloutRows, open_rollouts, rollout_schema, rollout_statistics
-from pipeline.teacher import load_teacher
-from pipeline.teacher_cache import open_cache
-from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
+from pipeline.cache.shards import ROLLOUTS, ShardWriter, ensure_manifest, finalize_manifest
+from pipeline.core.params import CacheParams, from_mapping
+from pipeline.data.prepare import Layout
+from pipeline.core.errors import CacheError, ParamsError
+from pipeline.generation.sampler import CounterNoise, field_seeds, mask_predictor, sample_trajectory
+from pipeline.cache.rollouts import RolloutRows, open_rollouts, rollout_schema, rollout_statistics
+from pipeline.teacher.artifact import load_teacher
+from pipeline.cache.topk import open_cache
+from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
 from tests.test_teacher_cache import assert_damage_refused, kill_stage_one_after
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.generate_cli import main as generate_main
-from pipeline.teacher import TeacherRecord, load_teacher
+from pipeline.teacher.artifact import TeacherRecord, load_teacher
 from tests.conftest import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_a_diverging_teacher_is_refused_not_saved(tmp_path):
 def test_stage_one_refuses_a_teacher_with_non_finite_weights(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from pipeline.checkpoint_io import checkpoint_fingerprint
+    from pipeline.models.checkpoint_io import checkpoint_fingerprint
     from tests.conftest import make_workdir
 
     work = make_workdir(tmp_path, train_per_task=4)

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from pipeline.errors import CheckpointError
-from pipeline.llada import LLaDA
-from pipeline.models import load_model
-from pipeline.student import Student
+from pipeline.core.errors import CheckpointError
+from pipeline.models.llada import LLaDA
+from pipeline.models.registry import load_model
+from pipeline.student.model import Student
 from tests.conftest import make_checkpoint
 
 

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.tasks import TASKS, lexicon, main, make_splits, score, task_of
+from pipeline.data.tasks import TASKS, lexicon, main, make_splits, score, task_of
 
 FORMATS = {
     "add": r"add:(\d{3})\+(\d{3})=",

@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import CacheParams, from_mapping
-from pipeline.data import Layout
-from pipeline.teacher import load_teacher
-from pipeline.cache_shards import ShardWriter, ensure_manifest, finalize_manifest
-from pipeline.errors import CacheError, ParamsError
-from pipeline.teacher_cache import CacheRows, cache_schema, cache_statistics, open_cache
-from pipeline.teacher_cache_fill import cache_header, fill_cache, load_train_split
+from pipeline.core.params import CacheParams, from_mapping
+from pipeline.data.prepare import Layout
+from pipeline.teacher.artifact import load_teacher
+from pipeline.cache.shards import ShardWriter, ensure_manifest, finalize_manifest
+from pipeline.core.errors import CacheError, ParamsError
+from pipeline.cache.topk import CacheRows, cache_schema, cache_statistics, open_cache
+from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,8 +253,8 @@ def test_killed_run_resumes_to_the_same_cache(tmp_path):
 def test_topk_on_masked_rows_equals_the_full_logits_topk(tiny_checkpoint, dtype, cfg_scale, chunk_rows):
     """The head, log-softmax and top-k on the masked positions only (in chunks of 3 rows, or one)
     give the cache rows of the full (B, T, V) logits: the same ids, and the same float16 log-probs."""
-    from pipeline.llada import LLaDA
-    from pipeline.teacher_cache_fill import teacher_topk
+    from pipeline.models.llada import LLaDA
+    from pipeline.cache.fill import teacher_topk
 
     model = LLaDA.from_pretrained(tiny_checkpoint, dtype=dtype)
     layout = Layout(prompt_length=4, gen_length=6, pad_token_id=0)

@@ -6,8 +6,8 @@ import datasets
 import pytest
 import torch
 
-from pipeline.config import ParamsError, TeacherParams, from_mapping
-from pipeline.teacher_pretraining import SequenceDataModule
+from pipeline.core.params import ParamsError, TeacherParams, from_mapping
+from pipeline.teacher.pretraining import SequenceDataModule
 
 
 def write_split(directory, tasks: list[str]):

@@ -1,0 +1,331 @@
+"""The machinery stage one's shard families share: atomic shard writing, the manifest, verified reads.
+
+A cache directory holds one ``manifest.json`` and shard families, each a run of
+``{family}-{index:05d}.arrow`` files with ``.json`` sidecars (``shard-*`` the top-k rows of
+``pipeline.cache.topk``, ``rollouts-*`` the rollouts of ``pipeline.cache.rollouts``); a sidecar
+holds the shard's rows, bytes and sha256 and, under ``cache``, the identity of the cache it was
+written for, which a rerun checks along with the shard's checksum. A family's
+bookkeeping (``num_shards``, ``record_batch_rows`` and, once complete, ``shards``) lives in the
+manifest's top level for ``shard`` and under the manifest's ``rollouts`` key for ``rollouts``; the
+cache is ``complete`` when every shard of every family has its sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.core.params import differences
+from pipeline.core.errors import CacheError, CheckpointError
+from pipeline.core.files import atomic_write_text, file_sha256
+
+FORMAT = "llada-meanflow-teacher-cache"
+VERSION = 2
+MANIFEST = "manifest.json"
+TOPK, ROLLOUTS = "shard", "rollouts"
+FAMILIES = (TOPK, ROLLOUTS)
+
+
+def shard_name(index: int, family: str = TOPK) -> str:
+    return f"{family}-{index:05d}.arrow"
+
+
+def sidecar_name(index: int, family: str = TOPK) -> str:
+    return f"{family}-{index:05d}.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class Rows(Protocol):
+    """A block of rows a ``ShardWriter`` accepts (``CacheRows``, ``RolloutRows``)."""
+
+    def __len__(self) -> int: ...
+    def slice(self, start: int, stop: int) -> "Rows": ...
+    def to_record_batch(self, schema: pa.Schema) -> pa.RecordBatch: ...
+    def counts(self) -> dict[str, int]: ...
+    @classmethod
+    def concat(cls, blocks: list) -> "Rows": ...
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name in record batches of ``record_batch_rows`` rows;
+    ``close()`` renames it into place and writes its sidecar (rows, bytes, sha256 and the rows'
+    ``counts()`` summed). Leaving the ``with`` block by an exception removes the temporary file."""
+
+    def __init__(self, directory: Path, index: int, schema: pa.Schema, record_batch_rows: int, family: str = TOPK):
+        self.directory, self.index, self.schema, self.family = Path(directory), index, schema, family
+        self.record_batch_rows = record_batch_rows
+        self.identity = cache_identity(read_manifest(self.directory))
+        self.path = self.directory / shard_name(index, family)
+        self.tmp = self.directory / f".{shard_name(index, family)}.tmp-{os.getpid()}"
+        self.sink = pa.OSFile(str(self.tmp), "wb")
+        options = pa.ipc.IpcWriteOptions(compression="zstd")
+        self.writer = pa.ipc.new_file(self.sink, schema, options=options)
+        self.pending: list[Rows] = []
+        self.pending_rows = 0
+        self.rows = 0
+        self.counts: dict[str, int] = {}
+
+    def write(self, rows: Rows) -> None:
+        self.pending.append(rows)
+        self.pending_rows += len(rows)
+        while self.pending_rows >= self.record_batch_rows:
+            self._flush(self.record_batch_rows)
+
+    def _flush(self, count: int) -> None:
+        merged = self.pending[0] if len(self.pending) == 1 else type(self.pending[0]).concat(self.pending)
+        written = merged.slice(0, count)
+        self.writer.write_batch(written.to_record_batch(self.schema))
+        self.rows += count
+        for key, value in written.counts().items():
+            self.counts[key] = self.counts.get(key, 0) + int(value)
+        rest = merged.slice(count, len(merged))
+        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> dict:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        self.writer.close()
+        self.sink.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        info = {"rows": self.rows, **self.counts, "bytes": self.tmp.stat().st_size, "sha256": file_sha256(self.tmp)}
+        os.replace(self.tmp, self.path)
+        write_json_atomic(self.directory / sidecar_name(self.index, self.family), {**info, IDENTITY: self.identity})
+        return info
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+            self.sink.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def my_shards(total: int, shard_index: int, num_shards: int) -> list[int]:
+    """The shards of a family process ``shard_index`` of ``num_shards`` fills: j % num_shards == shard_index."""
+    return [j for j in range(total) if j % num_shards == shard_index]
+
+
+def pending_shards(directory: Path, total: int, family: str, shard_index: int, num_shards: int) -> list[int]:
+    """This process's shards of ``family`` that have no sidecar yet, or whose bytes no longer match
+    their sidecar (damaged: deleted, to be written again); the temporary files a killed run of ours
+    left for them (never complete) are deleted. A sidecar written for another cache (other params,
+    data or teacher, e.g. under a deleted manifest) is refused."""
+    done = completed_shards(directory, total, family)
+    identity = cache_identity(read_manifest(directory))
+    mine = my_shards(total, shard_index, num_shards)
+    for index in [j for j in mine if j in done]:
+        check_sidecar_identity(Path(directory) / sidecar_name(index, family), done[index], identity)
+        if not shard_matches_sidecar(Path(directory) / shard_name(index, family), done[index]):
+            print(f"{Path(directory) / shard_name(index, family)}: damaged (size or checksum differs from its "
+                  "sidecar); writing it again", file=sys.stderr)
+            (Path(directory) / sidecar_name(index, family)).unlink()
+            del done[index]
+    todo = [j for j in mine if j not in done]
+    for index in todo:
+        for stale in Path(directory).glob(f".{shard_name(index, family)}.tmp-*"):
+            stale.unlink()
+    return todo
+
+
+def shard_matches_sidecar(path: Path, sidecar: dict) -> bool:
+    return path.stat().st_size == sidecar.get("bytes") and file_sha256(path) == sidecar.get("sha256")
+
+
+def check_sidecar_identity(path: Path, sidecar: dict, identity: dict) -> None:
+    """Refuse a shard's sidecar that belongs to another cache than the manifest describes."""
+    found = sidecar.get(IDENTITY)
+    if found is None:
+        raise CacheError(f"{path}: written by an older stage one, which recorded no identity; delete "
+                         f"{path.parent} and rerun cache_teacher")
+    for key in HEADER_CHECKS:
+        if found.get(key) != identity[key]:
+            raise CacheError(f"{path}: this shard was written with {key} {found.get(key)}, the manifest has "
+                             f"{identity[key]} (another cache's shard); delete {path.parent} and rerun cache_teacher")
+
+
+def shard_rows(shards: list[int], examples_per_shard: int, num_examples: int, per_example: int) -> int:
+    """Rows in ``shards`` when shard j holds examples [j E, (j + 1) E) of ``num_examples``, with
+    ``per_example`` rows each."""
+    return sum((min((j + 1) * examples_per_shard, num_examples) - j * examples_per_shard) * per_example
+               for j in shards)
+
+
+# ---------------------------------------------------------------------- manifest
+
+
+def family_entry(manifest: dict, family: str) -> dict | None:
+    """The manifest's bookkeeping of one family (None: the cache has no such family)."""
+    return manifest if family == TOPK else manifest.get(family)
+
+
+def read_manifest(directory: Path) -> dict:
+    from pipeline.models.checkpoint_io import read_json
+
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{path}: not found (not a teacher cache, or stage one never started)")
+    try:
+        manifest = read_json(path)
+    except CheckpointError as err:
+        raise CacheError(str(err)) from err
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CacheError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+    return manifest
+
+
+HEADER_CHECKS = ("teacher_fingerprint", "tokenizer_sha256", "data_fingerprint", "params_hash")
+IDENTITY = "cache"
+"""The sidecar key holding the ``HEADER_CHECKS`` of the cache its shard was written for."""
+
+
+def cache_identity(manifest: dict) -> dict:
+    """What identifies a cache: teacher, tokenizer, data and params (``HEADER_CHECKS``)."""
+    return {key: manifest.get(key) for key in HEADER_CHECKS}
+
+
+def header_mismatch(existing: dict, current: dict) -> str | None:
+    """How the cache described by manifest header ``existing`` differs from ``current``: the first
+    ``HEADER_CHECKS`` key that differs, with the params keys that do (``cache.top_k: 16 -> 8``)."""
+    for key in HEADER_CHECKS:
+        if existing.get(key) == current[key]:
+            continue
+        changed = []
+        if key == "params_hash":  # a hash alone does not tell the user which key to look at
+            changed = (differences(existing.get("params", {}), current.get("params", {}), "cache")
+                       + differences(existing.get("layout", {}), current.get("layout", {}), "layout"))
+        detail = f" ({'; '.join(changed)})" if changed else ""
+        return f"{key} {existing.get(key)}, the current run has {current[key]}{detail}"
+    return None
+
+
+def ensure_manifest(directory: Path, header: dict) -> None:
+    """Create the manifest header, or check that an existing one describes the same cache (same
+    teacher, tokenizer, data and params); refuse with a clear error otherwise."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / MANIFEST
+    if path.exists():
+        mismatch = header_mismatch(read_manifest(directory), header)
+        if mismatch is not None:
+            raise CacheError(f"{path}: this cache was built with {mismatch}; delete {directory} or point the "
+                             "stage at another directory")
+        return
+    write_json_atomic(path, {"format": FORMAT, "version": VERSION, **header, "complete": False})
+
+
+def completed_shards(directory: Path, num_shards: int, family: str = TOPK) -> dict[int, dict]:
+    """Sidecars of the shards written so far (a shard without its sidecar is incomplete)."""
+    done = {}
+    for index in range(num_shards):
+        sidecar = Path(directory) / sidecar_name(index, family)
+        if sidecar.is_file() and (Path(directory) / shard_name(index, family)).is_file():
+            done[index] = json.loads(sidecar.read_text())
+    return done
+
+
+def finalize_manifest(directory: Path) -> bool:
+    """Record every shard of every family in the manifest once all exist, with the families' totals
+    (rows, bytes, and the sidecars' counts). Idempotent: concurrent workers that finish together
+    write identical content. Returns whether the cache is complete."""
+    manifest = read_manifest(directory)
+    entries = [(family, family_entry(manifest, family)) for family in FAMILIES]
+    entries = [(family, entry) for family, entry in entries if entry is not None]
+    done = {family: completed_shards(directory, entry["num_shards"], family) for family, entry in entries}
+    if any(len(done[family]) < entry["num_shards"] for family, entry in entries):
+        return False
+    for family, entry in entries:
+        shards = {i: {k: v for k, v in sidecar.items() if k != IDENTITY} for i, sidecar in done[family].items()}
+        entry["shards"] = {f"{i:05d}": shards[i] for i in sorted(shards)}
+        for key in sorted({k for s in shards.values() for k in s} - {"sha256"}):
+            entry[key] = sum(s.get(key, 0) for s in shards.values())
+    manifest["complete"] = True
+    write_json_atomic(Path(directory) / MANIFEST, manifest)
+    return True
+
+
+# ---------------------------------------------------------------------- reading
+
+
+class ShardSet:
+    """The verified, memory-mapped shards of one family of a complete cache, as a sequence of
+    record batches: ``num_batches``, ``record_batch(j)``, ``locate(row) -> (j, row in batch)``.
+
+    Every shard is checked against its manifest entry (present, size, sha256 when ``verify``,
+    readable Arrow, ``schema``, record batch count) and refused naming the file."""
+
+    def __init__(self, directory: Path, manifest: dict, family: str, schema: pa.Schema, verify: bool = True):
+        self.directory = Path(directory)
+        if not manifest.get("complete"):
+            totals = [(family_entry(manifest, f), f) for f in FAMILIES]
+            done = sum(len(completed_shards(self.directory, e["num_shards"], f)) for e, f in totals if e)
+            total = sum(e["num_shards"] for e, _ in totals if e)
+            raise CacheError(f"{self.directory}: incomplete cache ({done} of {total} shards)")
+        entry = family_entry(manifest, family)
+        if entry is None:
+            raise CacheError(f"{self.directory / MANIFEST}: the cache has no {family} shards")
+        self.readers = []
+        self.batch_index: list[tuple[int, int, int]] = []  # (shard, batch, rows)
+        per_batch = entry["record_batch_rows"]
+        for index in range(entry["num_shards"]):
+            path = self.directory / shard_name(index, family)
+            shard = entry["shards"].get(f"{index:05d}")
+            if shard is None:
+                raise CacheError(f"{self.directory / MANIFEST}: no entry for {path.name} (a damaged manifest); "
+                                 "rerun cache_teacher")
+            if not path.is_file():
+                raise CacheError(f"{path}: missing shard")
+            if path.stat().st_size != shard["bytes"]:
+                raise CacheError(f"{path}: size {path.stat().st_size} != {shard['bytes']} recorded (truncated?)")
+            if verify and file_sha256(path) != shard["sha256"]:
+                raise CacheError(f"{path}: checksum mismatch (the shard is damaged)")
+            try:
+                reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            except (pa.ArrowInvalid, OSError) as err:
+                raise CacheError(f"{path}: not a readable Arrow file ({err})") from err
+            if not reader.schema.equals(schema, check_metadata=False):
+                raise CacheError(f"{path}: schema differs from the manifest's")
+            # Writers emit full record batches of ``record_batch_rows`` and one shorter last one.
+            expected = -(-shard["rows"] // per_batch)
+            if reader.num_record_batches != expected:
+                raise CacheError(f"{path}: {reader.num_record_batches} record batches, expected {expected}")
+            for b in range(expected):
+                self.batch_index.append((index, b, min(per_batch, shard["rows"] - b * per_batch)))
+            self.readers.append(reader)
+        self.starts = np.cumsum([0] + [n for _, _, n in self.batch_index])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_index)
+
+    def record_batch(self, j: int) -> pa.RecordBatch:
+        shard, b, _ = self.batch_index[j]
+        return self.readers[shard].get_batch(b)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(record batch, row within it) of row ``i`` (negative counts from the end)."""
+        if not -self.num_rows <= i < self.num_rows:
+            raise IndexError(i)
+        i %= self.num_rows
+        j = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return j, i - int(self.starts[j])

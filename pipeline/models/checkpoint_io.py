@@ -1,0 +1,117 @@
+"""Files of a Hugging Face style checkpoint directory: weights, index, fingerprint, hub resolution."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from pipeline.core.errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def resolve_weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, single-file or sharded via the index."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    if (path / INDEX_FILE).is_file():
+        index = read_json(path / INDEX_FILE)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{path / INDEX_FILE}: no 'weight_map'")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{path / INDEX_FILE}: lists {file.name}, which does not exist")
+        return files
+    raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+
+
+def write_sharded_safetensors(state: dict[str, torch.Tensor], path: Path, max_shard_bytes: int) -> None:
+    """Write ``state`` as ``model.safetensors``, or as ``model-0000i-of-0000n.safetensors`` shards with
+    an index when it exceeds ``max_shard_bytes`` (the Hugging Face layout)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def checkpoint_fingerprint(path: str | Path, window: int = 1 << 20, windows: int = 16) -> str:
+    """A content fingerprint of a checkpoint: sha256 over ``config.json``, and for each weight file its
+    name, size, safetensors header and ``windows`` evenly spaced ``window``-byte slices.
+
+    Sampling keeps this fast on a 16 GB checkpoint while any retraining (which changes every tensor)
+    or a different architecture changes it.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    digest.update((path / "config.json").read_bytes())
+    for file in resolve_weight_files(path):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_len, size)))
+            for i in range(windows):
+                f.seek(i * max(size - window, 0) // max(windows - 1, 1))
+                digest.update(f.read(window))
+    return digest.hexdigest()[:16]
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """A local checkpoint directory, or a Hugging Face id downloaded (config, tokenizer, weights)
+    into the local hub cache. A name that is neither is a clear error."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    text = str(name)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+            return Path(snapshot_download(text, allow_patterns=patterns))
+        except Exception as err:  # network, auth, missing repo: one message naming the id
+            raise CheckpointError(f"{text}: not a local directory, and the hub download failed ({err})") from err
+    raise CheckpointError(f"{text}: checkpoint directory not found")
+

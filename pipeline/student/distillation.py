@@ -1,0 +1,245 @@
+"""Stage two in Lightning: distillation of the student from the teacher cache.
+
+The network is the plain ``Student`` (frozen LLaDA + soft prompt); ``StudentDistillation`` is a thin
+LightningModule that weighs the two objectives, ``pipeline.student.meanflow.meanflow_loss`` on the cache's
+top-k rows and ``pipeline.student.rollout_objective.rollout_loss`` on its teacher rollouts, and draws every
+random number (r, the rollout steps, the latents) from counter-based hashes of the row's identity,
+so a row gets the same draws on any rank; batches come from ``pipeline.cache.loader``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from pipeline.core.params import StudentParams
+from pipeline.core.counter_random import counter_normal, counter_uniform
+from pipeline.core.errors import TrainingError
+from pipeline.core.lr_schedule import warmup_cosine
+from pipeline.student.meanflow import MeanFlowLoss, TeacherRows, meanflow_loss, sample_r
+from pipeline.student.rollout_objective import RolloutLoss, rollout_interval, rollout_loss, sample_steps
+from pipeline.student.model import Student
+from pipeline.cache.loader import TeacherCacheDataModule
+
+
+# The frozen base stays in eval mode on purpose (Student.train keeps it there).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+# Key spaces of the counter-based draws of a row (after its identity keys; r uses 1 and 2 directly).
+MEANFLOW_LATENT_STREAM, ROLLOUT_STEP_STREAM, ROLLOUT_LATENT_STREAM = 3, 4, 5
+DIAGNOSTIC_WINDOW = 50  # training steps the end-of-training diagnostics average over
+
+
+class StudentDistillation(L.LightningModule):
+    """Trains ``student.soft_prompt`` on ``meanflow_weight * L_meanflow + rollout_weight * L_rollout``;
+    checkpoints hold only the soft prompt. ``rollout_steps`` is the number of steps of the cached
+    rollouts' sampler."""
+
+    def __init__(self, student: Student, params: StudentParams, gen_length: int, rollout_steps: int | None = None):
+        super().__init__()
+        self.student, self.params, self.gen_length, self.rollout_steps = student, params, gen_length, rollout_steps
+        self.strict_loading = False  # checkpoints omit the frozen base
+        self.recent: dict[str, deque] = {}
+
+    def meanflow_step(self, batch) -> MeanFlowLoss:
+        """The MeanFlow objective on a batch of top-k rows; v is rebuilt from the cached top-k, a chunk of
+        masked positions at a time."""
+        p = self.params
+        keys = (p.seed, self.current_epoch, batch["example_index"], batch["sample_index"])
+        r = sample_r(batch["t"], p.equal_fraction, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
+        latent = None
+        if self.student.latent_dim:
+            latent = counter_normal(self.student.latent_dim, *keys, MEANFLOW_LATENT_STREAM).to(batch["t"].device)
+        v = TeacherRows(self.student.base.config.embedding_size, batch["topk_ids"], batch["topk_logprobs"], p.tail)
+        return meanflow_loss(self.student, batch["input_ids"], batch["attention_mask"], batch["masked"], batch["t"], r, v,
+                             p, self.gen_length, batch["x0"], latent=latent)
+
+    def rollout_step(self, batch) -> RolloutLoss:
+        """The rollout objective on a batch of rollouts: (k, k') per rollout, and K latents for a
+        latent student."""
+        p = self.params
+        keys = (p.seed, self.current_epoch, batch["example_index"], batch["rollout_index"])
+        device = batch["tokens"].device
+        uniforms = torch.stack([counter_uniform(*keys, ROLLOUT_STEP_STREAM, j) for j in range(4)]).to(device)
+        k, k_end = sample_steps(self.rollout_steps, uniforms, p.one_step_fraction, p.r0_fraction)
+        interval = rollout_interval(batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["reveal_step"],
+                                    k, k_end, self.student.base.config.mask_token_id)
+        latents = None
+        if self.student.latent_dim:
+            draws = torch.arange(p.latent_draws)[None, :]  # (1, K)
+            latents = counter_normal(self.student.latent_dim, *(key if isinstance(key, int) else key[:, None]
+                                                                for key in keys), ROLLOUT_LATENT_STREAM, draws)
+            latents = latents.to(device)  # (B, K, d)
+        return rollout_loss(self.student, interval, latents, self.student.base.config.mask_token_id,
+                            p.selection_temperature)
+
+    def training_step(self, item, batch_idx):
+        p, loss = self.params, 0.0
+        if "meanflow" in item:
+            out = self.meanflow_step(item["meanflow"])
+            self.require_finite(out.loss, "MeanFlow", f"|du/dt| = {out.du_dt_abs.item():.3g}. Lower student.lr or "
+                                "student.soft_prompt.max_frequency, or use tangent=seed.")
+            self.log_meanflow(out)
+            loss = loss + p.meanflow_weight * out.loss
+        if "rollouts" in item:
+            out = self.rollout_step(item["rollouts"])
+            self.require_finite(out.loss, "rollout", "Lower student.lr.")
+            self.log_rollouts(out)
+            loss = loss + p.rollout_weight * out.loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def require_finite(self, loss: torch.Tensor, name: str, hint: str) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite {name} loss ({loss.item()}) at step {self.global_step}; {hint}")
+
+    def track(self, name: str, value: torch.Tensor) -> None:
+        """Log ``train/{name}`` and keep it for the end-of-training diagnostics."""
+        self.log(f"train/{name}", value)
+        self.recent.setdefault(name, deque(maxlen=DIAGNOSTIC_WINDOW)).append(float(value))
+
+    def log_meanflow(self, out: MeanFlowLoss) -> None:
+        self.track("meanflow_loss", out.loss.detach())
+        self.track("du_dt_abs", out.du_dt_abs)
+        if out.equal.any():
+            self.track("kl_r_eq_t", out.kl[out.equal].mean())
+        if (~out.equal).any():
+            self.track("kl_r_lt_t", out.kl[~out.equal].mean())
+
+    def log_rollouts(self, out: RolloutLoss) -> None:
+        """The loss by one-step / intermediate rows, and whether the latent is used: the gap between
+        the mean and the best draw's loss, and the distinct greedy answers across the K draws (about
+        0 and 1 when the latent is ignored)."""
+        self.track("rollout_loss", out.loss.detach())
+        if out.one_step.any():
+            self.track("rollout_loss_one_step", out.rows[out.one_step].mean())
+        if (~out.one_step).any():
+            self.track("rollout_loss_intermediate", out.rows[~out.one_step].mean())
+        if out.selection is not None:
+            self.track("latent_gap", out.selection.gap.mean())
+            self.track("latent_distinct", out.selection.distinct.float().mean())
+            if out.one_step.any():
+                self.track("latent_distinct_one_step", out.selection.distinct[out.one_step].float().mean())
+
+    def diagnostics(self) -> dict[str, float]:
+        """Each tracked quantity averaged over the last ``DIAGNOSTIC_WINDOW`` steps (this rank)."""
+        return {name: round(sum(values) / len(values), 4) for name, values in sorted(self.recent.items())}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.student.soft_prompt.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    def configure_optimizers(self):
+        p = self.params
+        optimizer = torch.optim.AdamW(self.student.soft_prompt.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, p.warmup_steps, p.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("student.base.")}
+
+
+def check_cache_matches_teacher(cache_dir: Path, record) -> None:
+    from pipeline.core.errors import CacheError
+    from pipeline.cache.topk import read_manifest
+
+    manifest = read_manifest(Path(cache_dir))
+    if manifest["teacher_fingerprint"] != record.fingerprint:
+        raise CacheError(f"{cache_dir}: built by teacher {manifest['teacher_fingerprint']}, but the teacher is "
+                         f"{record.fingerprint}; rerun cache_teacher")
+
+
+def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, data_dir: Path, out_dir: Path,
+                  metrics_dir: Path, checkpoint_dir: Path, resume=None, cache_params=None) -> dict:
+    """Distil a student from the cache and save it (soft prompt + base pointer) to ``out_dir``, with
+    checkpoints in this run's directory under ``checkpoint_dir`` (``pipeline.student.run``; ``resume``:
+    a checkpoint of this run, or ``Resume`` for its last one). With ``cache_params`` (params.yaml's
+    ``cache``), a cache built with others is refused. Returns a summary on global rank 0, None on the
+    other ranks."""
+    import datetime
+    import time
+
+    import datasets
+    from dvclive.lightning import DVCLiveLogger
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from pipeline.student import run as student_run
+    from pipeline.cache.shards import read_manifest
+    from pipeline.data.prepare import Layout
+    from pipeline.generation.accuracy import GenerationAccuracy
+    from pipeline.teacher.artifact import load_teacher
+
+    L.seed_everything(params.seed, workers=True)
+    # Every input is checked before an output is touched (the logger clears metrics_dir / "training").
+    student_run.check_strategy(params.strategy)
+    base, tokenizer, record = load_teacher(teacher_dir)
+    check_cache_matches_teacher(cache_dir, record)
+    layout = Layout.load(data_dir)
+    manifest = read_manifest(cache_dir)
+    if cache_params is not None:
+        student_run.check_cache_is_current(cache_dir, manifest, cache_params, layout, data_dir)
+    identity = student_run.run_identity(params, manifest)
+    run_dir = student_run.run_directory(checkpoint_dir, identity)
+    ckpt_path = student_run.resume_checkpoint(resume, run_dir, identity)
+    data = TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers, seed=params.seed,
+                                  meanflow=params.meanflow_weight > 0,
+                                  rollouts=params.rollouts if params.rollout_weight > 0 else None)
+    data.setup("fit")  # opens (rank 0: verifies) the cache
+    if rank_zero_only.rank == 0:
+        print(f"checkpoints: {run_dir}; " + (f"resuming {ckpt_path}" if ckpt_path else "training afresh"))
+        if ckpt_path is None:
+            student_run.clear_run_directory(run_dir)
+    student = Student(base, config=params.soft_prompt)
+    rollout_steps = None
+    if params.rollout_weight > 0:
+        from pipeline.cache.rollouts import open_rollouts
+
+        rollout_steps = open_rollouts(cache_dir, verify=False).sampler["steps"]
+    module = StudentDistillation(student, params, layout.gen_length, rollout_steps)
+    accuracy = GenerationAccuracy(datasets.load_from_disk(str(data_dir / "val")), tokenizer, {layout.pad_token_id},
+                                  layout, every_n_steps=params.eval_every, steps=1, model_of=lambda m: m.student)
+    on_gpu = torch.cuda.is_available()
+    trainer = L.Trainer(
+        max_steps=params.max_steps,
+        max_time=datetime.timedelta(minutes=params.max_minutes),
+        accelerator="auto",
+        devices=params.devices,
+        strategy=params.strategy,
+        precision=params.precision or ("bf16-mixed" if on_gpu else "32-true"),
+        logger=DVCLiveLogger(dir=str(metrics_dir / "training"), save_dvc_exp=False, dvcyaml=False),
+        callbacks=[accuracy, student_run.RecordRunIdentity(identity),
+                   ModelCheckpoint(dirpath=str(run_dir), save_last=True, every_n_train_steps=params.eval_every,
+                                   enable_version_counter=False)],
+        log_every_n_steps=10,
+        gradient_clip_val=1.0,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if not trainer.is_global_zero:
+        return None
+    student.cpu().save_pretrained(out_dir)
+    latents = latent_validation(student, accuracy.rows, tokenizer, layout) if student.latent_dim else None
+    return {"steps": trainer.global_step, "minutes": round((time.perf_counter() - started) / 60, 2),
+            "trainable_parameters": sum(p.numel() for p in student.soft_prompt.parameters()),
+            "val_accuracy_one_step": accuracy.history[-1] if accuracy.history else None,
+            "val_one_step_4_latents": latents, "diagnostics": module.diagnostics(), "curve": accuracy.history}
+
+
+def latent_validation(student: Student, rows, tokenizer, layout, samples: int = 4) -> dict:
+    """One step, greedy given each of ``samples`` latents per validation prompt: accuracy over all
+    completions and distinct valid completions per prompt, per task."""
+    from pipeline.evaluation.grid import complete_split
+    from pipeline.data.scoring import score_records
+
+    records, _ = complete_split(student.eval(), rows, tokenizer, {layout.pad_token_id}, layout, steps=1,
+                                samples=samples)
+    metrics = score_records(records)
+    return {"accuracy": {task: round(m["accuracy"], 4) for task, m in metrics.items()},
+            "distinct_valid": {task: round(m["distinct_valid"], 3) for task, m in metrics.items()
+                               if "distinct_valid" in m}}

@@ -1,0 +1,177 @@
+"""The student: a frozen LLaDA plus a trainable soft prompt conditioned on the interval (r, t).
+
+``student(x_t, r, t)`` is the average velocity u (logits). The base model is shared, never copied:
+the teacher is ``student.base`` without a prefix. Saved students hold only the soft prompt and the
+base checkpoint's path and fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.models.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint
+from pipeline.core.errors import CheckpointError
+from pipeline.core.files import atomic_directory
+from pipeline.models.layers import Attention
+from pipeline.models.mask_predictor import MaskPredictor
+from pipeline.models.registry import load_model
+from pipeline.core.params import SoftPromptConfig
+from pipeline.student.soft_prompt import SoftPrompt
+
+STUDENT_CONFIG = "student_config.json"
+SOFT_PROMPT_WEIGHTS = "soft_prompt.safetensors"
+FORMAT = "llada-meanflow-student"
+
+
+def as_time(value: float | torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A time argument (float, 0-d or (B,) tensor) as a (B,) tensor in the dtype of ``like``."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.dim() == 0:
+        return value.expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"time must be a scalar or shape ({batch},), got {tuple(value.shape)}")
+    return value
+
+
+class Student(nn.Module):
+    """``Student(base, prompt_length=8, latent_dim=0, **soft_prompt_options)`` (options as
+    ``SoftPromptConfig``; without a latent unless asked), or ``Student(base, config=...)``."""
+
+    def __init__(self, base: MaskPredictor, prompt_length: int = 8, config: SoftPromptConfig | None = None,
+                 latent_dim: int = 0, **options):
+        super().__init__()
+        config = config or SoftPromptConfig(prompt_length=prompt_length, latent_dim=latent_dim, **options)
+        c = base.config
+        self.base = base.requires_grad_(False).eval()
+        self.soft_prompt = SoftPrompt(config, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim)
+        dtype = next(base.parameters()).dtype
+        device = next(base.parameters()).device
+        self.soft_prompt.to(device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+
+    @property
+    def config(self) -> SoftPromptConfig:
+        return self.soft_prompt.config
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    def train(self, mode: bool = True) -> "Student":
+        super().train(mode)
+        self.base.eval()  # frozen: never in training mode
+        return self
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """Average-velocity logits u(x_t, r, t, z): (B, T, V), ``head(hidden(...))``; arguments as ``hidden``."""
+        return self.head(self.hidden(*args, **kwargs))
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        r: float | torch.Tensor = 0.0,
+        t: float | torch.Tensor = 1.0,
+        attention_mask: torch.Tensor | None = None,
+        attention: Attention = "sdpa",
+        latent: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The base's final hidden states (B, T, C) under the soft prompt of (r, t, z); ``head`` maps
+        any rows of them to logits. r, t: floats or (B,) tensors; latent: (B, latent_dim) when the soft
+        prompt has one (``pipeline.generation.sampler.completion_latents`` draws it)."""
+        ref = inputs_embeds if inputs_embeds is not None else input_ids
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        weight = self.soft_prompt.prompt_gate
+        r, t = as_time(r, ref.shape[0], weight), as_time(t, ref.shape[0], weight)
+        prefix, gate = self.soft_prompt(r, t, latent)
+        base_dtype = self.base.embedding_weight.dtype
+        return self.base.hidden(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            prefix=prefix.to(base_dtype),
+            prefix_gate=gate,
+            attention_mask=attention_mask,
+            attention=attention,
+        )
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of hidden states (..., C): the frozen base's head (the soft prompt acts in
+        the trunk only), so it can run on the rows that need it only."""
+        return self.base.head(hidden)
+
+    # ------------------------------------------------------------------ checkpoint I/O
+
+    def soft_prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.soft_prompt.state_dict().items()}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the soft prompt and a pointer to the base checkpoint (path relative to ``path`` when
+        both live on one tree, and fingerprint). The frozen base is never copied."""
+        path = Path(path)
+        source = self.base.source_path
+        if source is None:
+            raise CheckpointError("the student's base model was not loaded from a checkpoint directory; "
+                                  "save it with save_pretrained and reload it first")
+        meta = {
+            "format": FORMAT,
+            "soft_prompt": dataclasses.asdict(self.config),
+            "base_path": os.path.relpath(source.resolve(), path.resolve()),
+            "base_fingerprint": checkpoint_fingerprint(source),
+        }
+        with atomic_directory(path) as tmp:
+            save_file(self.soft_prompt_state_dict(), str(tmp / SOFT_PROMPT_WEIGHTS), metadata={"format": "pt"})
+            (tmp / STUDENT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @staticmethod
+    def is_student_dir(path: str | Path) -> bool:
+        return (Path(path) / STUDENT_CONFIG).is_file()
+
+    @staticmethod
+    def base_path_of(path: str | Path) -> Path:
+        """The base checkpoint directory a saved student points to."""
+        meta = read_json(Path(path) / STUDENT_CONFIG)
+        return (Path(path) / meta["base_path"]).resolve()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        base: MaskPredictor | str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> "Student":
+        """Load a saved student. ``base`` (a loaded LLaDA or a directory) overrides the recorded base
+        path; either way its fingerprint must equal the one recorded at save time."""
+        path = Path(path)
+        meta = read_json(path / STUDENT_CONFIG)
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path / STUDENT_CONFIG}: not a {FORMAT} file")
+        if not isinstance(base, MaskPredictor):
+            base_dir = resolve_checkpoint(base) if base is not None else cls.base_path_of(path)
+            base = load_model(base_dir, dtype=dtype, device=device)
+        if base.source_path is None:
+            raise CheckpointError("the base model was not loaded from a checkpoint directory")
+        found = checkpoint_fingerprint(base.source_path)
+        if found != meta["base_fingerprint"]:
+            raise CheckpointError(
+                f"{path}: the student was trained on a base with fingerprint {meta['base_fingerprint']}, "
+                f"but {base.source_path} has fingerprint {found}"
+            )
+        try:
+            config = SoftPromptConfig(**{"latent_dim": 0, **meta["soft_prompt"]})  # older students: no latent
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path / STUDENT_CONFIG}: {err}") from err
+        student = cls(base, config=config)
+        state = load_file(str(path / SOFT_PROMPT_WEIGHTS), device="cpu")
+        try:
+            student.soft_prompt.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path / SOFT_PROMPT_WEIGHTS}: does not match its config ({err})") from err
+        return student.eval()

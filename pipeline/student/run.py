@@ -1,0 +1,111 @@
+"""A student training run's identity, and the checks that keep one run from training on, resuming or
+publishing what belongs to another.
+
+A run is identified by what determines its result: the ``student`` params (less the speed-only
+keys) and the cache it trains on (teacher fingerprint, the cache's params hash and data
+fingerprint). Its Lightning checkpoints live in ``checkpoints/student/<run hash>/`` and record the
+identity, so ``--resume`` finds this run's ``last.ckpt`` and an explicit checkpoint of another run
+is refused, naming the keys that differ. Everything here runs before training touches an output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from pipeline.core.params import CacheParams, StudentParams, differences, params_hash
+from pipeline.data.prepare import Layout, split_fingerprint
+from pipeline.core.errors import CacheError, CheckpointError, ParamsError
+
+RUN_KEY = "run_identity"
+"""The key of a Lightning checkpoint holding the identity of the run that wrote it."""
+SPEED_ONLY = ("max_minutes", "num_workers", "eval_every")
+"""``student`` keys that change how fast or how often things happen, not the trained weights."""
+LAST = "last.ckpt"
+
+
+class Resume:
+    """``--resume`` without a path: this run's last checkpoint when there is one."""
+
+
+def run_identity(params: StudentParams, manifest: dict) -> dict:
+    """What determines a run's result: the student params and the cache (``manifest``) it trains on."""
+    student = {k: v for k, v in dataclasses.asdict(params).items() if k not in SPEED_ONLY}
+    return {"student": student, "teacher_fingerprint": manifest["teacher_fingerprint"],
+            "cache_params_hash": manifest["params_hash"], "cache_data_fingerprint": manifest["data_fingerprint"]}
+
+
+def run_directory(root: Path, identity: dict) -> Path:
+    """This run's checkpoint directory: ``root/<hash of its identity>``."""
+    return Path(root) / params_hash(identity)
+
+
+def check_cache_is_current(cache_dir: Path, manifest: dict, params: CacheParams, layout: Layout, data_dir: Path) -> None:
+    """Refuse a cache that stage one built with other ``cache`` params, layout or training data than
+    the current ones (a changed params.yaml or ``data/`` without a rerun of cache_teacher), naming
+    what differs."""
+    changed = differences(manifest.get("params", {}), params.content(), "cache") + differences(
+        manifest.get("layout", {}), {**dataclasses.asdict(layout), "length": layout.length}, "layout")
+    if changed:
+        raise CacheError(f"{cache_dir}: built with other params than params.yaml ({'; '.join(changed)}); "
+                         "rerun cache_teacher")
+    found = split_fingerprint(Path(data_dir) / "train")
+    if manifest.get("data_fingerprint") != found:
+        raise CacheError(f"{cache_dir}: built from other training data (fingerprint {manifest.get('data_fingerprint')}) "
+                         f"than {Path(data_dir) / 'train'} ({found}); rerun cache_teacher")
+
+
+def resume_checkpoint(resume: Path | type[Resume] | None, run_dir: Path, identity: dict) -> Path | None:
+    """The checkpoint to continue from: ``Resume``, this run's last one (None when it has none yet);
+    a path, that checkpoint, refused unless it exists and was written by a run with this identity."""
+    if resume is None:
+        return None
+    if resume is Resume:
+        last = run_dir / LAST
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: file not found (without a path, --resume continues this "
+                              f"run's {run_dir / LAST})")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: any unpickling error
+        raise CheckpointError(f"--resume {path}: not a readable Lightning checkpoint ({err})") from err
+    found = checkpoint.get(RUN_KEY) if isinstance(checkpoint, dict) else None
+    if found is None:
+        raise CheckpointError(f"--resume {path}: records no run identity (not written by this version of "
+                              "train_student); train afresh without --resume")
+    changed = differences(found, identity, "")
+    if changed:
+        raise CheckpointError(f"--resume {path}: written by another run ({'; '.join(changed[:5])}); resume "
+                              f"with the params it was trained with, or train afresh")
+    return path
+
+
+def clear_run_directory(run_dir: Path) -> None:
+    """A fresh run replaces the checkpoints an earlier run with the same identity left."""
+    for stale in Path(run_dir).glob("*.ckpt"):
+        stale.unlink(missing_ok=True)
+
+
+def check_strategy(strategy: str) -> None:
+    """Refuse a ``student.strategy`` Lightning does not know, before anything starts."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = ["auto", *StrategyRegistry.available_strategies()]
+    if strategy not in known:
+        raise ParamsError(f"params.yaml:student.strategy: {strategy!r} is not a Lightning strategy "
+                          f"(e.g. {', '.join(known[:8])})")
+
+
+class RecordRunIdentity(L.Callback):
+    """Writes the run's identity into every checkpoint, for ``resume_checkpoint`` to check."""
+
+    def __init__(self, identity: dict):
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[RUN_KEY] = self.identity
