@@ -23,7 +23,8 @@ import pyarrow as pa
 import torch
 
 from pipeline.cache import fill_rollouts as rollout_fill
-from pipeline.core.params import CacheParams, from_mapping
+from pipeline.cache.params import CacheParams
+from pipeline.core.params import from_mapping
 from pipeline.core.cpu_numerics import pin_cpu_numerics
 from pipeline.data.prepare import Layout
 from pipeline.models.llada import LLaDA, LLaDAConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from pipeline.core.params import StudentParams
+from pipeline.student.params import StudentParams
 from pipeline.generation.sampler import completion_latents
 from pipeline.core.cpu_numerics import pin_cpu_numerics
 from pipeline.data.prepare import Layout

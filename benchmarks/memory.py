@@ -84,7 +84,8 @@ def measure_grid() -> list[dict]:
     import torch
 
     import pipeline
-    from pipeline.core.params import SoftPromptConfig, StudentParams
+    from pipeline.student.params import StudentParams
+    from pipeline.student.soft_prompt import SoftPromptConfig
     from pipeline.data.prepare import Layout
     from pipeline.student.distillation import StudentDistillation
     from pipeline.generation.sampler import mask_predictor, one_step_generate

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core.params import SoftPromptConfig
+from pipeline.student.soft_prompt import SoftPromptConfig
 from pipeline.student.soft_prompt import SoftPrompt
 
 # The shapes that size the prefix, and the base's parameter count (its weights are counted in bf16).

@@ -25,7 +25,9 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
     import psutil
     import torch
 
-    from pipeline.core.params import StudentParams, load_section
+    from pipeline.core.params import load_section
+
+    from pipeline.student.params import StudentParams
     from pipeline.data.prepare import Layout
     from pipeline.student.distillation import StudentDistillation
     from pipeline.student.meanflow import dense_logprobs, token_losses

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from pipeline.models.checkpoint_check import first_non_finite
-from pipeline.core.params import CacheParams, load_section
+from pipeline.cache.params import CacheParams
+from pipeline.core.params import load_section
 from pipeline.core.errors import CheckpointError
 from pipeline.data.prepare import Layout
 from pipeline.cache.rollouts import open_rollouts, rollout_statistics

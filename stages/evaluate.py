@@ -18,7 +18,9 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from pipeline.core.params import EvaluateParams, load_section
+from pipeline.core.params import load_section
+
+from pipeline.evaluation.params import EvaluateParams
 from pipeline.data.prepare import Layout
 from pipeline.core.errors import ParamsError
 from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for

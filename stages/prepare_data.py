@@ -6,7 +6,11 @@ the checkpoint's own tokenizer (and chat template) is used.
     python stages/prepare_data.py --out data
 """
 
-from pipeline.core.params import DataParams, TeacherParams, load_section
+from pipeline.core.params import load_section
+
+from pipeline.data.params import DataParams
+
+from pipeline.teacher.params import TeacherParams
 from pipeline.data.prepare import prepare_data
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.data.tasks import ALPHABET

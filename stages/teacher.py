@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from pipeline.models.checkpoint_io import resolve_checkpoint
-from pipeline.core.params import TeacherParams, load_section
+from pipeline.core.params import load_section
+from pipeline.teacher.params import TeacherParams
 from pipeline.core.files import atomic_directory
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.teacher.artifact import check_data_tokenizer, validate_checkpoint

@@ -112,7 +112,7 @@ def make_workdir(path: Path, train_per_task: int = 30, gen_length: int = 7, **mo
     """A stage working directory with ``data/`` (built-in tasks, tiny) and ``artifacts/teacher/``
     (a random tiny LLaDA recorded as the teacher), as the prepare_data and teacher stages leave it."""
     from pipeline.models.checkpoint_io import checkpoint_fingerprint
-    from pipeline.core.params import DataParams
+    from pipeline.data.params import DataParams
     from pipeline.data.prepare import prepare_data
     from pipeline.teacher.artifact import TeacherRecord, tokenizer_hash
 

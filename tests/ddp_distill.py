@@ -14,7 +14,9 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-from pipeline.core.params import SoftPromptConfig, StudentParams
+from pipeline.student.params import StudentParams
+
+from pipeline.student.soft_prompt import SoftPromptConfig
 from pipeline.data.prepare import Layout
 from pipeline.student.distillation import StudentDistillation
 from pipeline.student.model import Student

@@ -6,7 +6,7 @@ import datasets
 import pytest
 import torch
 
-from pipeline.core.params import DataParams
+from pipeline.data.params import DataParams
 from pipeline.data.prepare import (
     DataError, Layout, encode_examples, forward_mask, prepare_data, read_jsonl_examples, sample_mask_ratio,
     split_by_prompt,

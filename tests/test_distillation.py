@@ -13,7 +13,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.core.params import CacheParams, SoftPromptConfig, StudentParams, from_mapping
+from pipeline.cache.params import CacheParams
+
+from pipeline.core.params import from_mapping
+
+from pipeline.student.params import StudentParams
+
+from pipeline.student.soft_prompt import SoftPromptConfig
 from pipeline.data.prepare import Layout
 from pipeline.student.distillation import StudentDistillation
 from pipeline.core.errors import TrainingError

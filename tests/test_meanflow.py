@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from pipeline.core.params import SoftPromptConfig, StudentParams
+from pipeline.student.params import StudentParams
+
+from pipeline.student.soft_prompt import SoftPromptConfig
 from pipeline.core.counter_random import counter_uniform
 from pipeline.models.registry import load_model
 from pipeline.student.meanflow import (

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline.cache.shards import ROLLOUTS, ShardWriter, ensure_manifest, finalize_manifest
-from pipeline.core.params import CacheParams, from_mapping
+from pipeline.cache.params import CacheParams
+from pipeline.core.params import from_mapping
 from pipeline.data.prepare import Layout
 from pipeline.core.errors import CacheError, ParamsError
 from pipeline.generation.sampler import CounterNoise, field_seeds, mask_predictor, sample_trajectory

@@ -13,7 +13,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.core.params import CacheParams, from_mapping
+from pipeline.cache.params import CacheParams
+
+from pipeline.core.params import from_mapping
 from pipeline.data.prepare import Layout
 from pipeline.teacher.artifact import load_teacher
 from pipeline.cache.shards import ShardWriter, ensure_manifest, finalize_manifest

@@ -6,7 +6,9 @@ import datasets
 import pytest
 import torch
 
-from pipeline.core.params import ParamsError, TeacherParams, from_mapping
+from pipeline.core.params import ParamsError, from_mapping
+
+from pipeline.teacher.params import TeacherParams
 from pipeline.teacher.pretraining import SequenceDataModule
 
 

@@ -23,7 +23,8 @@ from pipeline.cache import fill_rollouts as rollout_fill
 from pipeline.cache.shards import (
     ROLLOUTS, TOPK, ShardWriter, ensure_manifest, finalize_manifest, my_shards, pending_shards, shard_rows,
 )
-from pipeline.core.params import CacheParams, params_hash
+from pipeline.cache.params import CacheParams
+from pipeline.core.params import params_hash
 from pipeline.data.prepare import Layout, split_fingerprint
 from pipeline.core.errors import CacheError, ParamsError
 from pipeline.generation.sampler import guided_hidden, mask_predictor

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.shards import ROLLOUTS, ShardWriter
-from pipeline.core.params import CacheParams, RolloutParams
+from pipeline.cache.params import CacheParams, RolloutParams
 from pipeline.data.prepare import Layout
 from pipeline.core.errors import ParamsError
 from pipeline.generation.sampler import CounterNoise, completion_seeds, field_seeds, mask_predictor, sample_trajectory

@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from pipeline.core.params import StudentParams
+from pipeline.student.params import StudentParams
 from pipeline.core.counter_random import counter_normal, counter_uniform
 from pipeline.core.errors import TrainingError
 from pipeline.core.lr_schedule import warmup_cosine

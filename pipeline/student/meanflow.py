@@ -19,7 +19,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.params import StudentParams
+from pipeline.student.params import StudentParams
 from pipeline.models.layers import upcast
 from pipeline.models.logit_rows import map_row_chunks
 

@@ -22,7 +22,7 @@ from pipeline.core.files import atomic_directory
 from pipeline.models.layers import Attention
 from pipeline.models.mask_predictor import MaskPredictor
 from pipeline.models.registry import load_model
-from pipeline.core.params import SoftPromptConfig
+from pipeline.student.soft_prompt import SoftPromptConfig
 from pipeline.student.soft_prompt import SoftPrompt
 
 STUDENT_CONFIG = "student_config.json"

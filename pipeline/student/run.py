@@ -16,7 +16,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from pipeline.core.params import CacheParams, StudentParams, differences, params_hash
+from pipeline.cache.params import CacheParams
+
+from pipeline.core.params import differences, params_hash
+
+from pipeline.student.params import StudentParams
 from pipeline.data.prepare import Layout, split_fingerprint
 from pipeline.core.errors import CacheError, CheckpointError, ParamsError
 

@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Literal
 
 import torch
 from torch import nn
 
-from pipeline.core.params import SoftPromptConfig
+from pipeline.core.params import require, require_at_least
+
+
+@dataclasses.dataclass
+class SoftPromptConfig:
+    """``student.soft_prompt``: shape and time conditioning of the soft prompt. A saved student records it in its ``student_config.json``."""
+
+    prompt_length: int = 8
+    """P: prefix positions per layer."""
+    time_features: int = 32
+    """Sinusoidal features per time scalar (half sine, half cosine)."""
+    max_frequency: float = 16.0
+    """Largest angular frequency of the features; t lives in [0, 1]. Large values (the 1000*t of
+    image diffusion) make du/dt huge under the JVP and training unstable."""
+    hidden_size: int = 64
+    """Width of the 2-layer MLP (its output layer has hidden_size x n_layers*2*Hkv*P*D weights)."""
+    conditioning: Literal["r_t", "t_interval"] = "r_t"
+    """Inputs of the time encoder: ``r_t`` embeds (r, t) (the seed's choice); ``t_interval`` embeds
+    (t, t - r), which MeanFlow reports slightly better."""
+    latent_dim: int = 8
+    """d: a per-generation latent z ~ N(0, I_d) enters the prompt MLP beside the time features, so
+    one forward pass can emit different consistent answers (DESIGN 11.2); 0: no latent (students
+    saved before the latent existed load with 0)."""
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "prompt_length", "hidden_size", "max_frequency")
+        require_at_least(self, 0, "latent_dim")
+        require(self.time_features >= 2 and self.time_features % 2 == 0, "time_features", "must be an even number >= 2")
+        require(self.conditioning in ("r_t", "t_interval"), "conditioning", "must be 'r_t' or 't_interval'")
 
 
 class TimeFeatures(nn.Module):
