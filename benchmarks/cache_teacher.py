@@ -26,7 +26,7 @@ from pipeline.cache import fill_rollouts as rollout_fill
 from pipeline.cache.params import CacheParams
 from pipeline.core.params import from_mapping
 from pipeline.core.cpu_numerics import pin_cpu_numerics
-from pipeline.data.prepare import Layout
+from pipeline.data.layout import Layout
 from pipeline.models.llada import LLaDA, LLaDAConfig
 from pipeline.teacher.artifact import load_teacher
 from pipeline.cache.shards import ROLLOUTS, shard_name

@@ -18,9 +18,9 @@ import datasets
 import torch
 
 from pipeline.student.params import StudentParams
-from pipeline.generation.sampler import completion_latents
+from pipeline.generation.noise import completion_latents
 from pipeline.core.cpu_numerics import pin_cpu_numerics
-from pipeline.data.prepare import Layout
+from pipeline.data.layout import Layout
 from pipeline.data.scoring import score_records
 from pipeline.student.meanflow import meanflow_loss
 from pipeline.student.model import Student

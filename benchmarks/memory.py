@@ -86,7 +86,7 @@ def measure_grid() -> list[dict]:
     import pipeline
     from pipeline.student.params import StudentParams
     from pipeline.student.soft_prompt import SoftPromptConfig
-    from pipeline.data.prepare import Layout
+    from pipeline.data.layout import Layout
     from pipeline.student.distillation import StudentDistillation
     from pipeline.generation.sampler import mask_predictor, one_step_generate
     from pipeline.models.llada import LLaDA, LLaDAConfig

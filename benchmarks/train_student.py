@@ -28,7 +28,7 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
     from pipeline.core.params import load_section
 
     from pipeline.student.params import StudentParams
-    from pipeline.data.prepare import Layout
+    from pipeline.data.layout import Layout
     from pipeline.student.distillation import StudentDistillation
     from pipeline.student.meanflow import dense_logprobs, token_losses
     from pipeline.student.model import Student

@@ -22,10 +22,11 @@ import torch
 
 from pipeline.models.checkpoint_io import read_json, resolve_checkpoint
 from pipeline.core.cpu_numerics import pin_cpu_numerics
-from pipeline.data.prepare import read_jsonl
+from pipeline.data.jsonl import read_jsonl
 from pipeline.core.errors import CheckpointError
 from pipeline.core.files import atomic_write_text
-from pipeline.generation.sampler import completion_latents, generate, mask_predictor
+from pipeline.generation.noise import completion_latents
+from pipeline.generation.sampler import generate, mask_predictor
 from pipeline.models.registry import load_model as load_checkpoint
 from pipeline.student.model import Student
 from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters

@@ -25,7 +25,7 @@ from pipeline.models.checkpoint_check import first_non_finite
 from pipeline.cache.params import CacheParams
 from pipeline.core.params import load_section
 from pipeline.core.errors import CheckpointError
-from pipeline.data.prepare import Layout
+from pipeline.data.layout import Layout
 from pipeline.cache.rollouts import open_rollouts, rollout_statistics
 from pipeline.data.scoring import score_rollouts
 from pipeline.core.stage import run_stage, stage_parser

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline.core.params import load_section
 
 from pipeline.evaluation.params import EvaluateParams
-from pipeline.data.prepare import Layout
+from pipeline.data.layout import Layout
 from pipeline.core.errors import ParamsError
 from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
 from pipeline.evaluation.report import curve_rows, plot_accuracy, results_markdown, summarize

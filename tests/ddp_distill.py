@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from pipeline.student.params import StudentParams
 
 from pipeline.student.soft_prompt import SoftPromptConfig
-from pipeline.data.prepare import Layout
+from pipeline.data.layout import Layout
 from pipeline.student.distillation import StudentDistillation
 from pipeline.student.model import Student
 from pipeline.teacher.artifact import load_teacher

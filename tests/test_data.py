@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from pipeline.data.params import DataParams
-from pipeline.data.prepare import (
-    DataError, Layout, encode_examples, forward_mask, prepare_data, read_jsonl_examples, sample_mask_ratio,
-    split_by_prompt,
-)
+from pipeline.data.layout import Layout, forward_mask, sample_mask_ratio
+from pipeline.data.prepare import DataError, encode_examples, prepare_data, read_jsonl_examples, split_by_prompt
 from pipeline.data.tasks import ALPHABET
 from pipeline.data.tokenizer import BOS, EOS, MASK, build_char_tokenizer, decode_answer, load_tokenizer
 

@@ -20,7 +20,7 @@ from pipeline.core.params import from_mapping
 from pipeline.student.params import StudentParams
 
 from pipeline.student.soft_prompt import SoftPromptConfig
-from pipeline.data.prepare import Layout
+from pipeline.data.layout import Layout
 from pipeline.student.distillation import StudentDistillation
 from pipeline.core.errors import TrainingError
 from pipeline.student.model import Student

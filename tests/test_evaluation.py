@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.data.prepare import Layout
-from pipeline.evaluation.grid import complete_split, default_teacher_steps, evaluate_settings, settings_for
+from pipeline.data.layout import Layout
+from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
+from pipeline.generation.decode import complete_split
 from pipeline.data.scoring import score_records
 from pipeline.evaluation.report import summarize
 from pipeline.generation.sampler import generate
@@ -65,7 +66,8 @@ def test_latent_student_decodes_each_completion_given_its_latent(workdir):
     """Completion i of row n is the one-step greedy answer given completion_latents(seed, n, i),
     whatever the batch; the report puts the 4-latent row in the several-completions table."""
     from pipeline.evaluation.report import results_markdown
-    from pipeline.generation.sampler import completion_latents, mask_predictor, one_step_generate
+    from pipeline.generation.noise import completion_latents
+    from pipeline.generation.sampler import mask_predictor, one_step_generate
 
     teacher, tokenizer, _ = load_teacher(workdir / "artifacts" / "teacher")
     student = Student(teacher, prompt_length=2, hidden_size=8, latent_dim=3).eval()

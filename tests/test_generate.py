@@ -4,9 +4,9 @@ with scripted fake models."""
 import pytest
 import torch
 
-from pipeline.generation.sampler import (
-    CounterNoise, SamplerNetwork, generate, mask_predictor, num_transfer_tokens, one_step_generate, sample_trajectory,
-)
+from pipeline.generation.noise import CounterNoise
+
+from pipeline.generation.sampler import SamplerNetwork, generate, mask_predictor, num_transfer_tokens, one_step_generate, sample_trajectory
 from pipeline.models.llada import LLaDA, LLaDAConfig
 from pipeline.cache.rollouts import state_after
 from tests import reference_sampler

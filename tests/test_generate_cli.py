@@ -83,7 +83,8 @@ def test_latent_student_draws_one_latent_per_completion(tiny_checkpoint, tmp_pat
     assert any(len(set(c)) > 1 for c in first)  # the latents give different answers
     assert complete("c", "--seed", "1") != first
     # the CLI decodes completion d of prompt i given completion_latents(seed, i, d)
-    from pipeline.generation.sampler import completion_latents, mask_predictor, one_step_generate
+    from pipeline.generation.noise import completion_latents
+    from pipeline.generation.sampler import mask_predictor, one_step_generate
     from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(tiny_checkpoint)

@@ -12,9 +12,10 @@ import torch
 from pipeline.cache.shards import ROLLOUTS, ShardWriter, ensure_manifest, finalize_manifest
 from pipeline.cache.params import CacheParams
 from pipeline.core.params import from_mapping
-from pipeline.data.prepare import Layout
+from pipeline.data.layout import Layout
 from pipeline.core.errors import CacheError, ParamsError
-from pipeline.generation.sampler import CounterNoise, field_seeds, mask_predictor, sample_trajectory
+from pipeline.generation.noise import CounterNoise, field_seeds
+from pipeline.generation.sampler import mask_predictor, sample_trajectory
 from pipeline.cache.rollouts import RolloutRows, open_rollouts, rollout_schema, rollout_statistics
 from pipeline.teacher.artifact import load_teacher
 from pipeline.cache.topk import open_cache

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import logit_rows
-from pipeline.generation.sampler import CounterNoise, sample_trajectory
+from pipeline.generation.noise import CounterNoise
+from pipeline.generation.sampler import sample_trajectory
 from pipeline.models.layers import upcast
 from pipeline.models.llada import LLaDA
 from pipeline.student.rollout_objective import repeat_rows, rollout_interval, rollout_loss, sample_steps, select_latents

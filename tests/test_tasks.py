@@ -5,7 +5,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.data.tasks import TASKS, lexicon, main, make_splits, score, task_of
+from pipeline.data.tasks import TASKS, lexicon, make_splits, score, task_of
+from pipeline.score_cli import main
 
 FORMATS = {
     "add": r"add:(\d{3})\+(\d{3})=",
@@ -98,7 +99,7 @@ def test_scorer():
 def test_score_command(tmp_path, capsys):
     path = tmp_path / "out.jsonl"
     path.write_text('{"prompt": "sort:bca", "completions": ["abc"]}\n')
-    assert main(["score", str(path)]) == 0
+    assert main([str(path)]) == 0
     assert '"accuracy": 1.0' in capsys.readouterr().out
 
 
@@ -114,7 +115,7 @@ def test_score_command_refuses_bad_files_naming_the_line(tmp_path, capsys, text,
     zero), an empty file (``{}``, exit 0): each one ``error:`` line naming the file and line."""
     path = tmp_path / "completions.jsonl"
     path.write_text(text)
-    assert main(["score", str(path)]) == 2
+    assert main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:")
     assert re.search(message, err), err

@@ -16,7 +16,7 @@ import yaml
 from pipeline.cache.params import CacheParams
 
 from pipeline.core.params import from_mapping
-from pipeline.data.prepare import Layout
+from pipeline.data.layout import Layout
 from pipeline.teacher.artifact import load_teacher
 from pipeline.cache.shards import ShardWriter, ensure_manifest, finalize_manifest
 from pipeline.core.errors import CacheError, ParamsError

@@ -25,7 +25,7 @@ from pipeline.cache.shards import (
 )
 from pipeline.cache.params import CacheParams
 from pipeline.core.params import params_hash
-from pipeline.data.prepare import Layout, split_fingerprint
+from pipeline.data.layout import Layout, split_fingerprint
 from pipeline.core.errors import CacheError, ParamsError
 from pipeline.generation.sampler import guided_hidden, mask_predictor
 from pipeline.models.logit_rows import map_row_chunks

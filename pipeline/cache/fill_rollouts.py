@@ -17,9 +17,10 @@ import torch
 
 from pipeline.cache.shards import ROLLOUTS, ShardWriter
 from pipeline.cache.params import CacheParams, RolloutParams
-from pipeline.data.prepare import Layout
+from pipeline.data.layout import Layout
 from pipeline.core.errors import ParamsError
-from pipeline.generation.sampler import CounterNoise, completion_seeds, field_seeds, mask_predictor, sample_trajectory
+from pipeline.generation.noise import CounterNoise, completion_seeds, field_seeds
+from pipeline.generation.sampler import mask_predictor, sample_trajectory
 from pipeline.models.mask_predictor import MaskPredictor
 from pipeline.cache.rollouts import RolloutRows, rollout_schema
 

@@ -1,14 +1,5 @@
-"""Examples to token sequences, and LLaDA's forward (masking) process.
-
-Layout of every sequence (LLaDA's SFT data with a fixed-size prompt region)::
-
-    [pad ... pad BOS prompt tokens][answer tokens (suffix) EOS EOS ... EOS]
-     <----- prompt_length ------->  <------------- gen_length ----------->
-
-The prompt region is left padded and its padding is excluded by ``attention_mask``; the answer
-region is always attended, and its EOS padding is part of the target (the model learns where the
-answer ends). Prompt tokens are never masked.
-"""
+"""Examples to token sequences: the ``prepare_data`` stage (built-in tasks or external data, split
+by prompt, tokenized into the layout of ``pipeline.data.layout``)."""
 
 from __future__ import annotations
 
@@ -18,34 +9,10 @@ import random
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import torch
-
 from pipeline.core.errors import DataError
+from pipeline.data.jsonl import read_jsonl
+from pipeline.data.layout import Layout
 from pipeline.data.tokenizer import encode_prompts
-
-LAYOUT_FILE = "layout.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    prompt_length: int
-    gen_length: int
-    pad_token_id: int
-    """EOS, used for both prompt padding (masked out) and answer padding (a target)."""
-
-    @property
-    def length(self) -> int:
-        return self.prompt_length + self.gen_length
-
-    def save(self, directory: Path) -> None:
-        (Path(directory) / LAYOUT_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, directory: Path) -> "Layout":
-        path = Path(directory) / LAYOUT_FILE
-        if not path.is_file():
-            raise DataError(f"{path}: not found (run the prepare_data stage)")
-        return cls(**json.loads(path.read_text()))
 
 
 def encode_examples(
@@ -86,34 +53,6 @@ def encode_examples(
     return columns
 
 
-def read_jsonl(path: Path, fields: tuple[str, ...], error: type[Exception] = ValueError, what: str = "data file",
-               lists: tuple[str, ...] = ()) -> list[dict]:
-    """Records of a JSONL file, each required to hold string ``fields`` and non-empty lists of strings
-    ``lists``; blank lines are skipped. Problems raise ``error`` naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: {what} not found")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise error(f"{path}:{number}: not valid JSON ({err.msg})") from err
-        for field in fields:
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise error(f"{path}:{number}: expected an object with a string field {field!r}")
-        for field in lists:
-            value = record.get(field)
-            if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-                raise error(f"{path}:{number}: {field!r} must be a non-empty list of strings, got {value!r}")
-        records.append(record)
-    if not records:
-        raise error(f"{path}: no records (the file is empty)")
-    return records
-
-
 def read_jsonl_examples(path: Path, prompt_field: str, response_field: str) -> list[dict]:
     """``{"prompt", "answer"}`` examples from a JSONL file with the given field names."""
     records = read_jsonl(path, (prompt_field, response_field), DataError)
@@ -148,52 +87,6 @@ def split_by_prompt(
     for example in examples:
         splits[split_of.get(example["prompt"], "train")].append(example)
     return splits
-
-
-def split_fingerprint(split_dir: Path) -> str:
-    """sha256 over the Arrow files of a split written by ``prepare_data`` (identifies its content)."""
-    import hashlib
-
-    from pipeline.core.files import file_sha256
-
-    files = sorted(Path(split_dir).glob("*.arrow"))
-    if not files:
-        raise DataError(f"{split_dir}: no Arrow files (run the prepare_data stage)")
-    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------- forward process
-
-
-def sample_mask_ratio(
-    batch: int, eps: float, generator: torch.Generator | None = None, device=None, stratified: bool = False
-) -> torch.Tensor:
-    """LLaDA's t ~ U(eps, 1] (B,). ``stratified`` draws one t from each of B equal slices of the
-    interval (in random order): still uniform per sample, but a batch covers all noise levels, which
-    lowers the variance of the 1/t-weighted loss."""
-    u = torch.rand(batch, generator=generator, device=device)
-    if stratified:
-        slot = torch.randperm(batch, generator=generator, device=device)
-        u = (slot + u) / batch
-    return eps + (1.0 - eps) * (1.0 - u)  # 1 - u lies in (0, 1]
-
-
-def forward_mask(
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    answer_start: int,
-    mask_id: int,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask each answer token of ``x0`` (B, L) independently with probability ``t`` (B,); positions
-    before ``answer_start`` (the prompt) are never masked. Returns (x_t, masked) (B, L)."""
-    draws = torch.rand(x0.shape, generator=generator, device=x0.device)
-    masked = draws < t[:, None]
-    masked[:, :answer_start] = False
-    return x0.masked_fill(masked, mask_id), masked
-
-
-# ---------------------------------------------------------------------- the prepare_data stage
 
 
 def load_examples(params) -> dict[str, list[dict]]:

@@ -12,22 +12,19 @@ all positions independently in one step. ``word`` has only ten prompts: its test
 same ten digits (the task measures validity and diversity, not generalization); for the other
 tasks no held-out prompt appears in training data.
 
-Run ``python -m pipeline.data.tasks score COMPLETIONS.jsonl`` to score ``python -m pipeline.generate_cli`` output.
+``python -m pipeline.score_cli COMPLETIONS.jsonl`` scores ``python -m pipeline.generate_cli`` output.
 """
 
 from __future__ import annotations
 
 import abc
-import argparse
 import dataclasses
 import json
 import random
 import string
-import sys
 from collections import defaultdict
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
 from typing import Iterable
 
 LETTERS = string.ascii_lowercase
@@ -189,24 +186,3 @@ def score(records: Iterable[dict]) -> dict[str, dict[str, float]]:
     if metrics:
         metrics["mean"] = {"accuracy": sum(m["accuracy"] for m in metrics.values()) / len(metrics)}
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.data.tasks", description="Score built-in task completions.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmd = sub.add_parser("score", help="score a pipeline.generate_cli output file")
-    cmd.add_argument("completions", type=Path)
-    args = parser.parse_args(argv)
-    from pipeline.data.prepare import read_jsonl
-
-    try:
-        records = read_jsonl(args.completions, ("prompt",), what="completions file", lists=("completions",))
-        print(json.dumps(score(records), indent=2))
-    except (OSError, ValueError) as err:  # read_jsonl's messages name the file and line
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -171,7 +171,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
 
     from pipeline.student import run as student_run
     from pipeline.cache.shards import read_manifest
-    from pipeline.data.prepare import Layout
+    from pipeline.data.layout import Layout
     from pipeline.generation.accuracy import GenerationAccuracy
     from pipeline.teacher.artifact import load_teacher
 
@@ -234,7 +234,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
 def latent_validation(student: Student, rows, tokenizer, layout, samples: int = 4) -> dict:
     """One step, greedy given each of ``samples`` latents per validation prompt: accuracy over all
     completions and distinct valid completions per prompt, per task."""
-    from pipeline.evaluation.grid import complete_split
+    from pipeline.generation.decode import complete_split
     from pipeline.data.scoring import score_records
 
     records, _ = complete_split(student.eval(), rows, tokenizer, {layout.pad_token_id}, layout, steps=1,

@@ -21,7 +21,7 @@ from pipeline.cache.params import CacheParams
 from pipeline.core.params import differences, params_hash
 
 from pipeline.student.params import StudentParams
-from pipeline.data.prepare import Layout, split_fingerprint
+from pipeline.data.layout import Layout, split_fingerprint
 from pipeline.core.errors import CacheError, CheckpointError, ParamsError
 
 RUN_KEY = "run_identity"

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.prepare import Layout, forward_mask, sample_mask_ratio
+from pipeline.data.layout import Layout, forward_mask, sample_mask_ratio
 from pipeline.core.errors import ParamsError, TrainingError
 from pipeline.generation.accuracy import GenerationAccuracy
 from pipeline.models.llada import LLaDA

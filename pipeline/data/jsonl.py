@@ -1,0 +1,34 @@
+"""JSONL records (prompt files, completions, external data) with errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_jsonl(path: Path, fields: tuple[str, ...], error: type[Exception] = ValueError, what: str = "data file",
+               lists: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a JSONL file, each required to hold string ``fields`` and non-empty lists of strings
+    ``lists``; blank lines are skipped. Problems raise ``error`` naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: not valid JSON ({err.msg})") from err
+        for field in fields:
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise error(f"{path}:{number}: expected an object with a string field {field!r}")
+        for field in lists:
+            value = record.get(field)
+            if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+                raise error(f"{path}:{number}: {field!r} must be a non-empty list of strings, got {value!r}")
+        records.append(record)
+    if not records:
+        raise error(f"{path}: no records (the file is empty)")
+    return records
