@@ -200,6 +200,24 @@ def test_train_student_stage_with_rollouts_and_a_latent(workdir, tmp_path):
     assert 0 <= latents["distinct_valid"]["word"] <= 4 and set(latents["accuracy"]) >= {"word", "perm", "mean"}
 
 
+def test_a_time_cap_that_binds_fails_and_keeps_the_runs_checkpoints(workdir, tmp_path):
+    """A cap that stops training early publishes no student and says so; the run's checkpoints stay
+    for ``--resume`` (whose identity ignores ``max_minutes``)."""
+    student = {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 0}, "batch_size": 8,
+               "max_steps": 400, "eval_every": 1, "warmup_steps": 1, "meanflow_weight": 1.0, "rollout_weight": 0.0}
+    paths = ["--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "m"), "--checkpoints", str(tmp_path / "c")]
+
+    (workdir / "params.yaml").write_text(yaml.safe_dump({"student": {**student, "max_minutes": 1.0e-6}, "cache": CACHE}))
+    cut = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py"), *paths], cwd=workdir,
+                         capture_output=True, text=True, timeout=600)
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr, cut.stderr[-3000:]
+    last = cut.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: student.max_minutes") and "of 400" in last and "--resume" in last
+    assert not (tmp_path / "s").exists()
+    (run_dir,) = (tmp_path / "c").iterdir()
+    assert (run_dir / "last.ckpt").is_file()
+
+
 def test_train_student_stage_end_to_end(workdir, tmp_path):
     params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 0}, "batch_size": 8,
                           "max_steps": 2, "eval_every": 1, "warmup_steps": 1, "meanflow_weight": 1.0,

@@ -107,6 +107,25 @@ def test_a_diverging_teacher_is_refused_not_saved(tmp_path):
     assert not (tmp_path / "artifacts" / "teacher").exists()
 
 
+def test_a_time_cap_that_binds_fails_the_stage_and_keeps_the_last_teacher(tmp_path):
+    """A cap used to stop pretraining early with exit 0, publishing a teacher that depends on the
+    machine's load; now the stage fails naming the key and the step, and the last teacher stays."""
+    assert run_stage(tmp_path, "prepare_data", TINY).returncode == 0
+    assert run_stage(tmp_path, "teacher", TINY).returncode == 0
+    before = (tmp_path / "artifacts" / "teacher" / "model.safetensors").read_bytes()
+    train = {**TINY["teacher"]["train"], "max_steps": 400, "max_minutes": 1.0e-6}
+    last = last_error_line(run_stage(tmp_path, "teacher", {**TINY, "teacher": {**TINY["teacher"], "train": train}}))
+    assert "teacher.train.max_minutes" in last and "of 400" in last and "nothing was published" in last
+    assert (tmp_path / "artifacts" / "teacher" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_time_cap_must_be_finite_and_positive(tmp_path, value):
+    train = {**TINY["teacher"]["train"], "max_minutes": value}
+    last = last_error_line(run_stage(tmp_path, "teacher", {**TINY, "teacher": {**TINY["teacher"], "train": train}}))
+    assert "teacher.train.max_minutes: must be a finite number of minutes > 0 or null" in last
+
+
 def test_stage_one_refuses_a_teacher_with_non_finite_weights(tmp_path):
     from safetensors.torch import load_file, save_file
 

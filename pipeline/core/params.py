@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import json
 import re
 import types
@@ -135,6 +136,11 @@ def require_at_least(section: Any, minimum: float, *keys: str) -> None:
     """``require(section.key >= minimum)`` for each key."""
     for key in keys:
         require(getattr(section, key) >= minimum, key, f"must be >= {minimum}")
+
+
+def require_time_cap(minutes: float | None, key: str = "max_minutes") -> None:
+    """A wall-clock cap is null (none) or a finite number of minutes > 0."""
+    require(minutes is None or 0 < minutes < math.inf, key, f"must be a finite number of minutes > 0 or null, got {minutes!r}")
 
 
 def flatten(data: Any, prefix: str) -> dict[str, Any]:

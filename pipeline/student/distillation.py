@@ -161,7 +161,6 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     a checkpoint of this run, or ``Resume`` for its last one). With ``cache_params`` (params.yaml's
     ``cache``), a cache built with others is refused. Returns a summary on global rank 0, None on the
     other ranks."""
-    import datetime
     import time
 
     import datasets
@@ -169,6 +168,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
+    from pipeline.core.time_cap import check_not_cut, time_limit
     from pipeline.student import run as student_run
     from pipeline.cache.shards import read_manifest
     from pipeline.data.layout import Layout
@@ -207,7 +207,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     on_gpu = torch.cuda.is_available()
     trainer = L.Trainer(
         max_steps=params.max_steps,
-        max_time=datetime.timedelta(minutes=params.max_minutes),
+        max_time=time_limit(params.max_minutes),
         accelerator="auto",
         devices=params.devices,
         strategy=params.strategy,
@@ -221,6 +221,8 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    check_not_cut(trainer.global_step, params.max_steps, params.max_minutes, "student.max_minutes",
+                  f"; its checkpoints are kept: train_student --resume continues it ({run_dir})")
     if not trainer.is_global_zero:
         return None
     student.cpu().save_pretrained(out_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pipeline.core.params import require, require_at_least
+from pipeline.core.params import require, require_at_least, require_time_cap
 from pipeline.student.soft_prompt import SoftPromptConfig
 
 
@@ -53,7 +53,9 @@ class StudentParams:
     batch_size: int = 64
     """Rows per device per step."""
     max_steps: int = 1000
-    max_minutes: float = 10.0
+    max_minutes: float | None = None
+    """Wall-clock cap (null: none). A cap that stops training before ``max_steps`` fails the stage and
+    publishes no student; the run's checkpoints stay, so raising the cap and ``--resume`` finish it."""
     eval_every: int = 100
     """Steps between one-step validation accuracy measurements."""
     devices: int = 1
@@ -76,7 +78,7 @@ class StudentParams:
         require(0.0 <= self.equal_fraction <= 1.0, "equal_fraction", "must be in [0, 1]")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.adaptive_eps > 0, "adaptive_eps", "must be > 0")
-        require(self.max_minutes > 0, "max_minutes", "must be > 0")
+        require_time_cap(self.max_minutes)
         require(self.precision is None or self.precision in PRECISIONS, "precision",
                 f"{self.precision!r} is not one of {', '.join(PRECISIONS)} (or null)")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pipeline.core.params import require, require_at_least
+from pipeline.core.params import require, require_at_least, require_time_cap
 
 
 @dataclasses.dataclass
@@ -29,10 +29,10 @@ class TeacherTrainParams:
     """Pretraining of the built-in teacher with LLaDA's SFT objective."""
 
     max_steps: int = 2500
-    """Optimizer steps (the run also stops at ``max_minutes``)."""
-    max_minutes: float = 30.0
-    """Wall-clock safety cap; training stops cleanly when it is spent (the teacher then depends on the
-    machine's speed, so the default leaves ``max_steps`` to decide)."""
+    """Optimizer steps."""
+    max_minutes: float | None = None
+    """Wall-clock cap (null: none). A cap that stops pretraining before ``max_steps`` fails the stage
+    and saves nothing: a teacher cut by the clock would depend on the machine's speed and load."""
     batch_size: int = 256
     lr: float = 2e-3
     """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
@@ -51,7 +51,7 @@ class TeacherTrainParams:
     def __post_init__(self) -> None:
         require_at_least(self, 1, "max_steps", "batch_size")
         require_at_least(self, 0, "warmup_steps", "num_threads")
-        require(self.max_minutes > 0, "max_minutes", "must be > 0")
+        require_time_cap(self.max_minutes)
         if self.task_weights is not None:
             for task, weight in self.task_weights.items():
                 require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 <= weight < math.inf,

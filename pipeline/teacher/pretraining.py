@@ -139,13 +139,13 @@ class SequenceDataModule(L.LightningDataModule):
 def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -> dict:
     """Pretrain the built-in teacher on ``data_dir`` and save it to ``out_dir`` (atomically) as a
     LLaDA checkpoint directory with its tokenizer and ``teacher.json``. Returns a summary."""
-    import datetime
     import json
     import time
 
     import datasets
     from dvclive.lightning import DVCLiveLogger
 
+    from pipeline.core.time_cap import check_not_cut, time_limit
     from pipeline.models.checkpoint_check import first_non_finite
     from pipeline.models.checkpoint_io import checkpoint_fingerprint
     from pipeline.core.files import atomic_directory
@@ -171,7 +171,7 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
                                   steps=layout.gen_length)
     trainer = L.Trainer(
         max_steps=train.max_steps,
-        max_time=datetime.timedelta(minutes=train.max_minutes),
+        max_time=time_limit(train.max_minutes),
         accelerator="auto",
         devices=1,
         precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
@@ -190,6 +190,7 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     minutes = (time.perf_counter() - started) / 60
+    check_not_cut(trainer.global_step, train.max_steps, train.max_minutes, "teacher.train.max_minutes")
     model.cpu().eval()
     broken = first_non_finite(model)
     if broken is not None:
