@@ -11,7 +11,7 @@ masked positions), each of these is measured on the same batch:
   ``StudentDistillation.meanflow_step`` runs it from the cached top-k, every row at r < t;
 * ``rollout_step``: one rollout-objective step (loss and backward), a latent student with K = 4
   draws scored, every masked answer position a target;
-* ``generation_step``: one sampler step that fills the M masked positions (``one_step_generate``).
+* ``generation_step``: one sampler step that fills the M masked positions (``SamplerOptions.one_step``).
 
 Method: the whole grid runs in one child process per code tree, single-threaded, with glibc's mmap
 threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that every large tensor is its own mapping,
@@ -88,7 +88,7 @@ def measure_grid() -> list[dict]:
     from pipeline.student.soft_prompt import SoftPromptConfig
     from pipeline.data.layout import Layout
     from pipeline.student.distillation import StudentDistillation
-    from pipeline.generation.sampler import mask_predictor, one_step_generate
+    from pipeline.generation.sampler import SamplerOptions, generate, sampler_network
     from pipeline.models.llada import LLaDA, LLaDAConfig
     from pipeline.student.rollout_objective import RolloutInterval, rollout_loss
     from pipeline.student.model import Student
@@ -136,8 +136,8 @@ def measure_grid() -> list[dict]:
         "train_no_grad_jvp": lambda b: meanflow_step("no_grad", b),
         "train_grad_jvp": lambda b: meanflow_step("grad", b),
         "rollout_step": rollout_step,
-        "generation_step": lambda b: one_step_generate(mask_predictor(model), b["x0"][:, : -b["m"]], b["m"],
-                                                       mask_id=MASK_ID),
+        "generation_step": lambda b: generate(sampler_network(model), b["x0"][:, : -b["m"]],
+                                              SamplerOptions.one_step(b["m"]), mask_id=MASK_ID),
     }
     results = []
     for B in BATCHES:

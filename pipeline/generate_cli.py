@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -26,8 +25,8 @@ from pipeline.data.jsonl import read_jsonl
 from pipeline.core.errors import CheckpointError
 from pipeline.core.files import atomic_write_text
 from pipeline.generation.noise import completion_latents
-from pipeline.generation.sampler import generate, mask_predictor
-from pipeline.models.registry import load_model as load_checkpoint
+from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, generate, sampler_network
+from pipeline.models.registry import load_model
 from pipeline.student.model import Student
 from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
 
@@ -83,22 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_sampling_options(args: argparse.Namespace, gen_length: int, steps: int, block_length: int) -> None:
-    """Refuse bad sampling options before any weights are loaded (minutes for LLaDA-8B)."""
-    for flag, value in (("--gen-length", gen_length), ("--steps", steps), ("--block-length", block_length),
-                        ("--samples", args.samples), ("--batch-size", args.batch_size)):
+def sampler_options(args: argparse.Namespace, gen_length: int, steps: int, block_length: int) -> SamplerOptions:
+    """The sampler's options, refused before any weights are loaded (minutes for LLaDA-8B)."""
+    for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    for flag, value in (("--temperature", args.temperature), ("--cfg-scale", args.cfg_scale)):
-        if not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
-    if gen_length % block_length:
-        raise UsageError(f"--gen-length {gen_length} is not a multiple of --block-length {block_length}")
-    if steps % (gen_length // block_length):
-        raise UsageError(f"--steps {steps} is not a multiple of the number of blocks {gen_length // block_length}")
+    try:
+        return SamplerOptions(gen_length=gen_length, steps=steps, block_length=block_length,
+                              temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking)
+    except SamplerOptionError as err:
+        raise UsageError(f"--{err.key.replace('_', '-')}: {err.message}") from err
 
 
-def load_model(path: Path, dtype: torch.dtype, device: str):
+def load_student_or_llada(path: Path, dtype: torch.dtype, device: str):
     """(model, base checkpoint directory) for a student directory, a LLaDA directory or a Hugging
     Face id."""
     if Student.is_student_dir(path):
@@ -106,7 +102,7 @@ def load_model(path: Path, dtype: torch.dtype, device: str):
     path = resolve_checkpoint(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"{path}: neither a LLaDA checkpoint (config.json) nor a student (student_config.json)")
-    return load_checkpoint(path, dtype=dtype, device=device), path
+    return load_model(path, dtype=dtype, device=device), path
 
 
 def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,12 +130,12 @@ def run(args: argparse.Namespace) -> None:
         gen_length = args.gen_length if args.gen_length is not None else hints.get("gen_length", 128)
         steps = args.steps if args.steps is not None else (1 if is_student else gen_length)
         block_length = args.block_length if args.block_length is not None else gen_length
-        check_sampling_options(args, gen_length, steps, block_length)
+        options = sampler_options(args, gen_length, steps, block_length)
         if is_student and steps != 1:
             raise UsageError(f"{args.model} is a one-step student; --steps must be 1, got {steps}")
         dtype = getattr(torch, args.dtype) if args.dtype else (
             torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-        model, base_dir = load_model(args.model, dtype, args.device)
+        model, base_dir = load_student_or_llada(args.model, dtype, args.device)
         tokenizer = load_tokenizer(base_dir)
         config = (model.base if is_student else model).config
         stops = stop_token_ids(tokenizer, config, base_dir)
@@ -153,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
                 f"{args.prompts}: prompt {number} has {len(ids)} tokens; with --gen-length {gen_length} "
                 f"that exceeds the model's max_sequence_length {config.max_sequence_length}"
             )
-    predictor = mask_predictor(model)
+    predictor = sampler_network(model)
     pad_id = config.pad_token_id if config.pad_token_id is not None else min(stops)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     # Similar lengths share a batch (less padding); results go back to input order.
@@ -167,12 +163,9 @@ def run(args: argparse.Namespace) -> None:
         prompt, mask = left_pad([ids for _, _, ids in batch], pad_id)
         if latent_dim:  # completion d of prompt i decodes given its own z, a function of (--seed, i, d)
             index, draws = (torch.tensor([job[n] for job in batch]) for n in (0, 1))
-            predictor = mask_predictor(model, completion_latents(args.seed, index, draws, latent_dim).to(args.device))
-        out = generate(
-            predictor, prompt.to(args.device), mask.to(args.device), steps=steps, gen_length=gen_length,
-            block_length=block_length, temperature=args.temperature, cfg_scale=args.cfg_scale,
-            remasking=args.remasking, mask_id=config.mask_token_id, generator=generator,
-        )
+            predictor = sampler_network(model, completion_latents(args.seed, index, draws, latent_dim).to(args.device))
+        out = generate(predictor, prompt.to(args.device), options, mask_id=config.mask_token_id,
+                       attention_mask=mask.to(args.device), generator=generator)
         for (index, _, _), answer in zip(batch, out[:, prompt.shape[1]:].tolist()):
             completions[index].append(decode_answer(tokenizer, answer, stops))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ passes and wall seconds per sample; the student's speedup and accuracy gains) an
         --metrics metrics/eval.json --report metrics/eval
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipeline.evaluation.params import EvaluateParams
 from pipeline.data.layout import Layout
 from pipeline.core.errors import ParamsError
 from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
+from pipeline.generation.sampler import SamplerOptionError, SamplerOptions
 from pipeline.evaluation.report import curve_rows, plot_accuracy, results_markdown, summarize
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.student.model import Student
@@ -47,15 +49,17 @@ def main() -> None:
         torch.set_num_threads(params.num_threads)
     layout = Layout.load(args.data)
     G = layout.gen_length
-    block_length = params.block_length or G
-    if G % block_length:
-        raise ParamsError(f"params.yaml:evaluate.block_length: gen_length {G} is not a multiple of {block_length}")
-    num_blocks = G // block_length
-    steps = sorted(set(params.teacher_steps or default_teacher_steps(G, num_blocks)) | {G})
-    for n in steps:
-        if n > G or n % num_blocks:
-            raise ParamsError(f"params.yaml:evaluate.teacher_steps: {n} steps does not fit gen_length {G} "
-                              f"in {num_blocks} block(s) (at most {G}, a multiple of {num_blocks})")
+    keys = {"steps": "teacher_steps", "block_length": "block_length", "temperature": "temperature",
+            "cfg_scale": "cfg_scale"}
+    try:  # every setting's sampler options, refused before any model loads
+        options = SamplerOptions(gen_length=G, steps=G, block_length=params.block_length,
+                                 temperature=params.temperature, cfg_scale=params.cfg_scale)
+        steps = sorted(set(params.teacher_steps or default_teacher_steps(G, options.num_blocks)) | {G})
+        for n in steps:
+            dataclasses.replace(options, steps=n)
+    except SamplerOptionError as err:
+        raise ParamsError(f"params.yaml:evaluate.{keys[err.key]}: {err.message}") from err
+    block_length = options.block_length
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     teacher, tokenizer, record = load_teacher(args.teacher, dtype=dtype, device=device)

@@ -1,4 +1,4 @@
-"""The official LLaDA-MoE ``generate`` (seeds/004), kept as the oracle for ``pipeline.generation.sampler``.
+"""The official LLaDA-MoE ``generate`` (the public reference inference code), kept as the oracle for ``pipeline.generation.sampler``.
 
 Changed only where needed to run here: ``model(x)`` returns logits directly, the batch is one
 sequence, and ``torch.rand`` may take a generator.

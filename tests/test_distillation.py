@@ -227,7 +227,7 @@ def test_train_student_stage_end_to_end(workdir, tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     student = Student.from_pretrained(workdir / "artifacts" / "student")
-    assert student.config.prompt_length == 2
+    assert student.soft_prompt_config.prompt_length == 2
     summary = json.loads((workdir / "metrics" / "student" / "summary.json").read_text())
     assert summary["steps"] == 2 and "mean" in summary["val_accuracy_one_step"]
     from pipeline.generate_cli import main as generate_main

@@ -14,7 +14,7 @@ from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, s
 from pipeline.generation.decode import complete_split
 from pipeline.data.scoring import score_records
 from pipeline.evaluation.report import summarize
-from pipeline.generation.sampler import generate
+from pipeline.generation.sampler import SamplerOptions, generate
 from pipeline.student.model import Student
 from pipeline.teacher.artifact import load_teacher
 from pipeline.data.tokenizer import decode_answer
@@ -67,7 +67,7 @@ def test_latent_student_decodes_each_completion_given_its_latent(workdir):
     whatever the batch; the report puts the 4-latent row in the several-completions table."""
     from pipeline.evaluation.report import results_markdown
     from pipeline.generation.noise import completion_latents
-    from pipeline.generation.sampler import mask_predictor, one_step_generate
+    from pipeline.generation.sampler import sampler_network
 
     teacher, tokenizer, _ = load_teacher(workdir / "artifacts" / "teacher")
     student = Student(teacher, prompt_length=2, hidden_size=8, latent_dim=3).eval()
@@ -85,7 +85,8 @@ def test_latent_student_decodes_each_completion_given_its_latent(workdir):
                  for c in ("input_ids", "attention_mask"))
     z = completion_latents(7, torch.arange(n).repeat_interleave(4), torch.arange(4).repeat(n), 3)
     with torch.inference_mode():
-        out = one_step_generate(mask_predictor(student, z), ids, layout.gen_length, attention_mask=mask, mask_id=2)
+        out = generate(sampler_network(student, z), ids, SamplerOptions.one_step(layout.gen_length), mask_id=2,
+                       attention_mask=mask)
     answers = [decode_answer(tokenizer, a, {0}) for a in out[:, P:].tolist()]
     assert [c for r in runs[0] for c in r["completions"]] == answers
     assert any(len(set(r["completions"])) > 1 for r in runs[0])
@@ -163,8 +164,8 @@ def test_complete_split_decodes_every_row_like_generate(workdir):
     P = layout.prompt_length
     ids = torch.as_tensor(rows["input_ids"])[:, :P].long()
     mask = torch.as_tensor(rows["attention_mask"])[:, :P].long()
-    out = generate(lambda x, m: teacher(input_ids=x, attention_mask=m), ids, mask, steps=2,
-                   gen_length=layout.gen_length, block_length=layout.gen_length, mask_id=2)
+    out = generate(lambda x, m: teacher(input_ids=x, attention_mask=m), ids, SamplerOptions(steps=2,
+                   gen_length=layout.gen_length), mask_id=2, attention_mask=mask)
     assert [r["completions"] for r in records] == [[decode_answer(tokenizer, a, {0})] for a in out[:, P:].tolist()]
 
     sampled = [complete_split(teacher, rows, tokenizer, {0}, layout, steps=1, temperature=1.0, samples=3,

@@ -6,7 +6,8 @@ import torch
 
 from pipeline.generation.noise import CounterNoise
 
-from pipeline.generation.sampler import SamplerNetwork, generate, mask_predictor, num_transfer_tokens, one_step_generate, sample_trajectory
+from pipeline.generation.sampler import (SamplerNetwork, SamplerOptionError, SamplerOptions, generate, sampler_network,
+                                         num_transfer_tokens, sample_trajectory)
 from pipeline.models.llada import LLaDA, LLaDAConfig
 from pipeline.cache.rollouts import state_after
 from tests import reference_sampler
@@ -41,7 +42,7 @@ class ScriptedModel:
 def test_matches_reference_sampler_greedy(steps, gen_length, block_length, cfg_scale):
     model = tiny_llada()
     prompts = torch.randint(0, MASK, (3, 5), generator=torch.Generator().manual_seed(1))
-    options = dict(steps=steps, gen_length=gen_length, block_length=block_length, cfg_scale=cfg_scale, mask_id=MASK)
+    options = dict(steps=steps, gen_length=gen_length, block_length=block_length, cfg_scale=cfg_scale)
 
     def never_mask(x):  # the reference may "commit" [MASK]; ours never predicts it
         logits = model(x)
@@ -49,10 +50,10 @@ def test_matches_reference_sampler_greedy(steps, gen_length, block_length, cfg_s
         return logits
 
     with torch.no_grad():
-        batched = generate(mask_predictor(model), prompts, **options)
+        batched = generate(sampler_network(model), prompts, SamplerOptions(**options), mask_id=MASK)
         assert (batched != MASK).all()
         for row in range(3):
-            expected = reference_sampler.generate(never_mask, prompts[row : row + 1], **options)
+            expected = reference_sampler.generate(never_mask, prompts[row : row + 1], mask_id=MASK, **options)
             assert torch.equal(batched[row : row + 1], expected)
 
 
@@ -63,8 +64,8 @@ def test_gumbel_sampling_follows_tempered_softmax(temperature):
     def model(ids, attention_mask=None):
         return logits.expand(*ids.shape, V).clone()
 
-    out = one_step_generate(model, torch.zeros(40000, 1, dtype=torch.long), 1, mask_id=MASK,
-                            temperature=temperature, generator=torch.Generator().manual_seed(0))
+    out = generate(model, torch.zeros(40000, 1, dtype=torch.long), SamplerOptions.one_step(1, temperature=temperature),
+                   mask_id=MASK, generator=torch.Generator().manual_seed(0))
     frequencies = torch.bincount(out[:, 1], minlength=V).double() / out.shape[0]
     expected = torch.softmax(logits[:MASK].double() / temperature, dim=0)
     assert frequencies[MASK] == 0
@@ -74,7 +75,7 @@ def test_gumbel_sampling_follows_tempered_softmax(temperature):
 def test_schedule_and_block_order():
     model = ScriptedModel()
     prompt = torch.randint(0, MASK, (2, 3))
-    out = generate(model, prompt, steps=6, gen_length=12, block_length=4, mask_id=MASK)
+    out = generate(model, prompt, SamplerOptions(steps=6, gen_length=12, block_length=4), mask_id=MASK)
     assert len(model.inputs) == 6 and (out != MASK).all()
     for step, x in enumerate(model.inputs):
         answer = x[:, 3:] == MASK  # (B, 12)
@@ -88,14 +89,14 @@ def test_schedule_and_block_order():
 def test_uneven_schedule_front_loads_the_remainder():
     assert num_transfer_tokens(torch.ones(2, 10, dtype=torch.bool), 4).tolist() == [[3, 3, 2, 2]] * 2
     model = ScriptedModel()
-    generate(model, torch.zeros(1, 2, dtype=torch.long), steps=4, gen_length=10, block_length=10, mask_id=MASK)
+    generate(model, torch.zeros(1, 2, dtype=torch.long), SamplerOptions(steps=4, gen_length=10), mask_id=MASK)
     assert [int((x == MASK).sum()) for x in model.inputs] == [10, 7, 4, 2]
 
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 def test_one_step_fills_everything(remasking):
     model = ScriptedModel()
-    out = one_step_generate(model, torch.zeros(2, 3, dtype=torch.long), 6, mask_id=MASK, remasking=remasking)
+    out = generate(model, torch.zeros(2, 3, dtype=torch.long), SamplerOptions.one_step(6, remasking=remasking), mask_id=MASK)
     assert len(model.inputs) == 1 and (out != MASK).all()
 
 
@@ -113,22 +114,23 @@ def test_cfg_formula():
         return torch.where(prompt_masked[:, None, None], un, cond).expand(*ids.shape, V).clone()
 
     prompt = torch.tensor([[3, 4]])
-    out = one_step_generate(model, prompt, 3, mask_id=MASK, cfg_scale=w)
+    out = generate(model, prompt, SamplerOptions.one_step(3, cfg_scale=w), mask_id=MASK)
     assert seen[0].shape[0] == 2 and (seen[0][1, :2] == MASK).all() and torch.equal(seen[0][0, :2], prompt[0])
     expected = torch.argmax(un + (w + 1) * (cond - un))
     assert expected == 2 and (out[0, 2:] == expected).all()
-    assert (one_step_generate(model, prompt, 3, mask_id=MASK)[0, 2:] == 1).all()  # unguided argmax
+    assert (generate(model, prompt, SamplerOptions.one_step(3), mask_id=MASK)[0, 2:] == 1).all()  # unguided argmax
 
 
 def test_determinism():
     model = tiny_llada(seed=4)
     prompt = torch.randint(0, MASK, (4, 5), generator=torch.Generator().manual_seed(5))
-    predictor = mask_predictor(model)
-    greedy = [generate(predictor, prompt, steps=4, gen_length=8, block_length=4, mask_id=MASK) for _ in range(2)]
+    predictor = sampler_network(model)
+    greedy = [generate(predictor, prompt, SamplerOptions(steps=4, gen_length=8, block_length=4), mask_id=MASK)
+              for _ in range(2)]
     assert torch.equal(*greedy)
 
     def sample(seed):
-        return generate(predictor, prompt, steps=4, gen_length=8, block_length=4, temperature=1.0,
+        return generate(predictor, prompt, SamplerOptions(steps=4, gen_length=8, block_length=4, temperature=1.0),
                         mask_id=MASK, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(sample(0), sample(0)) and not torch.equal(sample(0), sample(1))
@@ -136,25 +138,39 @@ def test_determinism():
 
 def test_left_padding_matches_unpadded():
     model = tiny_llada(seed=6)
-    predictor = mask_predictor(model)
+    predictor = sampler_network(model)
     short = torch.randint(0, MASK, (1, 3), generator=torch.Generator().manual_seed(8))
     long = torch.randint(0, MASK, (1, 6), generator=torch.Generator().manual_seed(9))
     batch = torch.cat((torch.cat((torch.zeros(1, 3, dtype=torch.long), short), dim=1), long))
     mask = torch.ones_like(batch)
     mask[0, :3] = 0
-    options = dict(steps=4, gen_length=8, block_length=4, mask_id=MASK, cfg_scale=1.0)
-    out = generate(predictor, batch, mask, **options)
-    assert torch.equal(out[0, 6:], generate(predictor, short, **options)[0, 3:])
-    assert torch.equal(out[1], generate(predictor, long, **options)[0])
+    options = SamplerOptions(steps=4, gen_length=8, block_length=4, cfg_scale=1.0)
+    out = generate(predictor, batch, options, mask_id=MASK, attention_mask=mask)
+    assert torch.equal(out[0, 6:], generate(predictor, short, options, mask_id=MASK)[0, 3:])
+    assert torch.equal(out[1], generate(predictor, long, options, mask_id=MASK)[0])
 
 
-def test_bad_block_layout_is_refused():
-    model = ScriptedModel()
-    prompt = torch.zeros(1, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="multiple of block_length"):
-        generate(model, prompt, steps=4, gen_length=10, block_length=4, mask_id=MASK)
-    with pytest.raises(ValueError, match="number of blocks"):
-        generate(model, prompt, steps=3, gen_length=8, block_length=4, mask_id=MASK)
+@pytest.mark.parametrize("options, key, message", [
+    (dict(steps=4, gen_length=10, block_length=4), "block_length", "gen_length 10 is not a multiple of 4"),
+    (dict(steps=3, gen_length=8, block_length=4), "steps", "3 steps do not fit gen_length 8 in 2 block(s)"),
+    (dict(steps=9, gen_length=8), "steps", "at most 8"),
+    (dict(steps=0, gen_length=8), "steps", "must be an integer >= 1"),
+    (dict(steps=1, gen_length=8, temperature=float("inf")), "temperature", "finite"),
+    (dict(steps=1, gen_length=8, cfg_scale=float("nan")), "cfg_scale", "finite"),
+    (dict(steps=1, gen_length=8, remasking="top"), "remasking", "'low_confidence' or 'random'"),
+])
+def test_sampler_options_are_checked_once_naming_the_option(options, key, message):
+    with pytest.raises(SamplerOptionError, match=f"^{key}: .*{message}".replace("(", r"\(").replace(")", r"\)")) as err:
+        SamplerOptions(**options)
+    assert err.value.key == key
+
+
+def test_sampler_options_are_keyword_only_and_the_mask_id_is_required():
+    with pytest.raises(TypeError):
+        SamplerOptions(8, 1)
+    with pytest.raises(TypeError, match="mask_id"):
+        generate(ScriptedModel(), torch.zeros(1, 2, dtype=torch.long), SamplerOptions.one_step(4))
+    assert SamplerOptions(steps=2, gen_length=8).block_length == 8  # one block by default
 
 
 @pytest.mark.parametrize("steps,gen_length,block_length,cfg_scale,temperature,remasking", [
@@ -167,9 +183,9 @@ def test_reveal_steps_reconstruct_every_intermediate_state(steps, gen_length, bl
                                                            remasking):
     model = ScriptedModel()
     prompt = torch.randint(0, MASK, (3, 4), generator=torch.Generator().manual_seed(2))
-    trajectory = sample_trajectory(model, prompt, steps=steps, gen_length=gen_length, block_length=block_length,
-                                   cfg_scale=cfg_scale, temperature=temperature, remasking=remasking, mask_id=MASK,
-                                   noise=CounterNoise(torch.tensor([5, 6, 7])))
+    options = SamplerOptions(steps=steps, gen_length=gen_length, block_length=block_length, cfg_scale=cfg_scale,
+                             temperature=temperature, remasking=remasking)
+    trajectory = sample_trajectory(model, prompt, options, mask_id=MASK, noise=CounterNoise(torch.tensor([5, 6, 7])))
     tokens, reveal = trajectory.sequences[:, 4:].numpy(), trajectory.reveal_step.numpy()
     assert reveal.dtype.name == "int16" and reveal.min() == 0 and reveal.max() == steps - 1
     assert len(model.inputs) == steps
@@ -181,8 +197,8 @@ def test_reveal_steps_reconstruct_every_intermediate_state(steps, gen_length, bl
 def test_reveal_topk_is_the_teacher_at_the_reveal_state():
     model = tiny_llada(seed=3)
     prompt = torch.randint(0, MASK, (2, 4), generator=torch.Generator().manual_seed(4))
-    trajectory = sample_trajectory(mask_predictor(model), prompt, steps=4, gen_length=8, block_length=4, mask_id=MASK,
-                                   temperature=1.0, noise=CounterNoise(torch.tensor([1, 2])), record_top_k=3)
+    trajectory = sample_trajectory(sampler_network(model), prompt, SamplerOptions(steps=4, gen_length=8, block_length=4,
+                                   temperature=1.0), mask_id=MASK, noise=CounterNoise(torch.tensor([1, 2])), record_top_k=3)
     tokens, reveal = trajectory.sequences[:, 4:].numpy(), trajectory.reveal_step.numpy()
     for b in range(2):
         for p in range(8):
@@ -195,16 +211,16 @@ def test_reveal_topk_is_the_teacher_at_the_reveal_state():
 
 
 def test_counter_noise_is_a_function_of_the_seed():
-    model = mask_predictor(tiny_llada(seed=4))
+    model = sampler_network(tiny_llada(seed=4))
     prompt = torch.randint(0, MASK, (4, 5), generator=torch.Generator().manual_seed(5))
-    options = dict(steps=4, gen_length=8, block_length=4, temperature=1.0, mask_id=MASK)
+    options = SamplerOptions(steps=4, gen_length=8, block_length=4, temperature=1.0)
     for fixed in (False, True):
         seeds = torch.tensor([11, 12, 13, 14])
-        out = generate(model, prompt, noise=CounterNoise(seeds, fixed), **options)
+        out = generate(model, prompt, options, mask_id=MASK, noise=CounterNoise(seeds, fixed))
         # the same seed on another row of another batch gives the same completion
-        again = generate(model, prompt[[2, 0]], noise=CounterNoise(seeds[[2, 0]], fixed), **options)
+        again = generate(model, prompt[[2, 0]], options, mask_id=MASK, noise=CounterNoise(seeds[[2, 0]], fixed))
         assert torch.equal(again, out[[2, 0]])
-        assert not torch.equal(generate(model, prompt, noise=CounterNoise(seeds + 100, fixed), **options), out)
+        assert not torch.equal(generate(model, prompt, options, mask_id=MASK, noise=CounterNoise(seeds + 100, fixed)), out)
     noise = CounterNoise(torch.tensor([3]), fixed=True)
     block = torch.ones(1, 4, dtype=torch.bool)
     field = noise.gumbel_uniforms(block, V, step=0, offset=2)  # (4, V)
@@ -223,8 +239,8 @@ def test_counter_noise_samples_the_tempered_softmax(fixed):
     def model(ids, attention_mask=None):
         return logits.expand(*ids.shape, V).clone()
 
-    out = one_step_generate(model, torch.zeros(40000, 1, dtype=torch.long), 1, mask_id=MASK, temperature=0.5,
-                            noise=CounterNoise(torch.arange(40000), fixed))
+    out = generate(model, torch.zeros(40000, 1, dtype=torch.long), SamplerOptions.one_step(1, temperature=0.5),
+                   mask_id=MASK, noise=CounterNoise(torch.arange(40000), fixed))
     frequencies = torch.bincount(out[:, 1], minlength=V).double() / out.shape[0]
     expected = torch.softmax(logits[:MASK].double() / 0.5, dim=0)
     assert frequencies[MASK] == 0 and (frequencies[:MASK] - expected).abs().max() < 0.01
@@ -235,7 +251,7 @@ def test_head_runs_only_on_the_current_blocks_masked_positions(cfg_scale):
     """The trunk sees the whole sequence once per step (CFG: twice the rows), the head only the
     current block's masked positions (CFG: stacked twice), and the output is that of the full logits."""
     model = tiny_llada(seed=7)
-    predictor = mask_predictor(model)
+    predictor = sampler_network(model)
     head_rows, trunk_rows = [], []
 
     def hidden(ids, mask):
@@ -247,10 +263,11 @@ def test_head_runs_only_on_the_current_blocks_masked_positions(cfg_scale):
         return predictor.head(rows)
 
     prompt = torch.randint(0, MASK, (3, 4), generator=torch.Generator().manual_seed(8))
-    options = dict(steps=6, gen_length=12, block_length=4, mask_id=MASK, cfg_scale=cfg_scale)
-    out = generate(SamplerNetwork(hidden=hidden, head=head), prompt, **options)
+    options = SamplerOptions(steps=6, gen_length=12, block_length=4, cfg_scale=cfg_scale)
+    out = generate(SamplerNetwork(hidden=hidden, head=head), prompt, options, mask_id=MASK)
     copies = 2 if cfg_scale else 1
     masked_per_step = [3 * (4 - 2 * (step % 2)) for step in range(6)]  # 2 of 4 block positions committed per step
     assert head_rows == [copies * m for m in masked_per_step]
     assert trunk_rows == [(copies * 3, 16)] * 6
-    assert torch.equal(out, generate(lambda ids, mask: model(input_ids=ids, attention_mask=mask), prompt, **options))
+    assert torch.equal(out, generate(lambda ids, mask: model(input_ids=ids, attention_mask=mask), prompt, options,
+                                     mask_id=MASK))

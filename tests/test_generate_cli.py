@@ -84,14 +84,14 @@ def test_latent_student_draws_one_latent_per_completion(tiny_checkpoint, tmp_pat
     assert complete("c", "--seed", "1") != first
     # the CLI decodes completion d of prompt i given completion_latents(seed, i, d)
     from pipeline.generation.noise import completion_latents
-    from pipeline.generation.sampler import mask_predictor, one_step_generate
+    from pipeline.generation.sampler import SamplerOptions, generate, sampler_network
     from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     ids = torch.tensor(encode_prompts(tokenizer, ["word:1"]) * 4)
     z = completion_latents(0, torch.full((4,), 1), torch.arange(4), 4)
-    out = one_step_generate(mask_predictor(Student.from_pretrained(tmp_path / "student"), z), ids, 6,
-                            mask_id=student.base.config.mask_token_id)
+    out = generate(sampler_network(Student.from_pretrained(tmp_path / "student"), z), ids, SamplerOptions.one_step(6),
+                   mask_id=student.base.config.mask_token_id)
     stops = stop_token_ids(tokenizer, student.base.config, tiny_checkpoint)
     assert [decode_answer(tokenizer, a, stops) for a in out[:, ids.shape[1]:].tolist()] == first[1]
 
@@ -109,10 +109,11 @@ def one_error_line(capsys):
 def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
     model, prompts = tiny_checkpoint, tmp_path / "in.jsonl"
     expected = {"missing": "not found", "empty": "empty", "too_long": "max_sequence_length",
-                "not_json": ":2: not valid JSON", "neither": "neither a LLaDA checkpoint", "blocks": "multiple of --block-length",
-                "zero_length": "--gen-length must be >= 1", "temperature": "--temperature",
+                "not_json": ":2: not valid JSON", "neither": "neither a LLaDA checkpoint",
+                "blocks": "--block-length: gen_length 8 is not a multiple of 3",
+                "zero_length": "--gen-length: must be an integer >= 1", "temperature": "--temperature",
                 "no_chat_template": "no chat template", "unknown_character": "in.jsonl:3: the tokenizer has no token for 'É'",
-                "nan_temperature": "--temperature must be a finite number", "inf_cfg_scale": "--cfg-scale must be a finite",
+                "nan_temperature": "--temperature: must be a finite number", "inf_cfg_scale": "--cfg-scale: must be a finite",
                 "out_is_a_directory": "o.jsonl: is a directory"}[case]
     extra = {"blocks": ["--block-length", "3"], "zero_length": ["--gen-length", "0"],
              "temperature": ["--temperature", "-1"], "no_chat_template": ["--chat-template", "on"],

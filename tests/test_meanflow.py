@@ -92,30 +92,30 @@ def jvp_inputs(student, seed=5):
     masked = torch.zeros(2, 7, dtype=torch.bool)
     masked[:, 4:] = True
     ids[masked] = student.base.config.mask_token_id
-    z = student.base.embed(ids).detach()
+    e = student.base.embed(ids).detach()
     t = torch.tensor([0.8, 0.5], dtype=torch.float64)
     v = torch.randn(2, 7, student.base.config.embedding_size, generator=g, dtype=torch.float64)
-    dz = tangent("linear", v[masked], masked, student.base.embedding_weight.detach(),
+    de = tangent("linear", v[masked], masked, student.base.embedding_weight.detach(),
                  student.base.config.mask_token_id, t)
-    return z, t, v, masked, dz, ids
+    return e, t, v, masked, de, ids
 
 
 def test_target_equals_v_when_r_equals_t(student64):
-    z, t, v, masked, dz, _ = jvp_inputs(student64)
+    e, t, v, masked, de, _ = jvp_inputs(student64)
     fn = lambda z_, t_: student64(inputs_embeds=z_, r=t, t=t_, attention="math")  # noqa: E731
-    _, du_dt = average_velocity_jvp(fn, z, t, dz, keep_graph=False)
+    _, du_dt = average_velocity_jvp(fn, e, t, de, keep_graph=False)
     assert du_dt.abs().max() > 0
     assert torch.equal(meanflow_target(v, du_dt, t, t), v)
 
 
 def test_jvp_matches_finite_differences(student64):
-    z, t, v, masked, dz, _ = jvp_inputs(student64)
+    e, t, v, masked, de, _ = jvp_inputs(student64)
     r = torch.tensor([0.1, 0.3], dtype=torch.float64)
     fn = lambda z_, t_: student64(inputs_embeds=z_, r=r, t=t_, attention="math")  # noqa: E731
-    _, du_dt = average_velocity_jvp(fn, z, t, dz, keep_graph=False)
+    _, du_dt = average_velocity_jvp(fn, e, t, de, keep_graph=False)
     h = 1e-6
     with torch.no_grad():
-        fd = (fn(z + h * dz, t + h) - fn(z - h * dz, t - h)) / (2 * h)
+        fd = (fn(e + h * de, t + h) - fn(e - h * de, t - h)) / (2 * h)
     assert (du_dt - fd).abs().max() / fd.abs().max() < 1e-7
     target = meanflow_target(v, du_dt, r, t)
     assert torch.allclose(target, v - (t - r)[:, None, None] * du_dt) and not target.requires_grad
@@ -158,7 +158,7 @@ def test_no_grad_jvp_then_forward_gives_the_same_gradient(any_checkpoint):
     student = Student(load_model(any_checkpoint, dtype=torch.float64), prompt_length=3, hidden_size=16)
     with torch.no_grad():
         student.soft_prompt.prompt_gate.normal_(0, 1, generator=torch.Generator().manual_seed(8))
-    z, t, v, masked, dz, ids = jvp_inputs(student, seed=9)
+    e, t, v, masked, de, ids = jvp_inputs(student, seed=9)
     r = torch.tensor([0.2, 0.5], dtype=torch.float64)
     attention_mask = torch.ones_like(ids)
 
@@ -176,7 +176,7 @@ def test_no_grad_jvp_then_forward_gives_the_same_gradient(any_checkpoint):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
     assert all(g.abs().sum() > 0 for g in grads_a)
     fn = lambda z_, t_: student(inputs_embeds=z_, r=r, t=t_, attention_mask=attention_mask, attention="math")  # noqa: E731
-    _, du_dt = average_velocity_jvp(fn, z, t, dz, keep_graph=False)
+    _, du_dt = average_velocity_jvp(fn, e, t, de, keep_graph=False)
     assert torch.allclose(out_b.target, meanflow_target(v, du_dt, r, t)[masked], rtol=1e-10)
     assert not out_b.target.requires_grad and out_b.du_dt_abs > 0
     assert torch.equal(out_b.equal, (r == t)[masked.nonzero()[:, 0]])  # row 1 has r = t: its target is v
@@ -187,19 +187,19 @@ def reference_meanflow_loss(student, input_ids, attention_mask, masked, t, r, v,
     a JVP of the logits, du/dt allocated for every position. Kept here as the oracle."""
     base = student.base
     with torch.no_grad():
-        z = base.embed(input_ids)
-    dz_dt = tangent(params.tangent, v, masked, base.embedding_weight.detach(), base.config.mask_token_id, t)
+        e = base.embed(input_ids)
+    de_dt = tangent(params.tangent, v, masked, base.embedding_weight.detach(), base.config.mask_token_id, t)
     jvp_rows = torch.ones_like(t, dtype=torch.bool) if params.jvp == "grad" else r < t
 
     def average_velocity(z_, t_):
         return student(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=attention_mask[jvp_rows], attention="math")
 
-    du_dt = torch.zeros(*masked.shape, base.config.embedding_size, dtype=z.dtype)
+    du_dt = torch.zeros(*masked.shape, base.config.embedding_size, dtype=e.dtype)
     if jvp_rows.any():
-        u, du_dt[jvp_rows] = average_velocity_jvp(average_velocity, z[jvp_rows], t[jvp_rows], dz_dt[jvp_rows],
+        u, du_dt[jvp_rows] = average_velocity_jvp(average_velocity, e[jvp_rows], t[jvp_rows], de_dt[jvp_rows],
                                                   keep_graph=params.jvp == "grad")
     if params.jvp == "no_grad":
-        u = student(inputs_embeds=z, r=r, t=t, attention_mask=attention_mask)
+        u = student(inputs_embeds=e, r=r, t=t, attention_mask=attention_mask)
     row = masked.nonzero()[:, 0]
     target = meanflow_target(v, du_dt[masked], r[row], t[row])
     losses = token_losses(params.loss, u[masked], target)

@@ -15,7 +15,7 @@ from pipeline.core.params import from_mapping
 from pipeline.data.layout import Layout
 from pipeline.core.errors import CacheError, ParamsError
 from pipeline.generation.noise import CounterNoise, field_seeds
-from pipeline.generation.sampler import mask_predictor, sample_trajectory
+from pipeline.generation.sampler import SamplerOptions, sampler_network, sample_trajectory
 from pipeline.cache.rollouts import RolloutRows, open_rollouts, rollout_schema, rollout_statistics
 from pipeline.teacher.artifact import load_teacher
 from pipeline.cache.topk import open_cache
@@ -117,11 +117,12 @@ def test_rollouts_regenerate_from_their_seed_and_reconstruct_every_step(workdir_
         assert row["temperature"] == (0.0 if row["rollout_index"] == 0 else np.float32(settings["temperature"]))
         assert row["field"] == (-1 if noise != "shared" or row["rollout_index"] == 0 else (row["rollout_index"] - 1) % 2)
         seen.clear()
+        options = SamplerOptions(steps=settings["steps"], gen_length=G, block_length=settings["block_length"],
+                                 temperature=float(row["temperature"]), cfg_scale=settings["cfg_scale"],
+                                 remasking=settings["remasking"])
         trajectory = sample_trajectory(
-            recorder, torch.tensor(row["prompt_ids"][None]).long(), torch.tensor(row["prompt_mask"][None]).long(),
-            steps=settings["steps"], gen_length=G, block_length=settings["block_length"],
-            temperature=row["temperature"], cfg_scale=settings["cfg_scale"], remasking=settings["remasking"],
-            mask_id=model.config.mask_token_id, record_top_k=2,
+            recorder, torch.tensor(row["prompt_ids"][None]).long(), options, mask_id=model.config.mask_token_id,
+            attention_mask=torch.tensor(row["prompt_mask"][None]).long(), record_top_k=2,
             noise=CounterNoise(torch.tensor([row["seed"]], dtype=torch.uint64).view(torch.int64), fixed=noise != "per_step"))
         assert np.array_equal(trajectory.sequences[0, P:].numpy(), row["tokens"])
         assert np.array_equal(trajectory.reveal_step[0].numpy(), row["reveal_step"])
@@ -176,10 +177,9 @@ def test_greedy_rollouts_are_the_evaluations_greedy_decoding(workdir, tmp_path):
     layout = Layout.load(workdir / "data")
     batch = RolloutRows.concat([rollouts.batch(j) for j in range(rollouts.num_batches)])
     greedy = batch.take(np.flatnonzero(batch.temperature == 0))
-    out = sample_trajectory(mask_predictor(model), torch.from_numpy(greedy.prompt_ids).long(),
-                            torch.from_numpy(greedy.prompt_mask).long(), steps=layout.gen_length,
-                            gen_length=layout.gen_length, block_length=layout.gen_length,
-                            mask_id=model.config.mask_token_id)
+    out = sample_trajectory(sampler_network(model), torch.from_numpy(greedy.prompt_ids).long(),
+                            SamplerOptions(steps=layout.gen_length, gen_length=layout.gen_length),
+                            mask_id=model.config.mask_token_id, attention_mask=torch.from_numpy(greedy.prompt_mask).long())
     assert np.array_equal(out.sequences[:, layout.prompt_length:].numpy(), greedy.tokens)
     assert len(greedy) == 30 and np.array_equal(greedy.example_index, np.arange(30))
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.models import logit_rows
 from pipeline.generation.noise import CounterNoise
-from pipeline.generation.sampler import sample_trajectory
+from pipeline.generation.sampler import SamplerOptions, sample_trajectory
 from pipeline.models.layers import upcast
 from pipeline.models.llada import LLaDA
 from pipeline.student.rollout_objective import repeat_rows, rollout_interval, rollout_loss, sample_steps, select_latents
@@ -40,8 +40,8 @@ def recorded(base):
         states.append(ids.clone())
         return base(input_ids=ids, attention_mask=attention_mask)
 
-    trajectory = sample_trajectory(predictor, prompt, mask, steps=STEPS, gen_length=GEN, block_length=GEN // 2,
-                                   temperature=1.0, mask_id=base.config.mask_token_id,
+    trajectory = sample_trajectory(predictor, prompt, SamplerOptions(steps=STEPS, gen_length=GEN, block_length=GEN // 2,
+                                   temperature=1.0), mask_id=base.config.mask_token_id, attention_mask=mask,
                                    noise=CounterNoise(torch.tensor([11, 12, 13])))
     return prompt, mask, trajectory, states + [trajectory.sequences]
 

@@ -27,7 +27,7 @@ from pipeline.cache.params import CacheParams
 from pipeline.core.params import params_hash
 from pipeline.data.layout import Layout, split_fingerprint
 from pipeline.core.errors import CacheError, ParamsError
-from pipeline.generation.sampler import guided_hidden, mask_predictor
+from pipeline.generation.sampler import guided_hidden, sampler_network
 from pipeline.models.logit_rows import map_row_chunks
 from pipeline.models.mask_predictor import MaskPredictor
 from pipeline.cache.topk import CacheRows, cache_schema
@@ -83,7 +83,7 @@ def teacher_topk(
     top-k run on the masked positions only, ``chunk_bytes`` of float32 logits at a time."""
     prompt_index = attention_mask.bool().clone()
     prompt_index[:, layout.prompt_length:] = False
-    hidden = guided_hidden(mask_predictor(model), x_t, attention_mask, prompt_index, cfg_scale,
+    hidden = guided_hidden(sampler_network(model), x_t, attention_mask, prompt_index, cfg_scale,
                            model.config.mask_token_id, masked)
 
     def topk_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

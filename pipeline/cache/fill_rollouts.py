@@ -20,7 +20,7 @@ from pipeline.cache.params import CacheParams, RolloutParams
 from pipeline.data.layout import Layout
 from pipeline.core.errors import ParamsError
 from pipeline.generation.noise import CounterNoise, completion_seeds, field_seeds
-from pipeline.generation.sampler import mask_predictor, sample_trajectory
+from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, sampler_network, sample_trajectory
 from pipeline.models.mask_predictor import MaskPredictor
 from pipeline.cache.rollouts import RolloutRows, rollout_schema
 
@@ -46,14 +46,12 @@ def sampler_settings(params: CacheParams, layout: Layout, mask_id: int) -> dict:
     steps / block lengths the sampler cannot run, naming the key."""
     r = params.rollouts
     G = layout.gen_length
-    block_length = r.block_length or G
-    steps = r.steps or G
-    if G % block_length:
-        raise ParamsError(f"params.yaml:cache.rollouts.block_length: gen_length {G} is not a multiple of {block_length}")
-    if steps % (G // block_length) or steps > G:
-        raise ParamsError(f"params.yaml:cache.rollouts.steps: {steps} steps does not fit gen_length {G} in "
-                          f"{G // block_length} block(s) (at most {G}, a multiple of the number of blocks)")
-    return {"steps": steps, "gen_length": G, "block_length": block_length, "remasking": r.remasking,
+    try:
+        options = SamplerOptions(gen_length=G, steps=r.steps or G, block_length=r.block_length,
+                                 temperature=r.temperature, cfg_scale=r.cfg_scale, remasking=r.remasking)
+    except SamplerOptionError as err:
+        raise ParamsError(f"params.yaml:cache.rollouts.{err}") from err
+    return {"steps": options.steps, "gen_length": G, "block_length": options.block_length, "remasking": r.remasking,
             "cfg_scale": r.cfg_scale, "temperature": r.temperature, "noise": r.noise, "num_fields": r.num_fields,
             "greedy_first": r.greedy_first, "mask_token_id": mask_id, "batch_size": r.batch_size}
 
@@ -111,17 +109,17 @@ def fill_rollout_shard(model: MaskPredictor, dataset, shard: int, layout: Layout
     if r.top_k:
         top_ids = np.zeros((len(plan), G, r.top_k), dtype=np.int32)
         top_logprobs = np.zeros((len(plan), G, r.top_k), dtype=np.float16)
-    predictor = mask_predictor(model)
+    predictor = sampler_network(model)
     seeds = torch.from_numpy(plan.seed.view(np.int64))
     for temperature in sorted(set(plan.temperature.tolist())):
         group = np.flatnonzero(plan.temperature == temperature)
         for start in range(0, len(group), r.batch_size):
             part = group[start : start + r.batch_size]
+            options = SamplerOptions(gen_length=G, steps=sampler["steps"], block_length=sampler["block_length"],
+                                     temperature=temperature, cfg_scale=r.cfg_scale, remasking=r.remasking)
             trajectory = sample_trajectory(
-                predictor, torch.from_numpy(prompts[part]).long().to(device),
-                torch.from_numpy(prompt_mask[part]).long().to(device), steps=sampler["steps"], gen_length=G,
-                block_length=sampler["block_length"], temperature=temperature, cfg_scale=r.cfg_scale,
-                remasking=r.remasking, mask_id=model.config.mask_token_id,
+                predictor, torch.from_numpy(prompts[part]).long().to(device), options,
+                mask_id=model.config.mask_token_id, attention_mask=torch.from_numpy(prompt_mask[part]).long().to(device),
                 noise=CounterNoise(seeds[part], fixed=r.noise != "per_step"), record_top_k=r.top_k,
             )
             tokens[part] = trajectory.sequences[:, P:].cpu().numpy()

@@ -13,7 +13,7 @@ from pipeline.core.params import require, require_at_least
 class RolloutParams:
     """``cache.rollouts``: the teacher's own sampler runs on training prompts, cached beside the top-k
     rows (format: ``pipeline.cache.rollouts``). What the one-step student needs to learn the teacher's
-    multi-step outputs rather than its per-position marginals (DESIGN 11.1)."""
+    multi-step outputs rather than its per-position marginals (README: the one-step student, trained on the teacher's rollouts)."""
 
     max_examples: int | None = 16000
     """Rollouts for the first N training examples (None: all of the cache's ``max_examples``)."""

@@ -1,4 +1,4 @@
-"""The teacher's own rollouts, cached beside the top-k rows (stage one, DESIGN 11.1).
+"""The teacher's own rollouts, cached beside the top-k rows (stage one).
 
 This format is a user-facing contract, like ``pipeline.cache.topk`` (whose directory layout it
 shares): shards ``rollouts-00000.arrow`` (Arrow IPC file format, zstd) with ``.json`` sidecars, and

@@ -4,11 +4,37 @@
 [0, 1). A draw depends only on its keys, never on the batch, process or device it is computed in, so
 a row's randomness survives resharding, resumption and DDP, and a Gumbel field over (position,
 token id) can be regenerated anywhere from its seed instead of being stored.
+
+Every counter-based draw of the pipeline, as its key path (names are filled in per draw; the
+numbers are the stream constants below, which keep paths of the same shape apart)::
+
+    under a run's seed (stage one's rollouts: cache.seed; decoding: evaluate.seed, --seed)
+      completion noise seed     (seed, COMPLETION_SEED, example, draw)
+      shared field seed         (seed, FIELD_SEED, field)
+      completion latent         (seed, COMPLETION_LATENT, example, draw, 2j | 2j + 1)
+    under a row's noise seed (one of the seeds above)
+      Gumbel field, per step    (row seed, step >= 0, position, token id)
+      Gumbel field, fixed       (row seed, position, token id)
+      random remasking          (row seed, REMASK, step, position)
+    under a training row (student.seed, epoch, example, sample or rollout index)
+      r, first and second       (..., R_FIRST) and (..., R_SECOND)
+      MeanFlow latent           (..., MEANFLOW_LATENT, 2j | 2j + 1)
+      rollout steps k, k'       (..., ROLLOUT_STEPS, j)
+      rollout latents           (..., ROLLOUT_LATENT, draw, 2j | 2j + 1)
+
+``tests/test_counter_random.py`` checks that no two paths can give the same keys.
 """
 
 from __future__ import annotations
 
 import torch
+
+# Streams under a run's seed.
+COMPLETION_SEED, FIELD_SEED, COMPLETION_LATENT = 1, 2, 3
+# Under a row's noise seed, in the place of the step (steps count from 0).
+REMASK = -1
+# Under a training row's keys.
+R_FIRST, R_SECOND, MEANFLOW_LATENT, ROLLOUT_STEPS, ROLLOUT_LATENT = 1, 2, 3, 4, 5
 
 
 def _splitmix64(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pipeline.core.errors import DataError
 from pipeline.data.layout import Layout
 from pipeline.data.tokenizer import decode_answer
 from pipeline.generation.noise import completion_latents, completion_noise
-from pipeline.generation.sampler import generate, mask_predictor
+from pipeline.generation.sampler import SamplerOptions, generate, sampler_network
 
 
 @torch.inference_mode()
@@ -42,11 +42,13 @@ def complete_split(
     missing = {"input_ids", "attention_mask", "prompt", "answer"} - set(rows.column_names)
     if missing:
         raise DataError(f"the split to decode lacks the columns {sorted(missing)}")
-    predictor = mask_predictor(model)
+    predictor = sampler_network(model)
     device = next(model.parameters()).device
     mask_id = (model.base if hasattr(model, "base") else model).config.mask_token_id
     latent_dim = getattr(model, "latent_dim", 0)
     P, G = layout.prompt_length, layout.gen_length
+    options = SamplerOptions(gen_length=G, steps=steps, block_length=block_length, temperature=temperature,
+                             cfg_scale=cfg_scale)
     ids = torch.as_tensor(rows["input_ids"])[:, :P].long()  # (N, P)
     attention = torch.as_tensor(rows["attention_mask"])[:, :P].long()
     order = torch.arange(len(ids)).repeat_interleave(samples)  # (N * samples,)
@@ -58,11 +60,10 @@ def complete_split(
         draws = sample_index[start : start + batch_size]
         coupled = None if noise == "per_step" else completion_noise(noise, seed, index, draws, num_fields)
         if latent_dim:
-            predictor = mask_predictor(model, completion_latents(seed, index, draws, latent_dim).to(device))
+            predictor = sampler_network(model, completion_latents(seed, index, draws, latent_dim).to(device))
         began = time.perf_counter()
-        out = generate(predictor, ids[index].to(device), attention[index].to(device), steps=steps, gen_length=G,
-                       block_length=block_length or G, temperature=temperature, cfg_scale=cfg_scale, mask_id=mask_id,
-                       generator=generator, noise=coupled)
+        out = generate(predictor, ids[index].to(device), options, mask_id=mask_id,
+                       attention_mask=attention[index].to(device), generator=generator, noise=coupled)
         answers = out[:, P:].tolist()  # the copy to the host waits for the device
         seconds += time.perf_counter() - began
         for row, answer in zip(index.tolist(), answers):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.core.counter_random import counter_hash, counter_normal, counter_uniform
+from pipeline.core.counter_random import (COMPLETION_LATENT, COMPLETION_SEED, FIELD_SEED, REMASK, counter_hash,
+                                          counter_normal, counter_uniform)
 
 
 class GeneratorNoise:
@@ -36,8 +37,6 @@ class CounterNoise:
     ``counter_uniform(seed, s, p, v)``, or with ``fixed`` ``counter_uniform(seed, p, v)`` at every step
     (one Gumbel field per row, so the completion is a deterministic function of (prompt, seed))."""
 
-    REMASK_STREAM = -1  # keeps ``random`` remasking's draws apart from the Gumbel field's
-
     def __init__(self, seeds: torch.Tensor, fixed: bool = False):
         self.seeds, self.fixed = torch.as_tensor(seeds, dtype=torch.int64), fixed
 
@@ -52,30 +51,29 @@ class CounterNoise:
 
     def remask_uniforms(self, shape: tuple[int, int], device, step: int, offset: int) -> torch.Tensor:
         position = offset + torch.arange(shape[1], device=device)[None, :]
-        return counter_uniform(self.seeds.to(device)[:, None], self.REMASK_STREAM, step, position).float()
+        return counter_uniform(self.seeds.to(device)[:, None], REMASK, step, position).float()
 
 
 Noise = GeneratorNoise | CounterNoise
-COMPLETION_STREAM, FIELD_STREAM, LATENT_STREAM = 1, 2, 3  # key spaces of counter_hash under a run's seed
 
 
 def completion_seeds(seed: int, example: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
     """Noise seeds (int64) of completions ``draw`` of prompts ``example``: ``counter_hash(seed, 1,
     example, draw)``, each completion its own."""
-    return counter_hash(seed, COMPLETION_STREAM, example, draw)
+    return counter_hash(seed, COMPLETION_SEED, example, draw)
 
 
 def field_seeds(seed: int, field: torch.Tensor) -> torch.Tensor:
     """Seeds of shared Gumbel fields ``field``: ``counter_hash(seed, 2, field)``, the same for every
     prompt (the ``shared`` coupling)."""
-    return counter_hash(seed, FIELD_STREAM, field)
+    return counter_hash(seed, FIELD_SEED, field)
 
 
 def completion_latents(seed: int, example: torch.Tensor, draw: torch.Tensor, dim: int) -> torch.Tensor:
     """The student's latents z ~ N(0, I_dim) (N, dim) of completions ``draw`` of prompts ``example``
     (``counter_normal(dim, seed, 3, example, draw)``): completion i of a prompt always gets the same z,
     whatever the batch it is decoded in."""
-    return counter_normal(dim, seed, LATENT_STREAM, torch.as_tensor(example), torch.as_tensor(draw))
+    return counter_normal(dim, seed, COMPLETION_LATENT, torch.as_tensor(example), torch.as_tensor(draw))
 
 
 def gumbel_perturbed(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:

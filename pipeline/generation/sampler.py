@@ -1,7 +1,7 @@
 """LLaDA's reference sampler (block decoding, low-confidence remasking, unsupervised CFG), batched,
 and one-step generation. The command line is ``pipeline.generate_cli``.
 
-The sampler follows the official LLaDA / LLaDA-MoE ``generate`` (seeds/004): the answer region starts
+The sampler follows the official LLaDA / LLaDA-MoE ``generate`` (the reference inference code): the answer region starts
 fully masked; it is split into blocks filled left to right; each block gets ``steps / num_blocks``
 steps, and each step commits the scheduled number of masked tokens of the current block, picking
 the most confident predictions (``low_confidence``) or random ones (``random``); the others stay
@@ -12,6 +12,7 @@ unconditional branch (prompt replaced by mask tokens) and uses ``un + (w + 1) * 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Literal
 
 import torch
@@ -27,7 +28,7 @@ Remasking = Literal["low_confidence", "random"]
 class SamplerNetwork:
     """A network split at its LM head, as the sampler and stage one call it: ``hidden(input_ids (B, T),
     attention_mask (B, T) or None)`` runs the trunk once, (B, T, C); ``head`` maps any rows of hidden
-    states (N, C) to logits (N, V), so logits exist only where they are needed. ``mask_predictor``
+    states (N, C) to logits (N, V), so logits exist only where they are needed. ``sampler_network``
     builds one for a LLaDA or a Student."""
 
     hidden: Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -111,25 +112,82 @@ class Trajectory:
     """(B, gen_length, k) float32: their log-probs (over the full vocabulary)."""
 
 
-def generate(model: SamplerNetwork, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             **options) -> torch.Tensor:
-    """Fill ``gen_length`` masked positions after ``prompt`` (B, Lp); returns (B, Lp + gen_length).
-    Options as ``sample_trajectory``."""
-    return sample_trajectory(model, prompt, attention_mask, **options).sequences
+class SamplerOptionError(ValueError):
+    """A sampler setting the sampler cannot run. ``key`` names the option (``steps``,
+    ``block_length``, ...), so a caller can name its own key for it (a flag, a params key)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplerOptions:
+    """How LLaDA's sampler decodes an answer, checked once here for every caller (the generate CLI,
+    the evaluation, stage one's rollouts, validation during training)."""
+
+    gen_length: int
+    """Answer positions to fill."""
+    steps: int
+    """Forward passes (network calls; CFG sends each row twice): at most ``gen_length``, a multiple of
+    the number of blocks. 1 with one block is one-step generation."""
+    block_length: int | None = None
+    """Semi-autoregressive block length, dividing ``gen_length``; None: one block."""
+    temperature: float = 0.0
+    """0: greedy; > 0: Gumbel-max sampling at this temperature."""
+    cfg_scale: float = 0.0
+    """Unsupervised classifier-free guidance w: ``un + (w + 1)(cond - un)``; 0: none."""
+    remasking: Remasking = "low_confidence"
+    """Which predictions a step commits: the most confident ones, or random ones."""
+
+    def __post_init__(self) -> None:
+        if self.block_length is None:
+            object.__setattr__(self, "block_length", self.gen_length)
+        for key in ("gen_length", "block_length", "steps"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise SamplerOptionError(key, f"must be an integer >= 1, got {getattr(self, key)!r}")
+        if self.gen_length % self.block_length:
+            raise SamplerOptionError("block_length", f"gen_length {self.gen_length} is not a multiple of {self.block_length}")
+        if self.steps % self.num_blocks or self.steps > self.gen_length:
+            raise SamplerOptionError("steps", f"{self.steps} steps do not fit gen_length {self.gen_length} in "
+                                     f"{self.num_blocks} block(s) (at most {self.gen_length}, a multiple of {self.num_blocks})")
+        for key in ("temperature", "cfg_scale"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise SamplerOptionError(key, f"must be a finite number >= 0, got {getattr(self, key)!r}")
+        if self.remasking not in ("low_confidence", "random"):
+            raise SamplerOptionError("remasking", f"must be 'low_confidence' or 'random', got {self.remasking!r}")
+
+    @classmethod
+    def one_step(cls, gen_length: int, **options) -> "SamplerOptions":
+        """The whole answer in one forward pass (the student's inference; the teacher's baseline)."""
+        return cls(gen_length=gen_length, steps=1, **options)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+
+def generate(model: SamplerNetwork, prompt: torch.Tensor, options: SamplerOptions, *, mask_id: int,
+             attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             noise: Noise | None = None) -> torch.Tensor:
+    """Fill ``options.gen_length`` masked positions after ``prompt`` (B, Lp); returns (B, Lp +
+    gen_length). As ``sample_trajectory``."""
+    return sample_trajectory(model, prompt, options, mask_id=mask_id, attention_mask=attention_mask,
+                             generator=generator, noise=noise).sequences
 
 
 @torch.no_grad()
 def sample_trajectory(
     model: SamplerNetwork,
     prompt: torch.Tensor,
+    options: SamplerOptions,
+    *,
+    mask_id: int,
     attention_mask: torch.Tensor | None = None,
-    steps: int = 128,
-    gen_length: int = 128,
-    block_length: int = 128,
-    temperature: float = 0.0,
-    cfg_scale: float = 0.0,
-    remasking: Remasking = "low_confidence",
-    mask_id: int = 126336,
     generator: torch.Generator | None = None,
     noise: Noise | None = None,
     record_top_k: int = 0,
@@ -137,7 +195,8 @@ def sample_trajectory(
     """LLaDA's sampler on ``prompt`` (B, Lp), recording when each answer position was committed.
 
     ``attention_mask`` (B, Lp) marks real prompt tokens (left padding is 0); the answer is always
-    attended. ``steps == 1`` with ``block_length == gen_length`` is one-step generation. Randomness
+    attended. ``mask_id`` is the model's mask token (LLaDA-8B 126336, LLaDA-MoE 156895, the built-in
+    teacher's own). ``SamplerOptions.one_step`` is one-step generation. Randomness
     (Gumbel noise at ``temperature > 0``, ``random`` remasking) comes from ``noise``, by default
     fresh draws from ``generator`` at every step.
 
@@ -151,21 +210,14 @@ def sample_trajectory(
     Memory: the trunk runs on the whole sequence, the head only on the current block's masked
     positions (M, V) (CFG stacks the unconditional rows under them); ``CounterNoise`` draws for
     those positions only, ``GeneratorNoise`` for the block (its stream keeps seeded runs unchanged).
-    ``model`` is a ``SamplerNetwork`` (``mask_predictor``), or a plain function returning full logits
+    ``model`` is a ``SamplerNetwork`` (``sampler_network``), or a plain function returning full logits
     (see ``as_sampler_network``).
     """
-    if gen_length < 1 or block_length < 1 or steps < 1:
-        raise ValueError("gen_length, block_length and steps must be positive")
-    if gen_length % block_length:
-        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
-    num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise ValueError(f"steps {steps} is not a multiple of the number of blocks {num_blocks}")
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    gen_length, block_length, num_blocks = options.gen_length, options.block_length, options.num_blocks
+    temperature, cfg_scale, remasking = options.temperature, options.cfg_scale, options.remasking
     noise = noise if noise is not None else GeneratorNoise(generator)
     model = as_sampler_network(model)
-    steps_per_block = steps // num_blocks
+    steps_per_block = options.steps_per_block
     B, Lp = prompt.shape
     x = torch.full((B, Lp + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :Lp] = prompt
@@ -222,12 +274,7 @@ def sample_trajectory(
     return Trajectory(x, reveal_step)
 
 
-def one_step_generate(model: SamplerNetwork, prompt: torch.Tensor, gen_length: int, **options) -> torch.Tensor:
-    """Fill the whole answer in a single forward pass (the student's inference; the teacher's baseline)."""
-    return generate(model, prompt, steps=1, gen_length=gen_length, block_length=gen_length, **options)
-
-
-def mask_predictor(model, latent: torch.Tensor | None = None) -> SamplerNetwork:
+def sampler_network(model, latent: torch.Tensor | None = None) -> SamplerNetwork:
     """The sampler's view of a network with ``hidden(input_ids=..., attention_mask=...)`` and
     ``head``: a ``LLaDA``, or a ``Student``, whose defaults r = 0, t = 1 are the one-step
     inference point (a network with only ``forward`` gives its full logits, as ``as_sampler_network``).

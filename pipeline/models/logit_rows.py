@@ -1,4 +1,4 @@
-"""Work on logits a bounded number of rows at a time (DESIGN section 12).
+"""Work on logits a bounded number of rows at a time (README: memory at LLaDA's vocabulary).
 
 The LM head is a per-position map, so everything downstream of it (log-softmax, top-k, targets,
 losses) can run on the rows that need it, a chunk at a time: at LLaDA's vocabulary (126,464) one

@@ -17,7 +17,8 @@ import lightning as L
 import torch
 
 from pipeline.student.params import StudentParams
-from pipeline.core.counter_random import counter_normal, counter_uniform
+from pipeline.core.counter_random import (MEANFLOW_LATENT, R_FIRST, R_SECOND, ROLLOUT_LATENT, ROLLOUT_STEPS, counter_normal,
+                                          counter_uniform)
 from pipeline.core.errors import TrainingError
 from pipeline.core.lr_schedule import warmup_cosine
 from pipeline.student.meanflow import MeanFlowLoss, TeacherRows, meanflow_loss, sample_r
@@ -29,8 +30,6 @@ from pipeline.cache.loader import TeacherCacheDataModule
 # The frozen base stays in eval mode on purpose (Student.train keeps it there).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
-# Key spaces of the counter-based draws of a row (after its identity keys; r uses 1 and 2 directly).
-MEANFLOW_LATENT_STREAM, ROLLOUT_STEP_STREAM, ROLLOUT_LATENT_STREAM = 3, 4, 5
 DIAGNOSTIC_WINDOW = 50  # training steps the end-of-training diagnostics average over
 
 
@@ -50,10 +49,10 @@ class StudentDistillation(L.LightningModule):
         masked positions at a time."""
         p = self.params
         keys = (p.seed, self.current_epoch, batch["example_index"], batch["sample_index"])
-        r = sample_r(batch["t"], p.equal_fraction, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
+        r = sample_r(batch["t"], p.equal_fraction, uniforms=(counter_uniform(*keys, R_FIRST), counter_uniform(*keys, R_SECOND)))
         latent = None
         if self.student.latent_dim:
-            latent = counter_normal(self.student.latent_dim, *keys, MEANFLOW_LATENT_STREAM).to(batch["t"].device)
+            latent = counter_normal(self.student.latent_dim, *keys, MEANFLOW_LATENT).to(batch["t"].device)
         v = TeacherRows(self.student.base.config.embedding_size, batch["topk_ids"], batch["topk_logprobs"], p.tail)
         return meanflow_loss(self.student, batch["input_ids"], batch["attention_mask"], batch["masked"], batch["t"], r, v,
                              p, self.gen_length, batch["x0"], latent=latent)
@@ -64,7 +63,7 @@ class StudentDistillation(L.LightningModule):
         p = self.params
         keys = (p.seed, self.current_epoch, batch["example_index"], batch["rollout_index"])
         device = batch["tokens"].device
-        uniforms = torch.stack([counter_uniform(*keys, ROLLOUT_STEP_STREAM, j) for j in range(4)]).to(device)
+        uniforms = torch.stack([counter_uniform(*keys, ROLLOUT_STEPS, j) for j in range(4)]).to(device)
         k, k_end = sample_steps(self.rollout_steps, uniforms, p.one_step_fraction, p.r0_fraction)
         interval = rollout_interval(batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["reveal_step"],
                                     k, k_end, self.student.base.config.mask_token_id)
@@ -72,7 +71,7 @@ class StudentDistillation(L.LightningModule):
         if self.student.latent_dim:
             draws = torch.arange(p.latent_draws)[None, :]  # (1, K)
             latents = counter_normal(self.student.latent_dim, *(key if isinstance(key, int) else key[:, None]
-                                                                for key in keys), ROLLOUT_LATENT_STREAM, draws)
+                                                                for key in keys), ROLLOUT_LATENT, draws)
             latents = latents.to(device)  # (B, K, d)
         return rollout_loss(self.student, interval, latents, self.student.base.config.mask_token_id,
                             p.selection_temperature)

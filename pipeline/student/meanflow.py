@@ -1,12 +1,12 @@
-"""Discrete-space MeanFlow, as pure functions (DESIGN section 5).
+"""Discrete-space MeanFlow, as pure functions.
 
 Conventions: t = 1 is fully masked, t = 0 is data. The teacher's logits on x_t are the instantaneous
-velocity v; the student's logits u(z, r, t) on z = E[x_t] are the average velocity over [r, t]. The
+velocity v; the student's logits u(e, r, t) on e = E[x_t] are the average velocity over [r, t]. The
 MeanFlow identity gives the regression target
 
-    u_tgt = v - (t - r) * du/dt,    du/dt = d/dt u(z(t), r, t) = J_z u . dz/dt + d_t u,
+    u_tgt = v - (t - r) * du/dt,    du/dt = d/dt u(e(t), r, t) = J_e u . de/dt + d_t u,
 
-a Jacobian-vector product of the student along the tangent (dz/dt, 1) with r held fixed, taken without
+a Jacobian-vector product of the student along the tangent (de/dt, 1) with r held fixed, taken without
 gradient. With r = t the target is exactly v. ``meanflow_loss`` chains the pieces into the training
 objective on one batch.
 """
@@ -96,13 +96,13 @@ def tangent(
     kind: Tangent, v_masked: "torch.Tensor | TeacherRows", masked: torch.Tensor, embedding: torch.Tensor, mask_id: int,
     t: torch.Tensor, chunk_bytes: int | None = None,
 ) -> torch.Tensor:
-    """dz/dt (B, T, C) of the student's input embeddings along the forward process.
+    """de/dt (B, T, C) of the student's input embeddings along the forward process.
 
     v_masked (M, V) teacher logits (or log-probs) at the masked positions (or ``TeacherRows``), in
     row-major order of masked (B, T) bool; embedding (V, C) the input embedding matrix; t (B,). With
     e_bar = softmax(v) @ E (computed ``chunk_bytes`` of logits at a time):
 
-    * ``linear``: the mean-embedding path E[z_s] = s e_mask + (1 - s) e(x0), re-anchored through x_t
+    * ``linear``: the mean-embedding path E[e_s] = s e_mask + (1 - s) e(x0), re-anchored through x_t
       (p = softmax(v) as the posterior of x0): at masked positions (e_mask - e_bar) / t, 0 at visible
       ones (for s < t visible tokens stay visible);
     * ``seed``: the seed's literal e_bar - e(x_t) at masked positions (opposite sign, no 1 / t).
@@ -123,30 +123,30 @@ def tangent(
         direction = e_bar - e_mask
     else:
         raise ValueError(f"tangent must be 'linear' or 'seed', got {kind!r}")
-    dz_dt = torch.zeros(*masked.shape, embedding.shape[1], dtype=embedding.dtype, device=embedding.device)
-    dz_dt[masked] = direction
-    return dz_dt
+    de_dt = torch.zeros(*masked.shape, embedding.shape[1], dtype=embedding.dtype, device=embedding.device)
+    de_dt[masked] = direction
+    return de_dt
 
 
 def average_velocity_jvp(
     student_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    z: torch.Tensor,
+    e: torch.Tensor,
     t: torch.Tensor,
-    dz_dt: torch.Tensor,
+    de_dt: torch.Tensor,
     keep_graph: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, du/dt) with ``torch.func.jvp`` of ``student_fn(z, t)`` along (dz_dt, 1). ``student_fn`` may
+    """(u, du/dt) with ``torch.func.jvp`` of ``student_fn(e, t)`` along (de_dt, 1). ``student_fn`` may
     return logits, or the hidden states the logits are a linear map of (the LM head): then the
     second output is their tangent, and the head of it is du/dt.
 
     ``student_fn`` must use the explicit ("math") attention: fused SDPA kernels have no forward-mode
     derivative. With ``keep_graph`` the primal u keeps its autograd graph (one grad-mode JVP); without,
     the JVP runs under ``no_grad`` (cheaper; compute u for the gradient with an ordinary forward)."""
-    tangents = (dz_dt, torch.ones_like(t))
+    tangents = (de_dt, torch.ones_like(t))
     if keep_graph:
-        return torch.func.jvp(student_fn, (z, t), tangents)
+        return torch.func.jvp(student_fn, (e, t), tangents)
     with torch.no_grad():
-        return torch.func.jvp(student_fn, (z, t), tangents)
+        return torch.func.jvp(student_fn, (e, t), tangents)
 
 
 def meanflow_target(v: torch.Tensor, du_dt: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -244,9 +244,9 @@ def meanflow_loss(
     base = student.base
     teacher = TeacherRows.of(v)
     with torch.no_grad():
-        z = base.embed(input_ids)  # (B, T, C)
+        e = base.embed(input_ids)  # (B, T, C)
     embedding = base.embedding_weight.detach()
-    dz_dt = tangent(params.tangent, teacher, masked, embedding, base.config.mask_token_id, t, chunk_bytes)
+    de_dt = tangent(params.tangent, teacher, masked, embedding, base.config.mask_token_id, t, chunk_bytes)
     row = masked.nonzero()[:, 0]  # (M,) row of each masked position
 
     # du/dt only matters where r < t (the target is v itself at r = t): with the no-grad JVP,
@@ -258,12 +258,12 @@ def meanflow_loss(
                            attention="math", latent=None if latent is None else latent[jvp_rows])
         return h[masked[jvp_rows]]
 
-    dh_dt = torch.zeros(len(row), z.shape[-1], dtype=z.dtype, device=z.device)  # (M, C), 0 where r = t
+    dh_dt = torch.zeros(len(row), e.shape[-1], dtype=e.dtype, device=e.device)  # (M, C), 0 where r = t
     if jvp_rows.any():
-        h, dh_dt[jvp_rows[row]] = average_velocity_jvp(hidden_at_masked, z[jvp_rows], t[jvp_rows],
-                                                       dz_dt[jvp_rows].to(z.dtype), keep_graph=params.jvp == "grad")
+        h, dh_dt[jvp_rows[row]] = average_velocity_jvp(hidden_at_masked, e[jvp_rows], t[jvp_rows],
+                                                       de_dt[jvp_rows].to(e.dtype), keep_graph=params.jvp == "grad")
     if params.jvp == "no_grad":
-        h = student.hidden(inputs_embeds=z, r=r, t=t, attention_mask=attention_mask, latent=latent)[masked]
+        h = student.hidden(inputs_embeds=e, r=r, t=t, attention_mask=attention_mask, latent=latent)[masked]
     labels = x0[masked] if params.ce_weight else torch.zeros_like(row)
 
     def token_terms(h_rows, dh_rows, index, r_rows, t_rows, label_rows):
@@ -280,7 +280,7 @@ def meanflow_loss(
             kl = losses.detach() if params.loss == "kl" else token_losses("kl", u_rows, target)
         return (losses, ce, kl, du_dt_abs) + ((target,) if keep_target else ())
 
-    terms = map_row_chunks(token_terms, (h, dh_dt, torch.arange(len(row), device=z.device), r[row], t[row], labels),
+    terms = map_row_chunks(token_terms, (h, dh_dt, torch.arange(len(row), device=e.device), r[row], t[row], labels),
                            teacher.vocab_size, chunk_bytes)
     losses, ce, kl, du_dt_abs = terms[:4]
     normalizer = masked.shape[0] * answer_length

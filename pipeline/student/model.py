@@ -56,12 +56,12 @@ class Student(nn.Module):
         self.soft_prompt.to(device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
 
     @property
-    def config(self) -> SoftPromptConfig:
+    def soft_prompt_config(self) -> SoftPromptConfig:
         return self.soft_prompt.config
 
     @property
     def latent_dim(self) -> int:
-        return self.config.latent_dim
+        return self.soft_prompt_config.latent_dim
 
     def train(self, mode: bool = True) -> "Student":
         super().train(mode)
@@ -121,7 +121,7 @@ class Student(nn.Module):
                                   "save it with save_pretrained and reload it first")
         meta = {
             "format": FORMAT,
-            "soft_prompt": dataclasses.asdict(self.config),
+            "soft_prompt": dataclasses.asdict(self.soft_prompt_config),
             "base_path": os.path.relpath(source.resolve(), path.resolve()),
             "base_fingerprint": checkpoint_fingerprint(source),
         }

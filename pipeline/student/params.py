@@ -17,7 +17,7 @@ class StudentParams:
     meanflow_weight: float = 0.0
     """Weight of the seed's MeanFlow objective on the cache's top-k rows (0: off)."""
     rollout_weight: float = 1.0
-    """Weight of the rollout objective on the cache's teacher rollouts (DESIGN 11.3; 0: off)."""
+    """Weight of the rollout objective on the cache's teacher rollouts (``pipeline.student.rollout_objective``; 0: off)."""
     rollouts: Literal["all", "greedy", "sampled"] = "all"
     """Which cached rollouts the rollout objective trains on (greedy: temperature 0)."""
     one_step_fraction: float = 0.5

@@ -1,4 +1,4 @@
-"""The rollout objective (DESIGN 11.3): a discrete average velocity from the teacher's own trajectories,
+"""The rollout objective: a discrete average velocity from the teacher's own trajectories,
 as pure functions beside ``pipeline.student.meanflow``.
 
 A cached rollout is a prompt, its final answer tokens and the step that committed each answer position

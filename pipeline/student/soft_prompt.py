@@ -30,7 +30,7 @@ class SoftPromptConfig:
     (t, t - r), which MeanFlow reports slightly better."""
     latent_dim: int = 8
     """d: a per-generation latent z ~ N(0, I_d) enters the prompt MLP beside the time features, so
-    one forward pass can emit different consistent answers (DESIGN 11.2); 0: no latent (students
+    one forward pass can emit different consistent answers; 0: no latent (students
     saved before the latent existed load with 0)."""
 
     def __post_init__(self) -> None:
