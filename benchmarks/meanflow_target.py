@@ -17,12 +17,11 @@ from pathlib import Path
 import datasets
 import torch
 
-from pipeline.student.params import StudentParams
 from pipeline.generation.noise import completion_latents
 from pipeline.core.cpu_numerics import pin_cpu_numerics
 from pipeline.data.layout import Layout
 from pipeline.data.scoring import score_records
-from pipeline.student.meanflow import meanflow_loss
+from pipeline.student.meanflow import MeanFlowOptions, meanflow_loss
 from pipeline.student.model import Student
 from pipeline.teacher.artifact import load_teacher
 from pipeline.data.tokenizer import decode_answer
@@ -75,7 +74,7 @@ def main() -> None:
             for gap in (1.0, 0.5, 0.25):
                 with torch.no_grad():  # the target only: no gradient wanted
                     out = meanflow_loss(student, x, attention_mask, masked, t, t - gap, v[masked],
-                                        StudentParams(tangent=kind), layout.gen_length, latent=latent,
+                                        MeanFlowOptions(tangent=kind), layout.gen_length, latent=latent,
                                         keep_target=True)
                 target = out.target.view(len(x), layout.gen_length, -1)  # every answer position is masked
                 results[f"{name}: u_tgt, {kind}, t - r = {gap:g}"] = accuracy(target, rows, tokenizer, layout, mask_id)

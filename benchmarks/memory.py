@@ -87,6 +87,7 @@ def measure_grid() -> list[dict]:
     from pipeline.student.params import StudentParams
     from pipeline.student.soft_prompt import SoftPromptConfig
     from pipeline.data.layout import Layout
+    from pipeline.cache.loader import TopKBatch
     from pipeline.student.distillation import StudentDistillation
     from pipeline.generation.sampler import SamplerOptions, generate, sampler_network
     from pipeline.models.llada import LLaDA, LLaDAConfig
@@ -112,10 +113,10 @@ def measure_grid() -> list[dict]:
     def meanflow_step(jvp, batch):
         module = students[jvp]
         module.gen_length = batch["G"]
-        rows = {"input_ids": batch["x_t"], "attention_mask": batch["attention_mask"], "masked": batch["masked"],
-                "t": batch["t"], "x0": batch["x0"], "topk_ids": batch["topk_ids"],
-                "topk_logprobs": batch["topk_logprobs"], "example_index": torch.arange(len(batch["t"])),
-                "sample_index": torch.zeros(len(batch["t"]), dtype=torch.long)}
+        rows = TopKBatch(input_ids=batch["x_t"], attention_mask=batch["attention_mask"], masked=batch["masked"],
+                         t=batch["t"], x0=batch["x0"], topk_ids=batch["topk_ids"], topk_logprobs=batch["topk_logprobs"],
+                         example_index=torch.arange(len(batch["t"])),
+                         sample_index=torch.zeros(len(batch["t"]), dtype=torch.long))
         module.meanflow_step(rows).loss.backward()
         module.student.zero_grad(set_to_none=True)
 

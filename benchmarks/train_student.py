@@ -9,6 +9,7 @@ the time ratio: <= 1.5.
 """
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -42,14 +43,15 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
     params = StudentParams(**{**vars(defaults), "jvp": jvp, "batch_size": batch_size})
     student = Student(base, config=params.soft_prompt)
     module = StudentDistillation(student, params, Layout.load(ROOT / "data").gen_length).to(device)
-    batch = {k: v.to(device) for k, v in CacheMiniBatches(ROOT / "artifacts" / "cache", batch_size)[0].items()}
+    batch = CacheMiniBatches(ROOT / "artifacts" / "cache", batch_size)[0]
+    batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)})
     optimizer = torch.optim.AdamW(student.soft_prompt.parameters(), lr=1e-4)
 
     def step():
         if variant == "plain":
-            v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], base.config.embedding_size)
-            u = student(input_ids=batch["input_ids"], r=batch["t"], t=batch["t"], attention_mask=batch["attention_mask"])
-            loss = token_losses("kl", u[batch["masked"]], v).mean()
+            v = dense_logprobs(batch.topk_ids, batch.topk_logprobs, base.config.embedding_size)
+            u = student(input_ids=batch.input_ids, r=batch.t, t=batch.t, attention_mask=batch.attention_mask)
+            loss = token_losses("kl", u[batch.masked], v).mean()
         else:
             loss = module.meanflow_step(batch).loss
         optimizer.zero_grad()
@@ -82,7 +84,7 @@ def loader_throughput(batch_size: int, batches: int) -> float:
     data.setup()
     rows, started = 0, time.perf_counter()
     for i, batch in enumerate(data.train_dataloader()):
-        rows += len(batch["t"])
+        rows += len(batch.t)
         if i + 1 == batches:
             break
     return rows / (time.perf_counter() - started)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 # Runs in a fresh process, as a stage does: heavy imports first, then run_stage, then the work.
 TRAIN = """

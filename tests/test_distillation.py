@@ -65,13 +65,13 @@ def trainer(**options):
 def test_mini_batches_are_the_cache_rows(workdir):
     cache = open_cache(workdir / "artifacts" / "cache")
     batches = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=5)
-    assert sum(len(batches[i]["t"]) for i in range(len(batches))) == len(cache) == 128
+    assert sum(len(batches[i].t) for i in range(len(batches))) == len(cache) == 128
     batch = batches[1]  # rows 5..9 of the first record batch
     rows = [cache[i] for i in range(5, 10)]
-    assert torch.equal(batch["input_ids"], torch.tensor(np.stack([r["input_ids"] for r in rows])).long())
-    assert torch.equal(batch["masked"].nonzero()[:, 1], torch.tensor(np.concatenate([r["masked_positions"] for r in rows])).long())
-    assert torch.equal(batch["topk_ids"], torch.tensor(np.concatenate([r["topk_ids"] for r in rows])).long())
-    assert torch.allclose(batch["topk_logprobs"], torch.tensor(np.concatenate([r["topk_logprobs"] for r in rows])).float())
+    assert torch.equal(batch.input_ids, torch.tensor(np.stack([r["input_ids"] for r in rows])).long())
+    assert torch.equal(batch.masked.nonzero()[:, 1], torch.tensor(np.concatenate([r["masked_positions"] for r in rows])).long())
+    assert torch.equal(batch.topk_ids, torch.tensor(np.concatenate([r["topk_ids"] for r in rows])).long())
+    assert torch.allclose(batch.topk_logprobs, torch.tensor(np.concatenate([r["topk_logprobs"] for r in rows])).float())
 
 
 @pytest.mark.parametrize("jvp", ["no_grad", "grad"])
@@ -98,10 +98,10 @@ def test_loss_at_r_equal_t_is_distillation_of_v(workdir):
     # the target is v itself: the KL logged equals KL(v || u) computed directly
     from pipeline.student.meanflow import dense_logprobs
 
-    v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], module.student.base.config.embedding_size)
+    v = dense_logprobs(batch.topk_ids, batch.topk_logprobs, module.student.base.config.embedding_size)
     with torch.no_grad():
-        u = module.student(input_ids=batch["input_ids"], r=batch["t"], t=batch["t"], attention_mask=batch["attention_mask"])
-    kl = (v.exp() * (v - torch.log_softmax(u[batch["masked"]], -1))).sum(-1)
+        u = module.student(input_ids=batch.input_ids, r=batch.t, t=batch.t, attention_mask=batch.attention_mask)
+    kl = (v.exp() * (v - torch.log_softmax(u[batch.masked], -1))).sum(-1)
     assert torch.allclose(out.kl, kl, atol=1e-5)
 
 
@@ -248,24 +248,24 @@ def test_training_target_is_v_minus_gap_times_the_jvp(workdir):
     with torch.no_grad():
         module.student.soft_prompt.prompt_gate.normal_(0, 1, generator=torch.Generator().manual_seed(0))
     batch = CacheMiniBatches(workdir / "artifacts" / "cache", batch_size=8)[0]
-    batch["t"] = batch["t"].double()
+    batch.t = batch.t.double()
     out = module.meanflow_step(batch)
     assert out.equal.any() and (~out.equal).any()
-    base, masked, t = module.student.base, batch["masked"], batch["t"]
+    base, masked, t = module.student.base, batch.masked, batch.t
     from pipeline.core.counter_random import counter_uniform
     from pipeline.student.meanflow import sample_r
 
-    keys = (0, 0, batch["example_index"], batch["sample_index"])
+    keys = (0, 0, batch.example_index, batch.sample_index)
     r = sample_r(t, 0.5, uniforms=(counter_uniform(*keys, 1), counter_uniform(*keys, 2)))
-    v = dense_logprobs(batch["topk_ids"], batch["topk_logprobs"], base.config.embedding_size).double()
+    v = dense_logprobs(batch.topk_ids, batch.topk_logprobs, base.config.embedding_size).double()
     dz = tangent("linear", v, masked, base.embedding_weight.detach(), base.config.mask_token_id, t)
-    z = base.embed(batch["input_ids"]).detach()
-    fn = lambda z_, t_: module.student(inputs_embeds=z_, r=r, t=t_, attention_mask=batch["attention_mask"],  # noqa: E731
+    z = base.embed(batch.input_ids).detach()
+    fn = lambda z_, t_: module.student(inputs_embeds=z_, r=r, t=t_, attention_mask=batch.attention_mask,  # noqa: E731
                                        attention="math")
     _, du_dt = torch.func.jvp(fn, (z, t), (dz, torch.ones_like(t)))
     expected = v - (t - r)[masked.nonzero()[:, 0], None] * du_dt[masked]
     with torch.no_grad():  # training keeps no (M, V) target: its KL to u is what it trained on
-        u = module.student(input_ids=batch["input_ids"], r=r, t=t, attention_mask=batch["attention_mask"])[masked]
+        u = module.student(input_ids=batch.input_ids, r=r, t=t, attention_mask=batch.attention_mask)[masked]
     assert torch.allclose(out.kl.double(), token_losses("kl", u, expected).double(), atol=1e-5, rtol=1e-4)
     grad_mode, _ = make_module(workdir, equal_fraction=0.5, jvp="grad")
     grad_mode.student = module.student

@@ -5,13 +5,11 @@ import math
 import pytest
 import torch
 
-from pipeline.student.params import StudentParams
 
-from pipeline.student.soft_prompt import SoftPromptConfig
 from pipeline.core.counter_random import counter_uniform
 from pipeline.models.registry import load_model
 from pipeline.student.meanflow import (
-    TeacherRows, adaptive_weighted_mean, average_velocity_jvp, dense_logprobs, meanflow_loss, meanflow_target,
+    MeanFlowOptions, TeacherRows, adaptive_weighted_mean, average_velocity_jvp, dense_logprobs, meanflow_loss, meanflow_target,
     sample_r, tangent, token_losses,
 )
 from pipeline.student.model import Student
@@ -164,7 +162,7 @@ def test_no_grad_jvp_then_forward_gives_the_same_gradient(any_checkpoint):
 
     def objective(jvp):
         student.zero_grad()
-        out = meanflow_loss(student, ids, attention_mask, masked, t, r, v[masked], StudentParams(jvp=jvp, soft_prompt=SoftPromptConfig(latent_dim=0)), answer_length=3,
+        out = meanflow_loss(student, ids, attention_mask, masked, t, r, v[masked], MeanFlowOptions(jvp=jvp), answer_length=3,
                              keep_target=True)
         out.loss.backward()
         return out, [p.grad.clone() for p in student.soft_prompt.parameters()]
@@ -232,7 +230,7 @@ def test_objective_on_masked_rows_equals_the_full_logits_objective(any_checkpoin
     topk_ids, topk_logprobs = topk_of(torch.randn(int(masked.sum()), V, generator=g, dtype=torch.float64) * 2, 5)
     teacher = TeacherRows(V, topk_ids, topk_logprobs)
     v = dense_logprobs(topk_ids, topk_logprobs, V).double()
-    params = StudentParams(jvp=jvp, loss=loss, ce_weight=ce_weight, soft_prompt=SoftPromptConfig(latent_dim=0))
+    params = MeanFlowOptions(jvp=jvp, loss=loss, ce_weight=ce_weight)
     mask = torch.ones_like(ids)
     chunk = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * 4 * V}
 

@@ -9,6 +9,7 @@ distributed sampler gives every rank a disjoint set of items, the same number on
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -22,25 +23,75 @@ from pipeline.cache.rollouts import RolloutRows, open_rollouts
 from pipeline.cache.topk import open_cache, record_batch_arrays
 
 
-def collate_rows(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Tensors of a block of cache rows: per row (B,) / (B, L), ``masked`` (B, L) bool, and the
-    teacher's top-k (M, k) in the row-major order of ``masked``."""
+@dataclasses.dataclass
+class TopKBatch:
+    """B cached rows (x_t, t) with the teacher's top-k at their M masked positions, for the MeanFlow
+    objective. (Not frozen: Lightning moves a batch to the device field by field.)"""
+
+    input_ids: torch.Tensor
+    """(B, L) long: x_t."""
+    attention_mask: torch.Tensor
+    """(B, L) long."""
+    x0: torch.Tensor
+    """(B, L) long: the clean sequence."""
+    t: torch.Tensor
+    """(B,) float32: the mask ratio x_t was drawn at."""
+    example_index: torch.Tensor
+    """(B,) long: the training example."""
+    sample_index: torch.Tensor
+    """(B,) long: which (t, mask) draw of the example."""
+    masked: torch.Tensor
+    """(B, L) bool: the masked positions."""
+    topk_ids: torch.Tensor
+    """(M, k) long: the teacher's top-k ids at the masked positions, in the row-major order of ``masked``."""
+    topk_logprobs: torch.Tensor
+    """(M, k) float32: their log-probs."""
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """B cached teacher rollouts, for the rollout objective."""
+
+    example_index: torch.Tensor
+    """(B,) long."""
+    rollout_index: torch.Tensor
+    """(B,) long: which rollout of the example (0: greedy when ``cache.rollouts.greedy_first``)."""
+    prompt_ids: torch.Tensor
+    """(B, Lp) long: the left-padded prompt."""
+    prompt_mask: torch.Tensor
+    """(B, Lp) long: its attention mask."""
+    tokens: torch.Tensor
+    """(B, G) long: the rollout's answer."""
+    reveal_step: torch.Tensor
+    """(B, G) long: the sampler step that committed each answer position."""
+
+
+@dataclasses.dataclass
+class TrainingItem:
+    """One training step's batches: one per objective in use."""
+
+    meanflow: TopKBatch | None = None
+    rollouts: RolloutBatch | None = None
+
+
+def collate_rows(arrays: dict[str, np.ndarray]) -> TopKBatch:
+    """The tensors of a block of cache rows."""
     n, length = arrays["input_ids"].shape
     rows = np.repeat(np.arange(n), np.diff(arrays["offsets"]))
     masked = torch.zeros(n, length, dtype=torch.bool)
     masked[torch.from_numpy(rows), torch.from_numpy(arrays["masked_positions"].astype(np.int64))] = True
     tensor = lambda key, dtype: torch.from_numpy(np.array(arrays[key])).to(dtype)  # noqa: E731  (copy: Arrow memory is read-only)
-    return {
-        "input_ids": tensor("input_ids", torch.long),
-        "attention_mask": tensor("attention_mask", torch.long),
-        "x0": tensor("x0", torch.long),
-        "t": tensor("t", torch.float32),
-        "example_index": tensor("example_index", torch.long),
-        "sample_index": tensor("sample_index", torch.long),
-        "masked": masked,
-        "topk_ids": tensor("topk_ids", torch.long),
-        "topk_logprobs": tensor("topk_logprobs", torch.float32),
-    }
+    return TopKBatch(
+        input_ids=tensor("input_ids", torch.long),
+        attention_mask=tensor("attention_mask", torch.long),
+        x0=tensor("x0", torch.long),
+        t=tensor("t", torch.float32),
+        example_index=tensor("example_index", torch.long),
+        sample_index=tensor("sample_index", torch.long),
+        masked=masked,
+        topk_ids=tensor("topk_ids", torch.long),
+        topk_logprobs=tensor("topk_logprobs", torch.float32),
+    )
 
 
 class CacheMiniBatches(torch.utils.data.Dataset):
@@ -61,7 +112,7 @@ class CacheMiniBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> TopKBatch:
         if self._cache is None:
             self._cache = open_cache(self.cache_dir, verify=False)
         j, start, stop = self.chunks[i]
@@ -76,7 +127,7 @@ ROLLOUT_KINDS = ("all", "greedy", "sampled")
 
 class RolloutMiniBatches(torch.utils.data.Dataset):
     """Item i = rollouts [i * batch_size, (i + 1) * batch_size) of the cache in cache order, restricted
-    to greedy (temperature 0) or sampled ones by ``kind``: a dict of (B,) / (B, Lp) / (B, G) tensors."""
+    to greedy (temperature 0) or sampled ones by ``kind``."""
 
     def __init__(self, cache_dir: str | Path, batch_size: int, kind: str = "all", verify: bool = True):
         if kind not in ROLLOUT_KINDS:
@@ -92,26 +143,26 @@ class RolloutMiniBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> RolloutBatch:
         block = self.rows.slice(i * self.batch_size, (i + 1) * self.batch_size)
         tensor = lambda values: torch.from_numpy(np.array(values)).long()  # noqa: E731
-        return {"example_index": tensor(block.example_index), "rollout_index": tensor(block.rollout_index),
-                "prompt_ids": tensor(block.prompt_ids), "prompt_mask": tensor(block.prompt_mask),
-                "tokens": tensor(block.tokens), "reveal_step": tensor(block.reveal_step)}
+        return RolloutBatch(example_index=tensor(block.example_index), rollout_index=tensor(block.rollout_index),
+                            prompt_ids=tensor(block.prompt_ids), prompt_mask=tensor(block.prompt_mask),
+                            tokens=tensor(block.tokens), reveal_step=tensor(block.reveal_step))
 
 
 class TrainingItems(torch.utils.data.Dataset):
-    """Item i = {name: dataset[i mod len(dataset)]} for each named dataset (``meanflow``: top-k rows,
-    ``rollouts``): every objective gets a batch at every step."""
+    """Item i = a ``TrainingItem`` with ``dataset[i mod len(dataset)]`` of each dataset in use
+    (``meanflow``: top-k rows, ``rollouts``): every objective gets a batch at every step."""
 
-    def __init__(self, **datasets: torch.utils.data.Dataset):
-        self.datasets = datasets
+    def __init__(self, meanflow: CacheMiniBatches | None = None, rollouts: RolloutMiniBatches | None = None):
+        self.datasets = {name: d for name, d in (("meanflow", meanflow), ("rollouts", rollouts)) if d is not None}
 
     def __len__(self) -> int:
         return max(len(d) for d in self.datasets.values())
 
-    def __getitem__(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: d[i % len(d)] for name, d in self.datasets.items()}
+    def __getitem__(self, i: int) -> TrainingItem:
+        return TrainingItem(**{name: d[i % len(d)] for name, d in self.datasets.items()})
 
 
 class TeacherCacheDataModule(L.LightningDataModule):

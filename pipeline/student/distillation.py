@@ -21,10 +21,10 @@ from pipeline.core.counter_random import (MEANFLOW_LATENT, R_FIRST, R_SECOND, RO
                                           counter_uniform)
 from pipeline.core.errors import TrainingError
 from pipeline.core.lr_schedule import warmup_cosine
-from pipeline.student.meanflow import MeanFlowLoss, TeacherRows, meanflow_loss, sample_r
+from pipeline.student.meanflow import MeanFlowLoss, MeanFlowOptions, TeacherRows, meanflow_loss, sample_r
 from pipeline.student.rollout_objective import RolloutLoss, rollout_interval, rollout_loss, sample_steps
 from pipeline.student.model import Student
-from pipeline.cache.loader import TeacherCacheDataModule
+from pipeline.cache.loader import RolloutBatch, TeacherCacheDataModule, TopKBatch, TrainingItem
 
 
 # The frozen base stays in eval mode on purpose (Student.train keeps it there).
@@ -41,31 +41,32 @@ class StudentDistillation(L.LightningModule):
     def __init__(self, student: Student, params: StudentParams, gen_length: int, rollout_steps: int | None = None):
         super().__init__()
         self.student, self.params, self.gen_length, self.rollout_steps = student, params, gen_length, rollout_steps
+        self.meanflow_options = MeanFlowOptions.of(params)
         self.strict_loading = False  # checkpoints omit the frozen base
         self.recent: dict[str, deque] = {}
 
-    def meanflow_step(self, batch) -> MeanFlowLoss:
+    def meanflow_step(self, batch: TopKBatch) -> MeanFlowLoss:
         """The MeanFlow objective on a batch of top-k rows; v is rebuilt from the cached top-k, a chunk of
         masked positions at a time."""
         p = self.params
-        keys = (p.seed, self.current_epoch, batch["example_index"], batch["sample_index"])
-        r = sample_r(batch["t"], p.equal_fraction, uniforms=(counter_uniform(*keys, R_FIRST), counter_uniform(*keys, R_SECOND)))
+        keys = (p.seed, self.current_epoch, batch.example_index, batch.sample_index)
+        r = sample_r(batch.t, p.equal_fraction, uniforms=(counter_uniform(*keys, R_FIRST), counter_uniform(*keys, R_SECOND)))
         latent = None
         if self.student.latent_dim:
-            latent = counter_normal(self.student.latent_dim, *keys, MEANFLOW_LATENT).to(batch["t"].device)
-        v = TeacherRows(self.student.base.config.embedding_size, batch["topk_ids"], batch["topk_logprobs"], p.tail)
-        return meanflow_loss(self.student, batch["input_ids"], batch["attention_mask"], batch["masked"], batch["t"], r, v,
-                             p, self.gen_length, batch["x0"], latent=latent)
+            latent = counter_normal(self.student.latent_dim, *keys, MEANFLOW_LATENT).to(batch.t.device)
+        v = TeacherRows(self.student.base.config.embedding_size, batch.topk_ids, batch.topk_logprobs, p.tail)
+        return meanflow_loss(self.student, batch.input_ids, batch.attention_mask, batch.masked, batch.t, r, v,
+                             self.meanflow_options, self.gen_length, batch.x0, latent=latent)
 
-    def rollout_step(self, batch) -> RolloutLoss:
+    def rollout_step(self, batch: RolloutBatch) -> RolloutLoss:
         """The rollout objective on a batch of rollouts: (k, k') per rollout, and K latents for a
         latent student."""
         p = self.params
-        keys = (p.seed, self.current_epoch, batch["example_index"], batch["rollout_index"])
-        device = batch["tokens"].device
+        keys = (p.seed, self.current_epoch, batch.example_index, batch.rollout_index)
+        device = batch.tokens.device
         uniforms = torch.stack([counter_uniform(*keys, ROLLOUT_STEPS, j) for j in range(4)]).to(device)
         k, k_end = sample_steps(self.rollout_steps, uniforms, p.one_step_fraction, p.r0_fraction)
-        interval = rollout_interval(batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["reveal_step"],
+        interval = rollout_interval(batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.reveal_step,
                                     k, k_end, self.student.base.config.mask_token_id)
         latents = None
         if self.student.latent_dim:
@@ -76,16 +77,16 @@ class StudentDistillation(L.LightningModule):
         return rollout_loss(self.student, interval, latents, self.student.base.config.mask_token_id,
                             p.selection_temperature)
 
-    def training_step(self, item, batch_idx):
+    def training_step(self, item: TrainingItem, batch_idx: int):
         p, loss = self.params, 0.0
-        if "meanflow" in item:
-            out = self.meanflow_step(item["meanflow"])
+        if item.meanflow is not None:
+            out = self.meanflow_step(item.meanflow)
             self.require_finite(out.loss, "MeanFlow", f"|du/dt| = {out.du_dt_abs.item():.3g}. Lower student.lr or "
                                 "student.soft_prompt.max_frequency, or use tangent=seed.")
             self.log_meanflow(out)
             loss = loss + p.meanflow_weight * out.loss
-        if "rollouts" in item:
-            out = self.rollout_step(item["rollouts"])
+        if item.rollouts is not None:
+            out = self.rollout_step(item.rollouts)
             self.require_finite(out.loss, "rollout", "Lower student.lr.")
             self.log_rollouts(out)
             loss = loss + p.rollout_weight * out.loss

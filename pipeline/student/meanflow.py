@@ -19,7 +19,6 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.student.params import StudentParams
 from pipeline.models.layers import upcast
 from pipeline.models.logit_rows import map_row_chunks
 
@@ -211,6 +210,27 @@ class MeanFlowLoss:
     """(M, V) u_tgt = v - (t - r) du/dt, with ``keep_target`` only (training never holds it whole)."""
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeanFlowOptions:
+    """The settings the MeanFlow objective reads (the ``student`` section's keys of the same names)."""
+
+    tangent: Literal["linear", "seed"] = "linear"
+    """de/dt of the JVP: the forward process's mean-embedding path, or the seed's literal form."""
+    jvp: Literal["no_grad", "grad"] = "no_grad"
+    """``no_grad``: the JVP without a graph on the rows with r < t, then an ordinary forward for u;
+    ``grad``: one grad-mode JVP whose primal is u."""
+    loss: Literal["kl", "mse"] = "kl"
+    ce_weight: float = 0.0
+    """Weight of the auxiliary cross-entropy to the clean tokens x0."""
+    adaptive_power: float = 1.0
+    adaptive_eps: float = 1e-3
+
+    @classmethod
+    def of(cls, section) -> "MeanFlowOptions":
+        """The options of a ``StudentParams`` (or anything with these fields)."""
+        return cls(**{field.name: getattr(section, field.name) for field in dataclasses.fields(cls)})
+
+
 def meanflow_loss(
     student,
     input_ids: torch.Tensor,
@@ -219,7 +239,7 @@ def meanflow_loss(
     t: torch.Tensor,
     r: torch.Tensor,
     v: "torch.Tensor | TeacherRows",
-    params: StudentParams,
+    options: MeanFlowOptions,
     answer_length: int,
     x0: torch.Tensor | None = None,
     latent: torch.Tensor | None = None,
@@ -230,7 +250,7 @@ def meanflow_loss(
     times ``t`` and ``r`` (B,), and the teacher's v at the masked positions: dense (M, V), or
     ``TeacherRows`` (the cached top-k, made dense a chunk at a time).
 
-    ``student`` is a ``Student``; ``params`` chooses the tangent, the JVP pattern (``no_grad``: the JVP
+    ``student`` is a ``Student``; ``options`` choose the tangent, the JVP pattern (``no_grad``: the JVP
     without a graph on the rows with r < t, then an ordinary forward for u; ``grad``: one grad-mode
     JVP whose primal is u), the loss and its adaptive weight, and the weight of the auxiliary
     cross-entropy to ``x0`` (B, T). ``latent`` (B, d): a latent student's z per row, held fixed
@@ -246,12 +266,12 @@ def meanflow_loss(
     with torch.no_grad():
         e = base.embed(input_ids)  # (B, T, C)
     embedding = base.embedding_weight.detach()
-    de_dt = tangent(params.tangent, teacher, masked, embedding, base.config.mask_token_id, t, chunk_bytes)
+    de_dt = tangent(options.tangent, teacher, masked, embedding, base.config.mask_token_id, t, chunk_bytes)
     row = masked.nonzero()[:, 0]  # (M,) row of each masked position
 
     # du/dt only matters where r < t (the target is v itself at r = t): with the no-grad JVP,
     # only those rows pay for it.
-    jvp_rows = torch.ones_like(t, dtype=torch.bool) if params.jvp == "grad" else r < t
+    jvp_rows = torch.ones_like(t, dtype=torch.bool) if options.jvp == "grad" else r < t
 
     def hidden_at_masked(z_, t_):  # (M_jvp, C): the masked positions of the rows in jvp_rows
         h = student.hidden(inputs_embeds=z_, r=r[jvp_rows], t=t_, attention_mask=attention_mask[jvp_rows],
@@ -261,10 +281,10 @@ def meanflow_loss(
     dh_dt = torch.zeros(len(row), e.shape[-1], dtype=e.dtype, device=e.device)  # (M, C), 0 where r = t
     if jvp_rows.any():
         h, dh_dt[jvp_rows[row]] = average_velocity_jvp(hidden_at_masked, e[jvp_rows], t[jvp_rows],
-                                                       de_dt[jvp_rows].to(e.dtype), keep_graph=params.jvp == "grad")
-    if params.jvp == "no_grad":
+                                                       de_dt[jvp_rows].to(e.dtype), keep_graph=options.jvp == "grad")
+    if options.jvp == "no_grad":
         h = student.hidden(inputs_embeds=e, r=r, t=t, attention_mask=attention_mask, latent=latent)[masked]
-    labels = x0[masked] if params.ce_weight else torch.zeros_like(row)
+    labels = x0[masked] if options.ce_weight else torch.zeros_like(row)
 
     def token_terms(h_rows, dh_rows, index, r_rows, t_rows, label_rows):
         """Per token of a chunk: the loss, the CE to x0, the KL and sum |du/dt| (and the target)."""
@@ -274,19 +294,19 @@ def meanflow_loss(
             du_dt_abs = du_dt.abs().sum(dim=-1)
         del du_dt  # each (n, V) tensor held is a chunk of memory
         u_rows = upcast(student.head(h_rows))  # (n, V)
-        losses = token_losses(params.loss, u_rows, target)
-        ce = token_losses("ce", u_rows, target, label_rows) if params.ce_weight else torch.zeros_like(losses)
+        losses = token_losses(options.loss, u_rows, target)
+        ce = token_losses("ce", u_rows, target, label_rows) if options.ce_weight else torch.zeros_like(losses)
         with torch.no_grad():
-            kl = losses.detach() if params.loss == "kl" else token_losses("kl", u_rows, target)
+            kl = losses.detach() if options.loss == "kl" else token_losses("kl", u_rows, target)
         return (losses, ce, kl, du_dt_abs) + ((target,) if keep_target else ())
 
     terms = map_row_chunks(token_terms, (h, dh_dt, torch.arange(len(row), device=e.device), r[row], t[row], labels),
                            teacher.vocab_size, chunk_bytes)
     losses, ce, kl, du_dt_abs = terms[:4]
     normalizer = masked.shape[0] * answer_length
-    loss = adaptive_weighted_mean(losses, params.adaptive_power, params.adaptive_eps, normalizer=normalizer)
-    if params.ce_weight:
-        loss = loss + params.ce_weight * ce.sum() / normalizer
+    loss = adaptive_weighted_mean(losses, options.adaptive_power, options.adaptive_eps, normalizer=normalizer)
+    if options.ce_weight:
+        loss = loss + options.ce_weight * ce.sum() / normalizer
     with torch.no_grad():
         equal = (r == t)[row]
         du_dt_abs = du_dt_abs[~equal].sum() / ((~equal).sum() * teacher.vocab_size) if (~equal).any() \
