@@ -70,7 +70,10 @@ def test_dvc_repro_and_exp_run_in_a_fresh_repository(tmp_path):
     assert "Data and pipelines are up to date" in run(repo, "dvc", "status")
 
     # An edit reruns only the stages it can change.
-    for module, expected in (("soft_prompt.py", {"train_student", "evaluate"}), ("evaluation_report.py", {"evaluate"})):
+    for module, expected in (("student/soft_prompt.py", {"train_student", "evaluate"}),
+                             ("student/params.py", {"train_student"}),  # evaluate reruns when the student changes
+                             ("evaluation/params.py", {"evaluate"}), ("evaluation/grid.py", {"evaluate"}),
+                             ("evaluation/report.py", {"evaluate"}), ("cache/loader.py", {"train_student"})):
         path = repo / "pipeline" / module
         original = path.read_text()
         path.write_text(original + "# an edit\n")
