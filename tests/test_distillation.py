@@ -297,7 +297,7 @@ def test_resume_continues_this_run_and_refuses_another_runs_checkpoint(workdir, 
     assert second.returncode == 0, second.stderr[-3000:]
     assert "training afresh" in second.stdout
     (new_run,) = set((tmp_path / "c").iterdir()) - {old_run}
-    resumed = torch.load(new_run / "last.ckpt", weights_only=False)
+    resumed = torch.load(new_run / "last.ckpt", weights_only=True)  # what --resume reads: tensors and plain data
     assert resumed["run_identity"]["student"]["tangent"] == "seed" and resumed["global_step"] == 2
     saved = load_file(str(tmp_path / "s" / "soft_prompt.safetensors"))
     for key, value in saved.items():
@@ -308,6 +308,24 @@ def test_resume_continues_this_run_and_refuses_another_runs_checkpoint(workdir, 
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --resume") and "student.tangent: 'linear' -> 'seed'" in last
+    # A crafted checkpoint with this run's identity and a payload: refused, and the payload never runs.
+    marker = tmp_path / "payload-ran"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({**resumed, "payload": Payload(marker)}, crafted)
+    refused = run_student_stage(workdir, tmp_path, seed, "--resume", str(crafted))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "holds objects other than tensors and plain data" in refused.stderr.strip().splitlines()[-1]
+    assert not marker.exists()
+
+
+class Payload:
+    """Unpickling it creates ``marker``: a harmless stand-in for code a crafted checkpoint would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
 
 
 def student_call(workdir, tmp_path, resume=None, cache=None, cache_params=None, **overrides):

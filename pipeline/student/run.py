@@ -11,6 +11,7 @@ is refused, naming the keys that differ. Everything here runs before training to
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -74,9 +75,12 @@ def resume_checkpoint(resume: Path | type[Resume] | None, run_dir: Path, identit
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: file not found (without a path, --resume continues this "
                               f"run's {run_dir / LAST})")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: any unpickling error
+    try:  # tensors and plain data only: unpickling anything else would run code the file names
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"--resume {path}: holds objects other than tensors and plain data, which loading "
+                              f"would run as code; refused (train_student's checkpoints hold none)") from err
+    except Exception as err:  # a truncated or foreign file
         raise CheckpointError(f"--resume {path}: not a readable Lightning checkpoint ({err})") from err
     found = checkpoint.get(RUN_KEY) if isinstance(checkpoint, dict) else None
     if found is None:
