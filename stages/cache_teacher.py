@@ -28,6 +28,7 @@ from pipeline.core.errors import CheckpointError
 from pipeline.data.layout import Layout
 from pipeline.cache.rollouts import open_rollouts, rollout_statistics
 from pipeline.data.scoring import score_rollouts
+from pipeline.core.files import write_json
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.teacher.artifact import check_data_tokenizer, checkpoint_dir, load_teacher
 from pipeline.cache.topk import cache_statistics
@@ -78,7 +79,7 @@ def main() -> None:
             metrics["rollouts"] = rollout_metrics(args, summary, tokenizer, stop_token_ids(
                 tokenizer, model.config, checkpoint_dir(args.teacher, record)))
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(args.metrics, metrics)
     print(json.dumps(summary, indent=2))
 
 

@@ -11,7 +11,6 @@ passes and wall seconds per sample; the student's speedup and accuracy gains) an
 """
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from pipeline.core.errors import ParamsError
 from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
 from pipeline.generation.sampler import SamplerOptionError, SamplerOptions
 from pipeline.evaluation.report import curve_rows, plot_accuracy, results_markdown, summarize
+from pipeline.core.files import atomic_write_text, write_json
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.student.model import Student
 from pipeline.teacher.artifact import checkpoint_dir, load_teacher
@@ -81,12 +81,12 @@ def main() -> None:
     summary = {"split": args.split, "prompts": len(rows), "device": device, **summarize(results, G)}
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.report.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.metrics, summary)
     for name, series in curve_rows(results).items():
-        (args.report / f"{name}.json").write_text(json.dumps(series, indent=2) + "\n")
+        write_json(args.report / f"{name}.json", series)
     plot_accuracy(results, args.report / "accuracy_vs_forward_passes.png")
     tables = results_markdown(results, summary, params.temperature, params.samples, G)
-    (args.report / "results.md").write_text(tables)
+    atomic_write_text(args.report / "results.md", tables)
     print(tables)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.models.checkpoint_io import resolve_checkpoint
 from pipeline.core.params import load_section
 from pipeline.teacher.params import TeacherParams
-from pipeline.core.files import atomic_directory
+from pipeline.core.files import atomic_directory, write_json
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.teacher.artifact import check_data_tokenizer, validate_checkpoint
 
@@ -43,8 +43,8 @@ def main() -> None:
         from pipeline.teacher.pretraining import pretrain_teacher
 
         summary = pretrain_teacher(params, args.data, args.out, args.metrics / "training")
-    (args.metrics / "accuracy_curve.json").write_text(json.dumps(summary.pop("curve"), indent=2) + "\n")
-    (args.metrics / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.metrics / "accuracy_curve.json", summary.pop("curve"))
+    write_json(args.metrics / "summary.json", summary)
     print(json.dumps(summary, indent=2))
 
 

@@ -15,6 +15,7 @@ from pipeline.core.params import load_section
 
 from pipeline.student.params import StudentParams
 from pipeline.student.distillation import train_student
+from pipeline.core.files import write_json
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.student.run import Resume
 
@@ -40,8 +41,8 @@ def main() -> None:
     if summary is None:  # not global rank 0: rank 0 writes the student and the metrics
         return
     args.metrics.mkdir(parents=True, exist_ok=True)
-    (args.metrics / "accuracy_curve.json").write_text(json.dumps(summary.pop("curve"), indent=2) + "\n")
-    (args.metrics / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.metrics / "accuracy_curve.json", summary.pop("curve"))
+    write_json(args.metrics / "summary.json", summary)
     print(json.dumps(summary, indent=2))
 
 

@@ -119,6 +119,20 @@ def test_a_time_cap_that_binds_fails_the_stage_and_keeps_the_last_teacher(tmp_pa
     assert (tmp_path / "artifacts" / "teacher" / "model.safetensors").read_bytes() == before
 
 
+def test_a_symlink_at_a_metrics_file_is_replaced_not_followed(tmp_path):
+    """The stages write their metrics as the artifact writers do (a temporary, then a rename): a link
+    someone left at ``metrics/teacher/summary.json`` used to have its target overwritten."""
+    outside = tmp_path / "outside.json"
+    outside.write_text("keep me\n")
+    (tmp_path / "work" / "metrics" / "teacher").mkdir(parents=True)
+    (tmp_path / "work" / "metrics" / "teacher" / "summary.json").symlink_to(outside)
+    for stage in ("prepare_data", "teacher"):
+        assert run_stage(tmp_path / "work", stage, TINY).returncode == 0
+    summary = tmp_path / "work" / "metrics" / "teacher" / "summary.json"
+    assert not summary.is_symlink() and json.loads(summary.read_text())["steps"] == 4
+    assert outside.read_text() == "keep me\n"
+
+
 @pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
 def test_a_time_cap_must_be_finite_and_positive(tmp_path, value):
     train = {**TINY["teacher"]["train"], "max_minutes": value}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -31,6 +32,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, data) -> None:
+    """``data`` as indented JSON, written atomically (a symlink at ``path`` is replaced, not followed)."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def process_alive(pid: int) -> bool:
