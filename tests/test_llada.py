@@ -22,6 +22,22 @@ def test_reference_parity(reference_checkpoint, attention):
     assert (logits - expected["logits"]).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/model.safetensors", ".."])
+def test_an_index_naming_files_outside_its_directory_is_refused(reference_checkpoint, tmp_path, name):
+    """A sharded index names shard files of its own directory; a path (even to an existing file
+    elsewhere) is refused, naming it, before anything is read."""
+    model = LLaDA.from_pretrained(reference_checkpoint)
+    model.save_pretrained(tmp_path / "ckpt", max_shard_bytes=100_000)
+    shutil.copy(next((tmp_path / "ckpt").glob("model-*.safetensors")), tmp_path / "outside.safetensors")
+    index_file = tmp_path / "ckpt" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = name
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"names the weight file '{name}', which is not a file name"):
+        LLaDA.from_pretrained(tmp_path / "ckpt")
+
+
 def test_config_field_names(reference_checkpoint):
     model = LLaDA.from_pretrained(reference_checkpoint)
     c = model.config
