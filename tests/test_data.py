@@ -77,6 +77,19 @@ def test_jsonl_errors_name_the_line(tmp_path):
         read_jsonl_examples(path, "prompt", "response")
 
 
+def test_jsonl_lines_end_at_newlines_only_and_bad_utf8_names_the_line(tmp_path):
+    """JSON allows U+2028, U+0085 and a form feed unescaped inside a string; str.splitlines() used to
+    cut such a record in two ("not valid JSON"). Invalid UTF-8 used to be a traceback."""
+    path = tmp_path / "data.jsonl"
+    prompts = ["a\u2028b", "c\u0085d", "e\x0cf"]
+    path.write_bytes("".join(json.dumps({"prompt": p, "response": "x"}, ensure_ascii=False) + "\r\n"
+                             for p in prompts).encode())
+    assert [e["prompt"] for e in read_jsonl_examples(path, "prompt", "response")] == prompts
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
+    with pytest.raises(DataError, match="data.jsonl:2: not valid UTF-8"):
+        read_jsonl_examples(path, "prompt", "response")
+
+
 def test_split_by_prompt_needs_enough_prompts():
     with pytest.raises(DataError, match="too few"):
         split_by_prompt([{"prompt": "a", "answer": "b"}] * 5, 0.1, 0.1, seed=0)

@@ -14,7 +14,13 @@ def read_jsonl(path: Path, fields: tuple[str, ...], error: type[Exception] = Val
     if not path.is_file():
         raise error(f"{path}: {what} not found")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    # Lines end at "\n" only (JSON Lines): str.splitlines() would also split inside a string holding
+    # U+2028, U+0085 or a form feed, which JSON allows unescaped.
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise error(f"{path}:{number}: not valid UTF-8 (byte {err.start + 1} of the line)") from err
         if not line.strip():
             continue
         try:
