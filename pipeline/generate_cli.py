@@ -23,12 +23,15 @@ from pipeline.models.checkpoint_io import read_json, resolve_checkpoint
 from pipeline.core.cpu_numerics import pin_cpu_numerics
 from pipeline.data.jsonl import read_jsonl
 from pipeline.core.errors import CheckpointError
-from pipeline.core.files import atomic_write_text
 from pipeline.generation.noise import completion_latents
 from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, generate, sampler_network
 from pipeline.models.registry import load_model
 from pipeline.student.model import Student
 from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
+
+CHUNK_BATCHES = 16
+"""Batches decoded between two appends to the output."""
+
 
 class UsageError(Exception):
     """Bad command-line input; reported as one line on stderr."""
@@ -152,25 +155,41 @@ def run(args: argparse.Namespace) -> None:
     predictor = sampler_network(model)
     pad_id = config.pad_token_id if config.pad_token_id is not None else min(stops)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    # Similar lengths share a batch (less padding); results go back to input order.
-    jobs = sorted(((i, draw, ids) for i, ids in enumerate(encoded) for draw in range(args.samples)),
-                  key=lambda j: len(j[2]))
-    completions: list[list[str]] = [[] for _ in prompts]
     latent_dim = model.latent_dim if is_student else 0
+    # Prompts go in chunks of input order (about CHUNK_BATCHES batches each); within a chunk similar
+    # lengths share a batch (less padding). Each chunk's records are appended to a temporary sibling
+    # of --out as soon as it is done, which is renamed to --out at the end: memory stays bounded, the
+    # temporary shows progress, and --out is never seen half written.
+    per_chunk = max(1, CHUNK_BATCHES * args.batch_size // args.samples)
+    chunks = [range(first, min(first + per_chunk, len(prompts))) for first in range(0, len(prompts), per_chunk)]
+    batches = sum(-(-len(chunk) * args.samples // args.batch_size) for chunk in chunks)
     started = time.perf_counter()
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch", file=sys.stderr):
-        batch = jobs[start : start + args.batch_size]
-        prompt, mask = left_pad([ids for _, _, ids in batch], pad_id)
-        if latent_dim:  # completion d of prompt i decodes given its own z, a function of (--seed, i, d)
-            index, draws = (torch.tensor([job[n] for job in batch]) for n in (0, 1))
-            predictor = sampler_network(model, completion_latents(args.seed, index, draws, latent_dim).to(args.device))
-        out = generate(predictor, prompt.to(args.device), options, mask_id=config.mask_token_id,
-                       attention_mask=mask.to(args.device), generator=generator)
-        for (index, _, _), answer in zip(batch, out[:, prompt.shape[1]:].tolist()):
-            completions[index].append(decode_answer(tokenizer, answer, stops))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, "".join(json.dumps({"prompt": prompt_text, "completions": texts}) + "\n"
-                                        for prompt_text, texts in zip(prompts, completions)))
+    partial = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
+    try:
+        with partial.open("w") as out, tqdm(total=batches, desc="generate", unit="batch", file=sys.stderr) as bar:
+            for chunk in chunks:
+                jobs = sorted(((i, draw, encoded[i]) for i in chunk for draw in range(args.samples)),
+                              key=lambda j: len(j[2]))
+                completions: dict[int, list[str]] = {i: [] for i in chunk}
+                for start in range(0, len(jobs), args.batch_size):
+                    batch = jobs[start : start + args.batch_size]
+                    prompt, mask = left_pad([ids for _, _, ids in batch], pad_id)
+                    if latent_dim:  # completion d of prompt i decodes given its own z, a function of (--seed, i, d)
+                        index, draws = (torch.tensor([job[n] for job in batch]) for n in (0, 1))
+                        predictor = sampler_network(model, completion_latents(args.seed, index, draws, latent_dim)
+                                                    .to(args.device))
+                    out_ids = generate(predictor, prompt.to(args.device), options, mask_id=config.mask_token_id,
+                                       attention_mask=mask.to(args.device), generator=generator)
+                    for (index, _, _), answer in zip(batch, out_ids[:, prompt.shape[1]:].tolist()):
+                        completions[index].append(decode_answer(tokenizer, answer, stops))
+                    bar.update(1)
+                out.writelines(json.dumps({"prompt": prompts[i], "completions": completions[i]}) + "\n" for i in chunk)
+                out.flush()
+        os.replace(partial, args.out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     elapsed = time.perf_counter() - started
     print(f"wrote {len(prompts)} prompts x {args.samples} samples to {args.out} in {elapsed:.1f}s "
           f"({steps} steps, gen length {gen_length})", file=sys.stderr)

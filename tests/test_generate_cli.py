@@ -44,6 +44,35 @@ def test_teacher_multi_step(tiny_checkpoint, tmp_path):
         assert all(len(c) <= 8 and set(c) <= set(ALPHABET) for c in r["completions"])
 
 
+def test_output_is_written_by_chunks_of_input_order_and_appears_whole(tiny_checkpoint, tmp_path, monkeypatch):
+    """The output used to be held until the end (100k prompts: nothing written for minutes). Chunks of
+    the input are appended to a temporary as they finish, renamed to --out at the end; greedy output
+    is the same whatever the chunking, and a failure leaves neither --out nor the temporary."""
+    import pipeline.generate_cli as cli
+
+    prompts = write_prompts(tmp_path / "in.jsonl", ["add:1+2=", "sort:cba", "word:3", "perm:abc", "add:12+9=",
+                                                     "sort:zyx", "word:1"])
+    options = ["--model", str(tiny_checkpoint), "--prompts", str(prompts), "--gen-length", "6", "--steps", "3",
+               "--samples", "2", "--batch-size", "3"]
+    assert main([*options, "--out", str(tmp_path / "whole.jsonl")]) == 0
+    monkeypatch.setattr(cli, "CHUNK_BATCHES", 1)  # 1 prompt (3 // 2 completions) per chunk
+    assert main([*options, "--out", str(tmp_path / "chunked.jsonl")]) == 0
+    assert read_completions(tmp_path / "chunked.jsonl") == read_completions(tmp_path / "whole.jsonl")
+    calls, real = [], cli.generate
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            assert list(tmp_path.glob(".failed.jsonl.tmp-*"))[0].read_text().count("\n") == 2  # two chunks so far
+            raise RuntimeError("the device went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "generate", failing)
+    with pytest.raises(RuntimeError, match="went away"):
+        main([*options, "--out", str(tmp_path / "failed.jsonl")])
+    assert not (tmp_path / "failed.jsonl").exists() and not list(tmp_path.glob(".failed.jsonl.tmp-*"))
+
+
 def test_student_one_step_and_reproducible(tiny_checkpoint, tmp_path):
     Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2).save_pretrained(tmp_path / "student")
     prompts = write_prompts(tmp_path / "in.jsonl", ["perm:abcde", "word:1"])
