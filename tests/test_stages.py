@@ -2,8 +2,10 @@
 params.yaml. Tiny params; the full pretraining is not a test."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,40 @@ def test_a_time_cap_that_binds_fails_the_stage_and_keeps_the_last_teacher(tmp_pa
     last = last_error_line(run_stage(tmp_path, "teacher", {**TINY, "teacher": {**TINY["teacher"], "train": train}}))
     assert "teacher.train.max_minutes" in last and "of 400" in last and "nothing was published" in last
     assert (tmp_path / "artifacts" / "teacher" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_pretraining_exits_non_zero_and_keeps_the_last_teacher(tmp_path, signum):
+    """SIGTERM mid-training used to end the stage with exit 0 (Lightning's SystemExit without a code)
+    and no teacher; Ctrl-C ended in a traceback. Now: one error line, 128 + the signal, and the
+    previous teacher untouched."""
+    assert run_stage(tmp_path, "prepare_data", TINY).returncode == 0
+    assert run_stage(tmp_path, "teacher", TINY).returncode == 0
+    before = (tmp_path / "artifacts" / "teacher" / "model.safetensors").read_bytes()
+    params = {**TINY, "teacher": {**TINY["teacher"], "train": {**TINY["teacher"]["train"], "max_steps": 100000}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    process = subprocess.Popen([sys.executable, str(ROOT / "stages" / "teacher.py")], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    loss = tmp_path / "metrics" / "teacher" / "training" / "plots" / "metrics" / "train" / "loss.tsv"
+    deadline = time.monotonic() + 120
+    while not (loss.is_file() and loss.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)  # until a few training steps are logged
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: stopped by {signal.Signals(signum).name}") and "no artifact was published" in last
+    assert (tmp_path / "artifacts" / "teacher" / "model.safetensors").read_bytes() == before
+
+
+def test_a_batch_larger_than_the_data_is_refused_not_a_zero_step_teacher(tmp_path):
+    """A teacher that trained 0 steps used to replace artifacts/teacher (exit 0)."""
+    assert run_stage(tmp_path, "prepare_data", TINY).returncode == 0
+    train = {**TINY["teacher"]["train"], "batch_size": 100000}
+    last = last_error_line(run_stage(tmp_path, "teacher", {**TINY, "teacher": {**TINY["teacher"], "train": train}}))
+    assert "teacher.train.batch_size: 100000 is more than the 160 training examples" in last
+    assert not (tmp_path / "artifacts" / "teacher").exists()
 
 
 def test_a_symlink_at_a_metrics_file_is_replaced_not_followed(tmp_path):

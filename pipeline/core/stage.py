@@ -4,12 +4,16 @@ one line.
 
 ``dvc.yaml`` passes every path on each stage's command line; the defaults here are those same paths,
 so ``python stages/x.py`` and ``dvc repro x`` do the same thing (a test checks it). Expected errors
-(``pipeline.core.errors``) become one ``error:`` line on stderr and exit code 2.
+(``pipeline.core.errors``) become one ``error:`` line on stderr and exit code 2; SIGTERM and Ctrl-C
+end the stage with one line and 128 + the signal's number (never 0: Lightning answers SIGTERM with
+a SystemExit that carries no code), and the artifact writers' atomic renames mean nothing is left
+half written.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,10 +43,28 @@ def stage_parser(doc: str, reads: Sequence[str] = (), writes: str | None = None)
     return parser
 
 
+class Terminated(BaseException):
+    """A stop signal arrived. A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    swallows it; Lightning tears the trainer down and re-raises it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
 def run_stage(main: Callable[[], None]) -> None:
     pin_cpu_numerics()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # Lightning's own SIGTERM handler calls this one too
+        signal.signal(signum, raise_terminated)
     try:
         main()
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Terminated as stop:
+        print(f"error: stopped by {stop} before the stage finished; no artifact was published", file=sys.stderr)
+        sys.exit(128 + stop.signum)

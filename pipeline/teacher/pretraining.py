@@ -187,6 +187,9 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     data = SequenceDataModule(data_dir, train.batch_size, task_weights=train.task_weights, seed=train.seed)
     if train.task_weights is not None:
         data.row_weights  # refuse weights that do not fit the data before training (computed once)
+    if train.batch_size > len(data.train_split):  # batches are full (drop_last): none would be drawn
+        raise ParamsError(f"params.yaml:teacher.train.batch_size: {train.batch_size} is more than the "
+                          f"{len(data.train_split)} training examples in {data_dir / 'train'}: not one step could run")
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     minutes = (time.perf_counter() - started) / 60
