@@ -49,6 +49,16 @@ def write(tmp_path, data):
         ("teacher", TeacherParams, {"train": {"optimizer": "sgd"}}, r"teacher.train.optimizer: unknown key"),
         ("student", StudentParams, {"soft_prompt": {"time_features": 3}}, r"student.soft_prompt.time_features: must be"),
         ("student", StudentParams, {"hidden_size": 8}, r"student.hidden_size: unknown key"),
+        # non-finite numbers used to pass and end in garbage or in a misleading "lower student.lr"
+        ("cache", CacheParams, {"rollouts": {"cfg_scale": float("inf")}}, r"cache.rollouts.cfg_scale: must be a finite"),
+        ("cache", CacheParams, {"logit_normal_mean": float("nan")}, r"cache.logit_normal_mean: must be a finite"),
+        ("evaluate", EvaluateParams, {"cfg_scale": float("inf")}, r"evaluate.cfg_scale: must be a finite"),
+        ("evaluate", EvaluateParams, {"temperature": float("nan")}, r"evaluate.temperature: must be a finite"),
+        ("student", StudentParams, {"soft_prompt": {"max_frequency": float("inf")}},
+         r"student.soft_prompt.max_frequency: must be a finite"),
+        ("student", StudentParams, {"rollout_weight": float("inf")}, r"student.rollout_weight: must be a finite"),
+        ("teacher", TeacherParams, {"model": {"rope_theta": 0.0}}, r"teacher.model.rope_theta: must be > 0"),
+        ("teacher", TeacherParams, {"model": {"rope_theta": float("nan")}}, r"teacher.model.rope_theta: must be a finite"),
     ],
 )
 def test_bad_params_are_named(tmp_path, section, cls, value, message):

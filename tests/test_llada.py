@@ -38,6 +38,24 @@ def test_an_index_naming_files_outside_its_directory_is_refused(reference_checkp
         LLaDA.from_pretrained(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("rope_theta", 0.0, "rope_theta must be a finite number > 0"),
+    ("rope_theta", -5.0, "rope_theta must be a finite number > 0"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps must be a finite number > 0"),
+    ("eos_token_id", "mask", "mask_token_id 92 is the eos_token_id"),
+])
+def test_a_config_that_would_make_every_output_wrong_is_refused(reference_checkpoint, tmp_path, key, value, message):
+    """A NaN or non-positive rope_theta or rms_norm_eps used to load, then fail as a NaN loss blamed
+    on the learning rate; a mask id equal to EOS ended every answer at its first masked position."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(reference_checkpoint, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config[key] = config["mask_token_id"] if value == "mask" else value
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        LLaDA.from_pretrained(checkpoint)
+
+
 def test_config_field_names(reference_checkpoint):
     model = LLaDA.from_pretrained(reference_checkpoint)
     c = model.config

@@ -82,6 +82,8 @@ def _check(where: str, value: Any, hint: Any) -> Any:
         return from_mapping(hint, value, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):  # YAML's .inf and .nan
+        raise ParamsError(f"{where}: must be a finite number, got {value!r}")
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ParamsError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value

@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline.core.errors import CheckpointError
 from pipeline.models.layers import Attention, RMSNorm, RopeTables, prefixed_attention
-from pipeline.models.mask_predictor import MaskPredictor, config_from_dict, config_from_file
+from pipeline.models.mask_predictor import MaskPredictor, check_shared_fields, config_from_dict, config_from_file
 
 
 @dataclasses.dataclass
@@ -118,6 +118,7 @@ class LLaDAConfig:
                 f"LLaDA config: mask_token_id {self.mask_token_id} outside the embedding "
                 f"(size {self.embedding_size})"
             )
+        check_shared_fields(self, "LLaDA")
         for key, allowed in self._REQUIRED.items():
             if key in self.extra and self.extra[key] not in allowed:
                 raise ValueError(

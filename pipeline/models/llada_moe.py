@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.layers import Attention, RMSNorm, RopeTables, prefixed_attention, upcast
-from pipeline.models.mask_predictor import MOE_FIELDS, MaskPredictor, config_from_dict, config_from_file
+from pipeline.models.mask_predictor import MOE_FIELDS, MaskPredictor, check_shared_fields, config_from_dict, config_from_file
 
 
 @dataclasses.dataclass
@@ -125,6 +125,7 @@ class LLaDAMoEConfig:
         if not (0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0):
             raise ValueError(f"LLaDA-MoE config: partial_rotary_factor {self.partial_rotary_factor} gives "
                              f"{self.rotary_dim} rotary features of {self.head_dim}; need a positive even number")
+        check_shared_fields(self, "LLaDA-MoE")
         if len(self.moe_layer_freq) != self.num_hidden_layers:
             raise ValueError(f"LLaDA-MoE config: moe_layer_freq has {len(self.moe_layer_freq)} entries for "
                              f"{self.num_hidden_layers} layers")

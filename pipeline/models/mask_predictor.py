@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,19 @@ class MaskPredictor(nn.Module, abc.ABC):
         (path / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         write_sharded_safetensors(state, path, max_shard_bytes)
+
+
+def check_shared_fields(config, name: str) -> None:
+    """What both architectures' configs must satisfy: RoPE's base and the norm's epsilon are finite
+    and positive (NaN or 0 would make every output NaN, which then looks like a training problem),
+    and the mask token is not the end-of-sequence token (every answer would end at its first
+    masked position)."""
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = getattr(config, key)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+            raise ValueError(f"{name} config: {key} must be a finite number > 0, got {value!r}")
+    if config.eos_token_id is not None and config.mask_token_id == config.eos_token_id:
+        raise ValueError(f"{name} config: mask_token_id {config.mask_token_id} is the eos_token_id")
 
 
 def config_from_dict(config_class, data: dict[str, Any]):

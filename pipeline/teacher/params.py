@@ -23,6 +23,7 @@ class TeacherModelParams:
         require_at_least(self, 1, "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size")
         require(self.d_model % self.n_heads == 0, "d_model", "must be divisible by n_heads")
         require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", "must divide n_heads")
+        require(self.rope_theta > 0, "rope_theta", "must be > 0")
 
 @dataclasses.dataclass
 class TeacherTrainParams:
