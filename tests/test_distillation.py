@@ -318,6 +318,33 @@ def test_resume_continues_this_run_and_refuses_another_runs_checkpoint(workdir, 
     assert not marker.exists()
 
 
+def test_a_truncated_last_checkpoint_is_refused_on_resume(workdir, tmp_path):
+    """A full disk used to leave a truncated last.ckpt under its final name, and --resume then died
+    with a traceback; now the file is read before Lightning gets it, and refused in one line."""
+    assert run_student_stage(workdir, tmp_path, STAGE_STUDENT).returncode == 0
+    (run_dir,) = (tmp_path / "c").iterdir()
+    last = run_dir / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    refused = run_student_stage(workdir, tmp_path, STAGE_STUDENT, "--resume")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: --resume {last}: not a readable Lightning checkpoint") and "to train afresh" in line
+
+
+def test_checkpoints_are_written_whole_or_not_at_all(tmp_path):
+    """A save that fails midway (here: an object torch cannot pickle; in practice a full disk) leaves
+    the previous checkpoint and no temporary."""
+    from pipeline.student.run import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "run" / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        io.save_checkpoint({"step": torch.tensor(2), "broken": lambda: None}, path)
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
 class Payload:
     """Unpickling it creates ``marker``: a harmless stand-in for code a crafted checkpoint would run."""
 

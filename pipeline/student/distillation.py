@@ -218,6 +218,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
                                    enable_version_counter=False)],
         log_every_n_steps=10,
         gradient_clip_val=1.0,
+        plugins=[student_run.AtomicCheckpointIO()],
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)

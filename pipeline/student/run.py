@@ -11,11 +11,13 @@ is refused, naming the keys that differ. Everything here runs before training to
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 
 from pipeline.cache.params import CacheParams
 
@@ -65,23 +67,28 @@ def check_cache_is_current(cache_dir: Path, manifest: dict, params: CacheParams,
 
 def resume_checkpoint(resume: Path | type[Resume] | None, run_dir: Path, identity: dict) -> Path | None:
     """The checkpoint to continue from: ``Resume``, this run's last one (None when it has none yet);
-    a path, that checkpoint, refused unless it exists and was written by a run with this identity."""
+    a path, that checkpoint. Either is read first, and refused unless it loads (a truncated file,
+    say after a full disk) and was written by a run with this identity."""
     if resume is None:
         return None
     if resume is Resume:
-        last = run_dir / LAST
-        return last if last.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise CheckpointError(f"--resume {path}: file not found (without a path, --resume continues this "
-                              f"run's {run_dir / LAST})")
+        path = run_dir / LAST
+        if not path.is_file():
+            return None
+        fresh = f"; delete it (or the run directory {run_dir}) to train afresh"
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {path}: file not found (without a path, --resume continues this "
+                                  f"run's {run_dir / LAST})")
+        fresh = ""
     try:  # tensors and plain data only: unpickling anything else would run code the file names
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"--resume {path}: holds objects other than tensors and plain data, which loading "
                               f"would run as code; refused (train_student's checkpoints hold none)") from err
     except Exception as err:  # a truncated or foreign file
-        raise CheckpointError(f"--resume {path}: not a readable Lightning checkpoint ({err})") from err
+        raise CheckpointError(f"--resume {path}: not a readable Lightning checkpoint ({err}){fresh}") from err
     found = checkpoint.get(RUN_KEY) if isinstance(checkpoint, dict) else None
     if found is None:
         raise CheckpointError(f"--resume {path}: records no run identity (not written by this version of "
@@ -91,6 +98,27 @@ def resume_checkpoint(resume: Path | type[Resume] | None, run_dir: Path, identit
         raise CheckpointError(f"--resume {path}: written by another run ({'; '.join(changed[:5])}); resume "
                               f"with the params it was trained with, or train afresh")
     return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary sibling, synced, then renamed over their name: a full disk
+    or a kill leaves the previous checkpoint, never a truncated file under the final name."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with tmp.open("wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def clear_run_directory(run_dir: Path) -> None:
