@@ -23,18 +23,17 @@ import pyarrow as pa
 import torch
 
 from pipeline.cache import fill_rollouts as rollout_fill
+from pipeline.cache.fill import (cache_header, draw_noisy_inputs, examples_per_shard, fill_cache, load_train_split,
+                                 num_shards_for, shard_generator)
 from pipeline.cache.params import CacheParams
-from pipeline.core.params import from_mapping
+from pipeline.cache.rollouts import RolloutRows, rollout_arrays, state_after
+from pipeline.cache.shards import ROLLOUTS, shard_name
+from pipeline.cache.topk import cache_statistics
 from pipeline.core.cpu_numerics import pin_cpu_numerics
+from pipeline.core.params import from_mapping
 from pipeline.data.layout import Layout
 from pipeline.models.llada import LLaDA, LLaDAConfig
 from pipeline.teacher.artifact import load_teacher
-from pipeline.cache.shards import ROLLOUTS, shard_name
-from pipeline.cache.rollouts import RolloutRows, rollout_arrays, state_after
-from pipeline.cache.topk import cache_statistics
-from pipeline.cache.fill import (
-    cache_header, draw_noisy_inputs, examples_per_shard, fill_cache, load_train_split, num_shards_for, shard_generator,
-)
 
 
 def time_fill(model, train, layout, params, header) -> float:

@@ -17,14 +17,14 @@ from pathlib import Path
 import datasets
 import torch
 
-from pipeline.generation.noise import completion_latents
 from pipeline.core.cpu_numerics import pin_cpu_numerics
 from pipeline.data.layout import Layout
 from pipeline.data.scoring import score_records
+from pipeline.data.tokenizer import decode_answer
+from pipeline.generation.noise import completion_latents
 from pipeline.student.meanflow import MeanFlowOptions, meanflow_loss
 from pipeline.student.model import Student
 from pipeline.teacher.artifact import load_teacher
-from pipeline.data.tokenizer import decode_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -84,16 +84,16 @@ def measure_grid() -> list[dict]:
     import torch
 
     import pipeline
-    from pipeline.student.params import StudentParams
-    from pipeline.student.soft_prompt import SoftPromptConfig
-    from pipeline.data.layout import Layout
+    from pipeline.cache.fill import teacher_topk
     from pipeline.cache.loader import TopKBatch
-    from pipeline.student.distillation import StudentDistillation
+    from pipeline.data.layout import Layout
     from pipeline.generation.sampler import SamplerOptions, generate, sampler_network
     from pipeline.models.llada import LLaDA, LLaDAConfig
-    from pipeline.student.rollout_objective import RolloutInterval, rollout_loss
+    from pipeline.student.distillation import StudentDistillation
     from pipeline.student.model import Student
-    from pipeline.cache.fill import teacher_topk
+    from pipeline.student.params import StudentParams
+    from pipeline.student.rollout_objective import RolloutInterval, rollout_loss
+    from pipeline.student.soft_prompt import SoftPromptConfig
 
     print(f"measuring {pipeline.__file__}", file=sys.stderr, flush=True)
     torch.set_num_threads(1)

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.student.soft_prompt import SoftPromptConfig
-from pipeline.student.soft_prompt import SoftPrompt
+from pipeline.student.soft_prompt import SoftPrompt, SoftPromptConfig
 
 # The shapes that size the prefix, and the base's parameter count (its weights are counted in bf16).
 BASES = {

@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.generate_cli import generation_hints
 from pipeline.data.tasks import score
+from pipeline.generate_cli import generation_hints
 
 ROOT = Path(__file__).resolve().parents[1]
 

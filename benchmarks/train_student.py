@@ -26,15 +26,14 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
     import psutil
     import torch
 
+    from pipeline.cache.loader import CacheMiniBatches
     from pipeline.core.params import load_section
-
-    from pipeline.student.params import StudentParams
     from pipeline.data.layout import Layout
     from pipeline.student.distillation import StudentDistillation
     from pipeline.student.meanflow import dense_logprobs, token_losses
     from pipeline.student.model import Student
+    from pipeline.student.params import StudentParams
     from pipeline.teacher.artifact import load_teacher
-    from pipeline.cache.loader import CacheMiniBatches
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, _, _ = load_teacher(ROOT / "artifacts" / "teacher", device=device)

@@ -19,15 +19,15 @@ from typing import Sequence
 
 import torch
 
-from pipeline.models.checkpoint_io import read_json, resolve_checkpoint
 from pipeline.core.cpu_numerics import pin_cpu_numerics
-from pipeline.data.jsonl import read_jsonl
 from pipeline.core.errors import CheckpointError
+from pipeline.data.jsonl import read_jsonl
+from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
 from pipeline.generation.noise import completion_latents
 from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, generate, sampler_network
+from pipeline.models.checkpoint_io import read_json, resolve_checkpoint
 from pipeline.models.registry import load_model
 from pipeline.student.model import Student
-from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
 
 CHUNK_BATCHES = 16
 """Batches decoded between two appends to the output."""

@@ -21,19 +21,19 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models.checkpoint_check import first_non_finite
-from pipeline.cache.params import CacheParams
-from pipeline.core.params import load_section
-from pipeline.core.errors import CheckpointError
-from pipeline.data.layout import Layout
-from pipeline.cache.rollouts import open_rollouts, rollout_statistics
-from pipeline.data.scoring import score_rollouts
-from pipeline.core.files import write_json
-from pipeline.core.stage import run_stage, stage_parser
-from pipeline.teacher.artifact import check_data_tokenizer, checkpoint_dir, load_teacher
-from pipeline.cache.topk import cache_statistics
-from pipeline.data.tokenizer import stop_token_ids
 from pipeline.cache.fill import cache_header, fill_cache, load_train_split
+from pipeline.cache.params import CacheParams
+from pipeline.cache.rollouts import open_rollouts, rollout_statistics
+from pipeline.cache.topk import cache_statistics
+from pipeline.core.errors import CheckpointError
+from pipeline.core.files import write_json
+from pipeline.core.params import load_section
+from pipeline.core.stage import run_stage, stage_parser
+from pipeline.data.layout import Layout
+from pipeline.data.scoring import score_rollouts
+from pipeline.data.tokenizer import stop_token_ids
+from pipeline.models.checkpoint_check import first_non_finite
+from pipeline.teacher.artifact import check_data_tokenizer, checkpoint_dir, load_teacher
 
 
 def default_rank() -> tuple[int, int]:

@@ -18,19 +18,18 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from pipeline.core.params import load_section
-
-from pipeline.evaluation.params import EvaluateParams
-from pipeline.data.layout import Layout
 from pipeline.core.errors import ParamsError
-from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
-from pipeline.generation.sampler import SamplerOptionError, SamplerOptions
-from pipeline.evaluation.report import curve_rows, plot_accuracy, results_markdown, summarize
 from pipeline.core.files import atomic_write_text, write_json
+from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
+from pipeline.data.layout import Layout
+from pipeline.data.tokenizer import stop_token_ids
+from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
+from pipeline.evaluation.params import EvaluateParams
+from pipeline.evaluation.report import curve_rows, plot_accuracy, results_markdown, summarize
+from pipeline.generation.sampler import SamplerOptionError, SamplerOptions
 from pipeline.student.model import Student
 from pipeline.teacher.artifact import checkpoint_dir, load_teacher
-from pipeline.data.tokenizer import stop_token_ids
 
 
 def parse_args(argv=None):

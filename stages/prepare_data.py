@@ -7,14 +7,12 @@ the checkpoint's own tokenizer (and chat template) is used.
 """
 
 from pipeline.core.params import load_section
-
-from pipeline.data.params import DataParams
-
-from pipeline.teacher.params import TeacherParams
-from pipeline.data.prepare import prepare_data
 from pipeline.core.stage import run_stage, stage_parser
+from pipeline.data.params import DataParams
+from pipeline.data.prepare import prepare_data
 from pipeline.data.tasks import ALPHABET
 from pipeline.data.tokenizer import build_char_tokenizer, load_tokenizer
+from pipeline.teacher.params import TeacherParams
 
 
 def parse_args(argv=None):

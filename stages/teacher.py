@@ -11,12 +11,12 @@ Otherwise pretrain the built-in tiny LLaDA on ``data/`` with LLaDA's SFT objecti
 import json
 from pathlib import Path
 
-from pipeline.models.checkpoint_io import resolve_checkpoint
-from pipeline.core.params import load_section
-from pipeline.teacher.params import TeacherParams
 from pipeline.core.files import atomic_directory, write_json
+from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
+from pipeline.models.checkpoint_io import resolve_checkpoint
 from pipeline.teacher.artifact import check_data_tokenizer, validate_checkpoint
+from pipeline.teacher.params import TeacherParams
 
 
 def parse_args(argv=None):

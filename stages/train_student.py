@@ -10,13 +10,11 @@ import json
 from pathlib import Path
 
 from pipeline.cache.params import CacheParams
-
-from pipeline.core.params import load_section
-
-from pipeline.student.params import StudentParams
-from pipeline.student.distillation import train_student
 from pipeline.core.files import write_json
+from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
+from pipeline.student.distillation import train_student
+from pipeline.student.params import StudentParams
 from pipeline.student.run import Resume
 
 

@@ -14,14 +14,13 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-from pipeline.student.params import StudentParams
-
-from pipeline.student.soft_prompt import SoftPromptConfig
+from pipeline.cache.loader import TeacherCacheDataModule
 from pipeline.data.layout import Layout
 from pipeline.student.distillation import StudentDistillation
 from pipeline.student.model import Student
+from pipeline.student.params import StudentParams
+from pipeline.student.soft_prompt import SoftPromptConfig
 from pipeline.teacher.artifact import load_teacher
-from pipeline.cache.loader import TeacherCacheDataModule
 
 
 class SGDDistillation(StudentDistillation):

@@ -4,15 +4,10 @@ import pytest
 import yaml
 
 from pipeline.cache.params import CacheParams
-
 from pipeline.core.params import ParamsError, load_section, params_hash
-
 from pipeline.data.params import DataParams
-
 from pipeline.evaluation.params import EvaluateParams
-
 from pipeline.student.params import StudentParams
-
 from pipeline.teacher.params import TeacherParams
 
 ROOT_PARAMS = __import__("pathlib").Path(__file__).resolve().parents[1] / "params.yaml"

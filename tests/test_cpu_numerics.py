@@ -2,9 +2,9 @@
 an AVX-512 machine, and a training step's result does not depend on the thread count."""
 
 import os
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 

@@ -6,8 +6,8 @@ import datasets
 import pytest
 import torch
 
-from pipeline.data.params import DataParams
 from pipeline.data.layout import Layout, forward_mask, sample_mask_ratio
+from pipeline.data.params import DataParams
 from pipeline.data.prepare import DataError, encode_examples, prepare_data, read_jsonl_examples, split_by_prompt
 from pipeline.data.tasks import ALPHABET
 from pipeline.data.tokenizer import BOS, EOS, MASK, build_char_tokenizer, decode_answer, load_tokenizer
@@ -109,8 +109,8 @@ def test_forward_mask():
 
 
 def test_chat_template_and_generation_config_stops(tokenizer, tmp_path):
-    from pipeline.models.llada import LLaDAConfig
     from pipeline.data.tokenizer import encode_prompts, stop_token_ids
+    from pipeline.models.llada import LLaDAConfig
 
     chat = build_char_tokenizer(ALPHABET + "<>|")
     chat.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}|{% endif %}"

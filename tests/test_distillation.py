@@ -13,21 +13,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from pipeline.cache.fill import cache_header, fill_cache, load_train_split
+from pipeline.cache.loader import CacheMiniBatches, TeacherCacheDataModule
 from pipeline.cache.params import CacheParams
-
+from pipeline.cache.topk import open_cache
+from pipeline.core.errors import TrainingError
 from pipeline.core.params import from_mapping
-
-from pipeline.student.params import StudentParams
-
-from pipeline.student.soft_prompt import SoftPromptConfig
 from pipeline.data.layout import Layout
 from pipeline.student.distillation import StudentDistillation
-from pipeline.core.errors import TrainingError
 from pipeline.student.model import Student
+from pipeline.student.params import StudentParams
+from pipeline.student.soft_prompt import SoftPromptConfig
 from pipeline.teacher.artifact import load_teacher
-from pipeline.cache.topk import open_cache
-from pipeline.cache.loader import CacheMiniBatches, TeacherCacheDataModule
-from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,9 +397,9 @@ def test_a_failed_run_keeps_the_last_good_runs_record(workdir, tmp_path, case):
 
 
 def test_a_cache_from_other_training_data_is_refused(workdir, tmp_path):
+    from pipeline.cache.topk import read_manifest
     from pipeline.core.errors import CacheError
     from pipeline.student.run import check_cache_is_current
-    from pipeline.cache.topk import read_manifest
 
     manifest = read_manifest(workdir / "artifacts" / "cache")
     layout = Layout.load(workdir / "data")

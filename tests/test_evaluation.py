@@ -10,14 +10,14 @@ import torch
 import yaml
 
 from pipeline.data.layout import Layout
-from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
-from pipeline.generation.decode import complete_split
 from pipeline.data.scoring import score_records
+from pipeline.data.tokenizer import decode_answer
+from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
 from pipeline.evaluation.report import summarize
+from pipeline.generation.decode import complete_split
 from pipeline.generation.sampler import SamplerOptions, generate
 from pipeline.student.model import Student
 from pipeline.teacher.artifact import load_teacher
-from pipeline.data.tokenizer import decode_answer
 from tests.conftest import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,12 +4,11 @@ with scripted fake models."""
 import pytest
 import torch
 
-from pipeline.generation.noise import CounterNoise
-
-from pipeline.generation.sampler import (SamplerNetwork, SamplerOptionError, SamplerOptions, generate, sampler_network,
-                                         num_transfer_tokens, sample_trajectory)
-from pipeline.models.llada import LLaDA, LLaDAConfig
 from pipeline.cache.rollouts import state_after
+from pipeline.generation.noise import CounterNoise
+from pipeline.generation.sampler import (SamplerNetwork, SamplerOptionError, SamplerOptions, generate,
+                                         num_transfer_tokens, sample_trajectory, sampler_network)
+from pipeline.models.llada import LLaDA, LLaDAConfig
 from tests import reference_sampler
 
 V, MASK = 12, 11

@@ -112,9 +112,9 @@ def test_latent_student_draws_one_latent_per_completion(tiny_checkpoint, tmp_pat
     assert any(len(set(c)) > 1 for c in first)  # the latents give different answers
     assert complete("c", "--seed", "1") != first
     # the CLI decodes completion d of prompt i given completion_latents(seed, i, d)
+    from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
     from pipeline.generation.noise import completion_latents
     from pipeline.generation.sampler import SamplerOptions, generate, sampler_network
-    from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     ids = torch.tensor(encode_prompts(tokenizer, ["word:1"]) * 4)

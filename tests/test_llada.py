@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.models.checkpoint_io import checkpoint_fingerprint
 from pipeline.core.errors import CheckpointError
+from pipeline.models.checkpoint_io import checkpoint_fingerprint
 from pipeline.models.llada import LLaDA, LLaDAConfig
 
 

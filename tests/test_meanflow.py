@@ -5,13 +5,10 @@ import math
 import pytest
 import torch
 
-
 from pipeline.core.counter_random import counter_uniform
 from pipeline.models.registry import load_model
-from pipeline.student.meanflow import (
-    MeanFlowOptions, TeacherRows, adaptive_weighted_mean, average_velocity_jvp, dense_logprobs, meanflow_loss, meanflow_target,
-    sample_r, tangent, token_losses,
-)
+from pipeline.student.meanflow import (MeanFlowOptions, TeacherRows, adaptive_weighted_mean, average_velocity_jvp,
+                                       dense_logprobs, meanflow_loss, meanflow_target, sample_r, tangent, token_losses)
 from pipeline.student.model import Student
 from tests.conftest import assert_float64_close
 

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.shards import ROLLOUTS, ShardWriter, ensure_manifest, finalize_manifest
+from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 from pipeline.cache.params import CacheParams
+from pipeline.cache.rollouts import RolloutRows, open_rollouts, rollout_schema, rollout_statistics
+from pipeline.cache.shards import ROLLOUTS, ShardWriter, ensure_manifest, finalize_manifest
+from pipeline.cache.topk import open_cache
+from pipeline.core.errors import CacheError, ParamsError
 from pipeline.core.params import from_mapping
 from pipeline.data.layout import Layout
-from pipeline.core.errors import CacheError, ParamsError
 from pipeline.generation.noise import CounterNoise, field_seeds
-from pipeline.generation.sampler import SamplerOptions, sampler_network, sample_trajectory
-from pipeline.cache.rollouts import RolloutRows, open_rollouts, rollout_schema, rollout_statistics
+from pipeline.generation.sampler import SamplerOptions, sample_trajectory, sampler_network
 from pipeline.teacher.artifact import load_teacher
-from pipeline.cache.topk import open_cache
-from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
 from tests.test_teacher_cache import assert_damage_refused, kill_stage_one_after
 

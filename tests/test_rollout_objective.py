@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import logit_rows
 from pipeline.generation.noise import CounterNoise
 from pipeline.generation.sampler import SamplerOptions, sample_trajectory
+from pipeline.models import logit_rows
 from pipeline.models.layers import upcast
 from pipeline.models.llada import LLaDA
-from pipeline.student.rollout_objective import repeat_rows, rollout_interval, rollout_loss, sample_steps, select_latents
 from pipeline.student.model import Student
+from pipeline.student.rollout_objective import repeat_rows, rollout_interval, rollout_loss, sample_steps, select_latents
 from tests.conftest import assert_float64_close, make_checkpoint
 
 PROMPT, GEN, STEPS = 5, 8, 4

@@ -13,15 +13,14 @@ import pytest
 import torch
 import yaml
 
+from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 from pipeline.cache.params import CacheParams
-
+from pipeline.cache.shards import ShardWriter, ensure_manifest, finalize_manifest
+from pipeline.cache.topk import CacheRows, cache_schema, cache_statistics, open_cache
+from pipeline.core.errors import CacheError, ParamsError
 from pipeline.core.params import from_mapping
 from pipeline.data.layout import Layout
 from pipeline.teacher.artifact import load_teacher
-from pipeline.cache.shards import ShardWriter, ensure_manifest, finalize_manifest
-from pipeline.core.errors import CacheError, ParamsError
-from pipeline.cache.topk import CacheRows, cache_schema, cache_statistics, open_cache
-from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 from tests.conftest import make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,8 +254,8 @@ def test_killed_run_resumes_to_the_same_cache(tmp_path):
 def test_topk_on_masked_rows_equals_the_full_logits_topk(tiny_checkpoint, dtype, cfg_scale, chunk_rows):
     """The head, log-softmax and top-k on the masked positions only (in chunks of 3 rows, or one)
     give the cache rows of the full (B, T, V) logits: the same ids, and the same float16 log-probs."""
-    from pipeline.models.llada import LLaDA
     from pipeline.cache.fill import teacher_topk
+    from pipeline.models.llada import LLaDA
 
     model = LLaDA.from_pretrained(tiny_checkpoint, dtype=dtype)
     layout = Layout(prompt_length=4, gen_length=6, pad_token_id=0)

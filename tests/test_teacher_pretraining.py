@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from pipeline.core.params import ParamsError, from_mapping
-
 from pipeline.teacher.params import TeacherParams
 from pipeline.teacher.pretraining import SequenceDataModule
 

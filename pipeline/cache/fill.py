@@ -20,17 +20,16 @@ import numpy as np
 import torch
 
 from pipeline.cache import fill_rollouts as rollout_fill
-from pipeline.cache.shards import (
-    ROLLOUTS, TOPK, ShardWriter, ensure_manifest, finalize_manifest, my_shards, pending_shards, shard_rows,
-)
 from pipeline.cache.params import CacheParams
+from pipeline.cache.shards import (ROLLOUTS, TOPK, ShardWriter, ensure_manifest, finalize_manifest, my_shards,
+                                   pending_shards, shard_rows)
+from pipeline.cache.topk import CacheRows, cache_schema
+from pipeline.core.errors import CacheError, ParamsError
 from pipeline.core.params import params_hash
 from pipeline.data.layout import Layout, split_fingerprint
-from pipeline.core.errors import CacheError, ParamsError
 from pipeline.generation.sampler import guided_hidden, sampler_network
 from pipeline.models.logit_rows import map_row_chunks
 from pipeline.models.mask_predictor import MaskPredictor
-from pipeline.cache.topk import CacheRows, cache_schema
 
 
 def examples_per_shard(params: CacheParams) -> int:

@@ -15,14 +15,14 @@ import math
 import numpy as np
 import torch
 
-from pipeline.cache.shards import ROLLOUTS, ShardWriter
 from pipeline.cache.params import CacheParams, RolloutParams
-from pipeline.data.layout import Layout
-from pipeline.core.errors import ParamsError
-from pipeline.generation.noise import CounterNoise, completion_seeds, field_seeds
-from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, sampler_network, sample_trajectory
-from pipeline.models.mask_predictor import MaskPredictor
 from pipeline.cache.rollouts import RolloutRows, rollout_schema
+from pipeline.cache.shards import ROLLOUTS, ShardWriter
+from pipeline.core.errors import ParamsError
+from pipeline.data.layout import Layout
+from pipeline.generation.noise import CounterNoise, completion_seeds, field_seeds
+from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, sample_trajectory, sampler_network
+from pipeline.models.mask_predictor import MaskPredictor
 
 
 def rollout_examples(params: CacheParams, num_examples: int) -> int:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline.core.errors import ParamsError
 from pipeline.cache.rollouts import RolloutRows, open_rollouts
 from pipeline.cache.topk import open_cache, record_batch_arrays
+from pipeline.core.errors import ParamsError
 
 
 @dataclasses.dataclass

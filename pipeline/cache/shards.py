@@ -21,9 +21,9 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
-from pipeline.core.params import differences
 from pipeline.core.errors import CacheError, CheckpointError
 from pipeline.core.files import atomic_write_text, file_sha256
+from pipeline.core.params import differences
 
 FORMAT = "llada-meanflow-teacher-cache"
 VERSION = 2

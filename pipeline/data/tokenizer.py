@@ -12,8 +12,8 @@ from typing import Iterable, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from pipeline.models.checkpoint_io import read_json
 from pipeline.core.errors import CheckpointError
+from pipeline.models.checkpoint_io import read_json
 
 # LLaDA's own names for its special tokens.
 EOS, BOS, MASK, UNK = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|unk|>"

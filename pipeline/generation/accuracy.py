@@ -9,8 +9,8 @@ from __future__ import annotations
 import lightning as L
 
 from pipeline.data.layout import Layout
-from pipeline.generation.decode import complete_split
 from pipeline.data.scoring import score_records
+from pipeline.generation.decode import complete_split
 
 
 class GenerationAccuracy(L.Callback):

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.layers import Attention, RMSNorm, RopeTables, prefixed_attention, upcast
-from pipeline.models.mask_predictor import MOE_FIELDS, MaskPredictor, check_shared_fields, config_from_dict, config_from_file
+from pipeline.models.mask_predictor import (MOE_FIELDS, MaskPredictor, check_shared_fields, config_from_dict,
+                                            config_from_file)
 
 
 @dataclasses.dataclass

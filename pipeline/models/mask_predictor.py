@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from pipeline.core.errors import CheckpointError
 from pipeline.models.checkpoint_check import check_weight_files
 from pipeline.models.checkpoint_io import read_json, resolve_weight_files, write_sharded_safetensors
-from pipeline.core.errors import CheckpointError
 from pipeline.models.layers import Attention, prepare_inputs
 
 CONFIG_NAME = "config.json"

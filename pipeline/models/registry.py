@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models.checkpoint_io import read_json
 from pipeline.core.errors import CheckpointError
+from pipeline.models.checkpoint_io import read_json
 from pipeline.models.llada import LLaDA
 from pipeline.models.llada_moe import LLaDAMoE
 from pipeline.models.mask_predictor import CONFIG_NAME, MaskPredictor, architecture_of

@@ -16,16 +16,15 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from pipeline.student.params import StudentParams
-from pipeline.core.counter_random import (MEANFLOW_LATENT, R_FIRST, R_SECOND, ROLLOUT_LATENT, ROLLOUT_STEPS, counter_normal,
-                                          counter_uniform)
+from pipeline.cache.loader import RolloutBatch, TeacherCacheDataModule, TopKBatch, TrainingItem
+from pipeline.core.counter_random import (MEANFLOW_LATENT, R_FIRST, R_SECOND, ROLLOUT_LATENT, ROLLOUT_STEPS,
+                                          counter_normal, counter_uniform)
 from pipeline.core.errors import TrainingError
 from pipeline.core.lr_schedule import warmup_cosine
 from pipeline.student.meanflow import MeanFlowLoss, MeanFlowOptions, TeacherRows, meanflow_loss, sample_r
-from pipeline.student.rollout_objective import RolloutLoss, rollout_interval, rollout_loss, sample_steps
 from pipeline.student.model import Student
-from pipeline.cache.loader import RolloutBatch, TeacherCacheDataModule, TopKBatch, TrainingItem
-
+from pipeline.student.params import StudentParams
+from pipeline.student.rollout_objective import RolloutLoss, rollout_interval, rollout_loss, sample_steps
 
 # The frozen base stays in eval mode on purpose (Student.train keeps it there).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -145,8 +144,8 @@ class StudentDistillation(L.LightningModule):
 
 
 def check_cache_matches_teacher(cache_dir: Path, record) -> None:
-    from pipeline.core.errors import CacheError
     from pipeline.cache.topk import read_manifest
+    from pipeline.core.errors import CacheError
 
     manifest = read_manifest(Path(cache_dir))
     if manifest["teacher_fingerprint"] != record.fingerprint:
@@ -168,11 +167,11 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
-    from pipeline.core.time_cap import check_not_cut, time_limit
-    from pipeline.student import run as student_run
     from pipeline.cache.shards import read_manifest
+    from pipeline.core.time_cap import check_not_cut, time_limit
     from pipeline.data.layout import Layout
     from pipeline.generation.accuracy import GenerationAccuracy
+    from pipeline.student import run as student_run
     from pipeline.teacher.artifact import load_teacher
 
     L.seed_everything(params.seed, workers=True)
@@ -237,8 +236,8 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
 def latent_validation(student: Student, rows, tokenizer, layout, samples: int = 4) -> dict:
     """One step, greedy given each of ``samples`` latents per validation prompt: accuracy over all
     completions and distinct valid completions per prompt, per task."""
-    from pipeline.generation.decode import complete_split
     from pipeline.data.scoring import score_records
+    from pipeline.generation.decode import complete_split
 
     records, _ = complete_split(student.eval(), rows, tokenizer, {layout.pad_token_id}, layout, steps=1,
                                 samples=samples)

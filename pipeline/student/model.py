@@ -16,14 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.models.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint
 from pipeline.core.errors import CheckpointError
 from pipeline.core.files import atomic_directory
+from pipeline.models.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint
 from pipeline.models.layers import Attention
 from pipeline.models.mask_predictor import MaskPredictor
 from pipeline.models.registry import load_model
-from pipeline.student.soft_prompt import SoftPromptConfig
-from pipeline.student.soft_prompt import SoftPrompt
+from pipeline.student.soft_prompt import SoftPrompt, SoftPromptConfig
 
 STUDENT_CONFIG = "student_config.json"
 SOFT_PROMPT_WEIGHTS = "soft_prompt.safetensors"

@@ -20,12 +20,10 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from pipeline.cache.params import CacheParams
-
-from pipeline.core.params import differences, params_hash
-
-from pipeline.student.params import StudentParams
-from pipeline.data.layout import Layout, split_fingerprint
 from pipeline.core.errors import CacheError, CheckpointError, ParamsError
+from pipeline.core.params import differences, params_hash
+from pipeline.data.layout import Layout, split_fingerprint
+from pipeline.student.params import StudentParams
 
 RUN_KEY = "run_identity"
 """The key of a Lightning checkpoint holding the identity of the run that wrote it."""

@@ -12,13 +12,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from pipeline.models.checkpoint_check import check_weight_files, meta_shapes
-from pipeline.models.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint, resolve_weight_files
 from pipeline.core.errors import CheckpointError, DataError
 from pipeline.core.files import file_sha256
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.models.checkpoint_check import check_weight_files, meta_shapes
+from pipeline.models.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint, resolve_weight_files
 from pipeline.models.mask_predictor import MaskPredictor
 from pipeline.models.registry import load_model, model_class
-from pipeline.data.tokenizer import load_tokenizer
 
 RECORD = "teacher.json"
 

@@ -14,11 +14,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.layout import Layout, forward_mask, sample_mask_ratio
 from pipeline.core.errors import ParamsError, TrainingError
+from pipeline.core.lr_schedule import warmup_cosine
+from pipeline.data.layout import Layout, forward_mask, sample_mask_ratio
 from pipeline.generation.accuracy import GenerationAccuracy
 from pipeline.models.llada import LLaDA
-from pipeline.core.lr_schedule import warmup_cosine
 
 
 def sft_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, answer_length: int):
@@ -145,13 +145,13 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     import datasets
     from dvclive.lightning import DVCLiveLogger
 
+    from pipeline.core.files import atomic_directory
     from pipeline.core.time_cap import check_not_cut, time_limit
+    from pipeline.data.tokenizer import load_tokenizer
     from pipeline.models.checkpoint_check import first_non_finite
     from pipeline.models.checkpoint_io import checkpoint_fingerprint
-    from pipeline.core.files import atomic_directory
     from pipeline.models.llada import LLaDAConfig
     from pipeline.teacher.artifact import TeacherRecord, tokenizer_hash
-    from pipeline.data.tokenizer import load_tokenizer
 
     train = params.train
     L.seed_everything(train.seed, workers=True)
