@@ -173,7 +173,7 @@ def test_a_symlink_at_a_metrics_file_is_replaced_not_followed(tmp_path):
 def test_a_time_cap_must_be_finite_and_positive(tmp_path, value):
     train = {**TINY["teacher"]["train"], "max_minutes": value}
     last = last_error_line(run_stage(tmp_path, "teacher", {**TINY, "teacher": {**TINY["teacher"], "train": train}}))
-    assert "teacher.train.max_minutes: must be a finite number of minutes > 0 or null" in last
+    assert "teacher.train.max_minutes: must be a finite number" in last
 
 
 def test_stage_one_refuses_a_teacher_with_non_finite_weights(tmp_path):
