@@ -1,10 +1,12 @@
 """``python -m pipeline.generate_cli``: complete JSONL prompts with a LLaDA checkpoint (multi-step) or
-a student (one step), with the options of LLaDA's sampler (``pipeline.generation.sampler``).
+a student (one step by default, any ``--steps``), with the options of LLaDA's sampler
+(``pipeline.generation.sampler``).
 
 Input lines are ``{"prompt": "..."}``; output lines ``{"prompt": "...", "completions": [...]}`` in
-input order, each completion the answer up to the first EOS. A student with a latent decodes
-completion d of prompt i given its own z ~ N(0, I) drawn from ``--seed`` (so ``--samples 4`` gives
-four latents), greedily or at ``--temperature``.
+input order, each completion the answer up to the first EOS. A student is called with each step's
+interval u(x_t, r, t). A student with a latent decodes completion d of prompt i given its own
+z ~ N(0, I) drawn from ``--seed`` (so ``--samples 4`` gives four latents), greedily or at
+``--temperature``; greedy decoding of one completion uses its greedy anchor, when it has one.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pipeline.core.cpu_numerics import pin_cpu_numerics
 from pipeline.core.errors import CheckpointError
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
-from pipeline.generation.noise import completion_latents
-from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, generate, sampler_network
+from pipeline.generation.decode import completion_network, uses_anchor
+from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, generate
 from pipeline.models.checkpoint_io import read_json, resolve_checkpoint
 from pipeline.models.registry import load_model
 from pipeline.student.model import Student
@@ -63,7 +65,7 @@ def check_known_characters(tokenizer, prompts: list[str], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.generate_cli",
-        description="Complete JSONL prompts with a LLaDA checkpoint (multi-step) or a student (one step).",
+        description="Complete JSONL prompts with a LLaDA checkpoint (multi-step) or a student (one step by default).",
     )
     p.add_argument("--model", required=True, type=Path, help="LLaDA checkpoint or student directory")
     p.add_argument("--prompts", required=True, type=Path, help='input JSONL, lines {"prompt": "..."}')
@@ -134,8 +136,6 @@ def run(args: argparse.Namespace) -> None:
         steps = args.steps if args.steps is not None else (1 if is_student else gen_length)
         block_length = args.block_length if args.block_length is not None else gen_length
         options = sampler_options(args, gen_length, steps, block_length)
-        if is_student and steps != 1:
-            raise UsageError(f"{args.model} is a one-step student; --steps must be 1, got {steps}")
         dtype = getattr(torch, args.dtype) if args.dtype else (
             torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
         model, base_dir = load_student_or_llada(args.model, dtype, args.device)
@@ -152,10 +152,9 @@ def run(args: argparse.Namespace) -> None:
                 f"{args.prompts}: prompt {number} has {len(ids)} tokens; with --gen-length {gen_length} "
                 f"that exceeds the model's max_sequence_length {config.max_sequence_length}"
             )
-    predictor = sampler_network(model)
+    anchor = uses_anchor(model, args.temperature, args.samples)
     pad_id = config.pad_token_id if config.pad_token_id is not None else min(stops)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    latent_dim = model.latent_dim if is_student else 0
     # Prompts go in chunks of input order (about CHUNK_BATCHES batches each); within a chunk similar
     # lengths share a batch (less padding). Each chunk's records are appended to a temporary sibling
     # of --out as soon as it is done, which is renamed to --out at the end: memory stays bounded, the
@@ -175,10 +174,9 @@ def run(args: argparse.Namespace) -> None:
                 for start in range(0, len(jobs), args.batch_size):
                     batch = jobs[start : start + args.batch_size]
                     prompt, mask = left_pad([ids for _, _, ids in batch], pad_id)
-                    if latent_dim:  # completion d of prompt i decodes given its own z, a function of (--seed, i, d)
-                        index, draws = (torch.tensor([job[n] for job in batch]) for n in (0, 1))
-                        predictor = sampler_network(model, completion_latents(args.seed, index, draws, latent_dim)
-                                                    .to(args.device))
+                    # Completion d of prompt i decodes given its own z, a function of (--seed, i, d), or the anchor.
+                    index, draws = (torch.tensor([job[n] for job in batch]) for n in (0, 1))
+                    predictor = completion_network(model, args.seed, index, draws, anchor)
                     out_ids = generate(predictor, prompt.to(args.device), options, mask_id=config.mask_token_id,
                                        attention_mask=mask.to(args.device), generator=generator)
                     for (index, _, _), answer in zip(batch, out_ids[:, prompt.shape[1]:].tolist()):

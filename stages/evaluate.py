@@ -1,8 +1,9 @@
-"""Stage ``evaluate``: teacher at 1, 2, 4, ..., gen_length steps against the one-step student on the
-held-out test split, with and without CFG, greedy and sampled (params: ``evaluate``).
+"""Stage ``evaluate``: teacher and student each at 1, 2, 4, ..., gen_length steps on the held-out test
+split, with and without CFG, greedy and sampled (params: ``evaluate``).
 
 Writes ``metrics/eval.json`` (every setting's accuracy per task, distinct valid completions, forward
-passes and wall seconds per sample; the student's speedup and accuracy gains) and, under
+passes and wall seconds per sample; the student's speedup, and student minus teacher per task at each
+step count) and, under
 ``metrics/eval/``, the plot data (``*.json``), ``accuracy_vs_forward_passes.png`` and ``results.md``
 (the tables the README quotes).
 
@@ -24,7 +25,8 @@ from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.data.layout import Layout
 from pipeline.data.tokenizer import stop_token_ids
-from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
+from pipeline.evaluation.grid import evaluate_settings, settings_for
+from pipeline.generation.decode import default_step_counts
 from pipeline.evaluation.params import EvaluateParams
 from pipeline.evaluation.report import curve_rows, plot_accuracy, results_markdown, summarize
 from pipeline.generation.sampler import SamplerOptionError, SamplerOptions
@@ -48,14 +50,17 @@ def main() -> None:
         torch.set_num_threads(params.num_threads)
     layout = Layout.load(args.data)
     G = layout.gen_length
-    keys = {"steps": "teacher_steps", "block_length": "block_length", "temperature": "temperature",
-            "cfg_scale": "cfg_scale"}
+    keys = {"block_length": "block_length", "temperature": "temperature", "cfg_scale": "cfg_scale"}
     try:  # every setting's sampler options, refused before any model loads
         options = SamplerOptions(gen_length=G, steps=G, block_length=params.block_length,
                                  temperature=params.temperature, cfg_scale=params.cfg_scale)
-        steps = sorted(set(params.teacher_steps or default_teacher_steps(G, options.num_blocks)) | {G})
-        for n in steps:
-            dataclasses.replace(options, steps=n)
+        default = default_step_counts(G, options.num_blocks)
+        steps = sorted(set(params.teacher_steps or default) | {G})
+        student_steps = sorted(set(params.student_steps or default) | {1})
+        for key, counts in (("teacher_steps", steps), ("student_steps", student_steps)):
+            keys["steps"] = key
+            for n in counts:  # one step is one block
+                dataclasses.replace(options, steps=n, block_length=G if n == 1 else options.block_length)
     except SamplerOptionError as err:
         raise ParamsError(f"params.yaml:evaluate.{keys[err.key]}: {err.message}") from err
     block_length = options.block_length
@@ -66,7 +71,8 @@ def main() -> None:
     stops = stop_token_ids(tokenizer, teacher.config, checkpoint_dir(args.teacher, record))
     rows = datasets.load_from_disk(str(args.data / args.split))
     settings = settings_for(steps, params.cfg_scale, params.temperature, params.samples, G, block_length,
-                            params.noise_variants, student_latents=student.latent_dim > 0)
+                            params.noise_variants, student_latents=student.latent_dim > 0,
+                            student_steps=student_steps)
 
     bar = tqdm(total=len(settings), desc="evaluate", unit="setting", file=sys.stderr)
     def progress(result):  # noqa: E306

@@ -12,7 +12,8 @@ import yaml
 from pipeline.data.layout import Layout
 from pipeline.data.scoring import score_records
 from pipeline.data.tokenizer import decode_answer
-from pipeline.evaluation.grid import default_teacher_steps, evaluate_settings, settings_for
+from pipeline.evaluation.grid import evaluate_settings, settings_for
+from pipeline.generation.decode import default_step_counts
 from pipeline.evaluation.report import summarize
 from pipeline.generation.decode import complete_split
 from pipeline.generation.sampler import SamplerOptions, generate
@@ -40,11 +41,11 @@ class CountingLLaDA(torch.nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
 
-def test_default_teacher_steps_double_up_to_gen_length():
-    assert default_teacher_steps(7) == [1, 2, 4, 7]
-    assert default_teacher_steps(8) == [1, 2, 4, 8]
-    assert default_teacher_steps(1) == [1]
-    assert default_teacher_steps(256, num_blocks=8) == [8, 16, 32, 64, 128, 256]
+def test_default_step_counts_double_up_to_gen_length():
+    assert default_step_counts(7) == [1, 2, 4, 7]
+    assert default_step_counts(8) == [1, 2, 4, 8]
+    assert default_step_counts(1) == [1]
+    assert default_step_counts(256, num_blocks=8) == [8, 16, 32, 64, 128, 256]
 
 
 def test_settings_grid():
@@ -60,6 +61,11 @@ def test_settings_grid():
     assert [s.name for s in coupled] == ["teacher_steps7_sampled_t1x4_fixed_noise", "teacher_steps7_sampled_t1x4_shared_noise"]
     latents = settings_for([1, 7], 0.0, 1.0, 4, gen_length=7, student_latents=True)[-1]
     assert latents.name == "student_steps1_greedyx4" and latents.samples == 4 and latents.forward_passes == 1
+    curve = settings_for([1, 2, 4, 7], 0.0, 1.0, 4, gen_length=7, student_latents=True, student_steps=[1, 2, 4, 7])
+    names = {s.name for s in curve if s.model == "student"}
+    assert {f"student_steps{n}_{d}" for n in (1, 2, 4, 7) for d in ("greedy", "sampled_t1x4", "greedyx4")} == names
+    blocked = settings_for([4, 8], 0.0, 1.0, 2, gen_length=8, block_length=2, student_steps=[1, 4, 8])
+    assert {(s.steps, s.block_length) for s in blocked if s.model == "student"} == {(1, 8), (4, 2), (8, 2)}
 
 
 def test_latent_student_decodes_each_completion_given_its_latent(workdir):
@@ -90,6 +96,12 @@ def test_latent_student_decodes_each_completion_given_its_latent(workdir):
     answers = [decode_answer(tokenizer, a, {0}) for a in out[:, P:].tolist()]
     assert [c for r in runs[0] for c in r["completions"]] == answers
     assert any(len(set(r["completions"])) > 1 for r in runs[0])
+    # one greedy completion decodes with the greedy anchor (at any step count)
+    greedy, _ = complete_split(student, rows, tokenizer, {0}, layout, steps=2, batch_size=5)
+    with torch.inference_mode():
+        out = generate(sampler_network(student, anchor=True), ids[::4], SamplerOptions(steps=2, gen_length=layout.gen_length),
+                       mask_id=2, attention_mask=mask[::4])
+    assert [r["completions"] for r in greedy] == [[decode_answer(tokenizer, a, {0})] for a in out[:, P:].tolist()]
 
     grid = settings_for([1], 0.0, 1.0, 4, gen_length=layout.gen_length, student_latents=True)
     results = evaluate_settings({"teacher": teacher, "student": student}, grid, rows, tokenizer, {0}, layout,
@@ -186,15 +198,17 @@ def test_initial_student_scores_like_the_one_step_teacher(workdir):
     student = Student(teacher, prompt_length=2, hidden_size=8).eval()  # zero gate: equals its base
     layout = Layout.load(workdir / "data")
     rows = datasets.load_from_disk(str(workdir / "data" / "test"))
-    grid = settings_for([1], 0.5, 1.0, 2, gen_length=layout.gen_length)
+    grid = settings_for([1, 2], 0.5, 1.0, 2, gen_length=layout.gen_length, student_steps=[1, 2])
     results = evaluate_settings({"teacher": teacher, "student": student}, grid, rows, tokenizer, {0}, layout,
                                 batch_size=4, seed=0)
-    by = {(r["model"], r["cfg_scale"], r["temperature"]): r for r in results}
-    for key in [(0.0, 0.0), (0.5, 0.0), (0.0, 1.0), (0.5, 1.0)]:
+    by = {(r["model"], r["steps"], r["cfg_scale"], r["temperature"]): r for r in results}
+    for key in [(n, w, temperature) for n in (1, 2) for w in (0.0, 0.5) for temperature in (0.0, 1.0)]:
         assert by[("student", *key)]["accuracy"] == by[("teacher", *key)]["accuracy"]
     assert all(r["seconds_per_sample"] > 0 for r in results)
-    summary = summarize(results, gen_length=1)
+    summary = summarize(results, gen_length=2)
     assert summary["student_minus_teacher_1_steps"] == 0.0 and summary["student_minus_gen_length_teacher"] == 0.0
+    assert set(summary["student_minus_teacher_by_steps"]) == {"1", "2"}
+    assert all(v == 0 for diff in summary["student_minus_teacher_by_steps"].values() for v in diff.values())
 
 
 def test_stage_refuses_steps_beyond_gen_length(workdir):

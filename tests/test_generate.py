@@ -253,9 +253,9 @@ def test_head_runs_only_on_the_current_blocks_masked_positions(cfg_scale):
     predictor = sampler_network(model)
     head_rows, trunk_rows = [], []
 
-    def hidden(ids, mask):
+    def hidden(ids, mask, interval):
         trunk_rows.append(ids.shape)
-        return predictor.hidden(ids, mask)
+        return predictor.hidden(ids, mask, interval)
 
     def head(rows):
         head_rows.append(rows.shape[0])
@@ -270,3 +270,41 @@ def test_head_runs_only_on_the_current_blocks_masked_positions(cfg_scale):
     assert trunk_rows == [(copies * 3, 16)] * 6
     assert torch.equal(out, generate(lambda ids, mask: model(input_ids=ids, attention_mask=mask), prompt, options,
                                      mask_id=MASK))
+
+
+class RecordingStudent(torch.nn.Module):
+    """A student-shaped network (``soft_prompt``, ``latent_dim``, ``hidden``/``head``) over a tiny LLaDA
+    that records the (r, t, z) of every call."""
+
+    latent_dim = 3
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.soft_prompt, self.calls = tiny_llada(seed=3), torch.nn.Identity(), []
+
+    def hidden(self, input_ids, attention_mask=None, r=0.0, t=1.0, latent=None):
+        self.calls.append((input_ids.clone(), torch.as_tensor(r).clone(), torch.as_tensor(t).clone(), latent.clone()))
+        return self.inner.hidden(input_ids=input_ids, attention_mask=attention_mask)
+
+    def head(self, rows):
+        return self.inner.head(rows)
+
+
+@pytest.mark.parametrize("steps,block_length,cfg_scale", [(4, 8, 0.0), (4, 4, 0.0), (2, 8, 1.0), (1, 8, 0.0)])
+def test_a_student_is_called_with_each_steps_interval_and_the_same_latent(steps, block_length, cfg_scale):
+    """t = the answer's masked fraction before the step, r = after it (the transfer schedule's), for
+    every row, blocks and CFG included; the same z at every step (CFG's unconditional rows reuse it)."""
+    student, G, B = RecordingStudent(), 8, 3
+    z = torch.randn(B, 3, generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, MASK, (B, 4), generator=torch.Generator().manual_seed(2))
+    options = SamplerOptions(steps=steps, gen_length=G, block_length=block_length, cfg_scale=cfg_scale)
+    trajectory = sample_trajectory(sampler_network(student, z), prompt, options, mask_id=MASK)
+    assert len(student.calls) == steps
+    copies = 2 if cfg_scale else 1
+    for step, (ids, r, t, latent) in enumerate(student.calls):
+        masked_before = (trajectory.reveal_step >= step).sum(dim=1).float()  # (B,) still masked at the step
+        masked_after = (trajectory.reveal_step > step).sum(dim=1).float()
+        assert torch.equal(t, (masked_before / G).repeat(copies)) and torch.equal(r, (masked_after / G).repeat(copies))
+        assert torch.equal(latent, z.repeat(copies, 1))
+        assert torch.equal((ids[:B, 4:] == MASK).sum(dim=1).float(), masked_before)
+    assert student.calls[0][2].eq(1).all() and student.calls[-1][1].eq(0).all()  # from t = 1 to r = 0

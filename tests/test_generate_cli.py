@@ -86,9 +86,11 @@ def test_student_one_step_and_reproducible(tiny_checkpoint, tmp_path):
     assert main(["--model", str(tiny_checkpoint), "--prompts", str(prompts), "--out", str(tmp_path / "t.jsonl"),
                  "--gen-length", "6", "--samples", "2", "--steps", "1"]) == 0
     assert read_completions(tmp_path / "t.jsonl") == outputs[0]
-    # a one-step student refuses multi-step decoding
-    assert main(["--model", str(tmp_path / "student"), "--prompts", str(prompts),
-                 "--out", str(tmp_path / "c.jsonl"), "--steps", "4"]) == 2
+    # --steps on a student: n steps, each at its own interval; untrained, the teacher at n steps
+    for name, model in (("s3", tmp_path / "student"), ("t3", tiny_checkpoint)):
+        assert main(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / f"{name}.jsonl"),
+                     "--gen-length", "6", "--steps", "3"]) == 0
+    assert read_completions(tmp_path / "s3.jsonl") == read_completions(tmp_path / "t3.jsonl")
 
 
 def test_latent_student_draws_one_latent_per_completion(tiny_checkpoint, tmp_path):
@@ -109,6 +111,7 @@ def test_latent_student_draws_one_latent_per_completion(tiny_checkpoint, tmp_pat
 
     first = complete("a")
     assert complete("b", "--batch-size", "3") == first
+
     assert any(len(set(c)) > 1 for c in first)  # the latents give different answers
     assert complete("c", "--seed", "1") != first
     # the CLI decodes completion d of prompt i given completion_latents(seed, i, d)
@@ -123,6 +126,14 @@ def test_latent_student_draws_one_latent_per_completion(tiny_checkpoint, tmp_pat
                    mask_id=student.base.config.mask_token_id)
     stops = stop_token_ids(tokenizer, student.base.config, tiny_checkpoint)
     assert [decode_answer(tokenizer, a, stops) for a in out[:, ids.shape[1]:].tolist()] == first[1]
+    # one greedy completion decodes with the greedy anchor, at any step count
+    assert main(["--model", str(tmp_path / "student"), "--prompts", str(prompts), "--out", str(tmp_path / "g.jsonl"),
+                 "--gen-length", "6", "--steps", "2"]) == 0
+    ids = torch.tensor(encode_prompts(tokenizer, ["sort:dcba"]))
+    out = generate(sampler_network(Student.from_pretrained(tmp_path / "student"), anchor=True), ids,
+                   SamplerOptions(gen_length=6, steps=2), mask_id=student.base.config.mask_token_id)
+    anchored = decode_answer(tokenizer, out[0, ids.shape[1]:].tolist(), stops)
+    assert [r["completions"] for r in read_completions(tmp_path / "g.jsonl")][2] == [anchored]
 
 
 def one_error_line(capsys):

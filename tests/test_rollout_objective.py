@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.generation.noise import CounterNoise
-from pipeline.generation.sampler import SamplerOptions, sample_trajectory
+from pipeline.generation.sampler import SamplerOptions, generate, sample_trajectory, sampler_network
 from pipeline.models import logit_rows
 from pipeline.models.layers import upcast
 from pipeline.models.llada import LLaDA
 from pipeline.student.model import Student
-from pipeline.student.rollout_objective import repeat_rows, rollout_interval, rollout_loss, sample_steps, select_latents
+from pipeline.student.rollout_objective import (repeat_rows, rollout_interval, rollout_loss, sample_steps,
+                                                select_latents, take_rows)
 from tests.conftest import assert_float64_close, make_checkpoint
 
 PROMPT, GEN, STEPS = 5, 8, 4
@@ -243,3 +244,54 @@ def test_loss_on_target_rows_equals_the_full_logits_loss(base, recorded, monkeyp
     for a, b in zip(out[1], expected[1]):
         assert_float64_close(a, b, "soft-prompt gradient")
     assert any(g.abs().sum() > 0 for g in expected[1])
+
+
+def test_anchor_rows_train_without_selection(base, recorded):
+    """Greedy rows are scored given the anchor (their draws unused, no selection); the other rows are
+    selected among their draws exactly as in a batch without anchor rows."""
+    mask_id = base.config.mask_token_id
+    student = latent_student(base)
+    interval = interval_at(recorded, 0, STEPS, mask_id)
+    latents = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(6))
+    anchor = torch.tensor([True, False, True])
+    out = rollout_loss(student, interval, latents, mask_id, anchor=anchor)
+    logits = student(input_ids=interval.input_ids, attention_mask=interval.attention_mask, r=interval.r,
+                     t=interval.t, latent=torch.zeros(3, 4), anchor=torch.ones(3, dtype=torch.bool))
+    expected = reference_row_losses(logits[:, PROMPT:], interval.tokens, interval.targets)
+    assert torch.allclose(out.rows[anchor], expected[anchor], rtol=1e-5)
+    alone = rollout_loss(student, take_rows(interval, ~anchor), latents[1:2], mask_id)
+    assert torch.allclose(out.rows[1], alone.rows[0], rtol=1e-5)
+    assert out.selection.losses.shape == (1, 4) and torch.equal(out.anchor, anchor)
+    assert torch.allclose(out.loss, out.rows.mean())
+
+
+def test_the_anchor_learns_the_greedy_rollouts_while_draws_learn_the_sampled_ones(base):
+    """A tiny run: two prompts, their greedy rollouts at 4 steps on the anchor and a sampled rollout
+    each on drawn latents; afterwards the anchor decodes the greedy rollouts in one step."""
+    torch.manual_seed(0)
+    mask_id = base.config.mask_token_id
+    prompt = torch.randint(3, base.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(prompt)
+    options = SamplerOptions(steps=4, gen_length=GEN)
+    greedy = sample_trajectory(sampler_network(base), prompt, options, mask_id=mask_id, attention_mask=mask)
+    sampled = sample_trajectory(sampler_network(base), prompt, dataclasses.replace(options, temperature=1.0), mask_id=mask_id,
+                                attention_mask=mask, noise=CounterNoise(torch.tensor([1, 2])))
+    student = Student(base, prompt_length=4, hidden_size=32, latent_dim=4, anchor="flag")
+
+    def one_step_anchor():
+        return generate(sampler_network(student, anchor=True), prompt, SamplerOptions.one_step(GEN),
+                        mask_id=mask_id, attention_mask=mask)[:, PROMPT:]
+
+    assert not torch.equal(one_step_anchor(), greedy.sequences[:, PROMPT:])  # the base alone does not
+    tokens = torch.cat((greedy.sequences, sampled.sequences))[:, PROMPT:]
+    reveal = torch.cat((greedy.reveal_step, sampled.reveal_step))
+    anchor = torch.tensor([True, True, False, False])
+    optimizer = torch.optim.Adam(student.soft_prompt.parameters(), lr=1e-2)
+    for step in range(300):
+        k, k_end = sample_steps(4, torch.rand(4, 4), one_step_fraction=0.75, r0_fraction=0.75)
+        interval = rollout_interval(prompt.repeat(2, 1), mask.repeat(2, 1), tokens, reveal, k, k_end, mask_id)
+        loss = rollout_loss(student, interval, torch.randn(4, 2, 4), mask_id, anchor=anchor).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.equal(one_step_anchor(), greedy.sequences[:, PROMPT:])

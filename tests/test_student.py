@@ -10,6 +10,7 @@ from pipeline.core.errors import CheckpointError
 from pipeline.models.llada import LLaDA
 from pipeline.models.registry import load_model
 from pipeline.student.model import Student
+from pipeline.student.soft_prompt import SoftPromptConfig
 from tests.conftest import make_checkpoint
 
 
@@ -162,3 +163,42 @@ def test_student_ignores_left_padding(base):
             plain = student(ids, r=0.2, t=0.9, attention=attention)
             assert torch.allclose(student(padded, r=0.2, t=0.9, attention_mask=mask, attention=attention)[:, 4:],
                                   plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["zero", "flag"])
+def test_the_greedy_anchor_replaces_the_latent(tiny_checkpoint, form):
+    """Anchor rows ignore their latent; ``zero`` is z = 0, ``flag`` z = 0 plus its own input (not
+    the drawn z = 0); without an anchor, or without a latent, there is none."""
+    student = Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2, latent_dim=4, anchor=form)
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.fill_(3.0)
+        for p in student.soft_prompt.prompt_mlp.parameters():
+            p.normal_(std=2.0, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 20, (2, 6), generator=torch.Generator().manual_seed(1))
+    z = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+    anchor = torch.tensor([True, False])
+    with torch.no_grad():
+        out = student(input_ids=ids, latent=z, anchor=anchor)
+        zeros = student(input_ids=ids, latent=torch.zeros(2, 4))
+        drawn = student(input_ids=ids, latent=z)
+        assert torch.equal(out[1], drawn[1])  # a row that is not the anchor keeps its latent
+        assert torch.equal(out[0], student(input_ids=ids, latent=-z, anchor=anchor)[0])
+        assert torch.equal(out[0], zeros[0]) == (form == "zero")
+    assert SoftPromptConfig(latent_dim=0, anchor="flag").anchor == "none"
+    with pytest.raises(ValueError, match="anchor"):
+        SoftPromptConfig(anchor="first")
+    with pytest.raises(ValueError, match="no greedy anchor"):
+        Student(student.base, prompt_length=2, latent_dim=4, anchor="none")(input_ids=ids, latent=z, anchor=anchor)
+
+
+def test_a_student_saved_before_the_anchor_loads_without_one(tiny_checkpoint, tmp_path):
+    student = Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2, latent_dim=4, anchor="none")
+    student.save_pretrained(tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "student_config.json").read_text())
+    del meta["soft_prompt"]["anchor"]  # as written before the anchor existed
+    (tmp_path / "s" / "student_config.json").write_text(json.dumps(meta))
+    loaded = Student.from_pretrained(tmp_path / "s")
+    assert loaded.soft_prompt_config.anchor == "none" and not loaded.has_anchor
+    flagged = Student(student.base, prompt_length=2, latent_dim=4, anchor="flag")
+    flagged.save_pretrained(tmp_path / "f")
+    assert Student.from_pretrained(tmp_path / "f").soft_prompt_config.anchor == "flag"

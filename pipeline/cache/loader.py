@@ -64,6 +64,8 @@ class RolloutBatch:
     """(B, G) long: the rollout's answer."""
     reveal_step: torch.Tensor
     """(B, G) long: the sampler step that committed each answer position."""
+    greedy: torch.Tensor
+    """(B,) bool: a greedy rollout (temperature 0)."""
 
 
 @dataclasses.dataclass
@@ -148,7 +150,8 @@ class RolloutMiniBatches(torch.utils.data.Dataset):
         tensor = lambda values: torch.from_numpy(np.array(values)).long()  # noqa: E731
         return RolloutBatch(example_index=tensor(block.example_index), rollout_index=tensor(block.rollout_index),
                             prompt_ids=tensor(block.prompt_ids), prompt_mask=tensor(block.prompt_mask),
-                            tokens=tensor(block.tokens), reveal_step=tensor(block.reveal_step))
+                            tokens=tensor(block.tokens), reveal_step=tensor(block.reveal_step),
+                            greedy=torch.from_numpy(np.asarray(block.temperature) == 0))
 
 
 class TrainingItems(torch.utils.data.Dataset):

@@ -1,5 +1,5 @@
-"""Held-out evaluation: the teacher at 1, 2, 4, ..., ``gen_length`` steps against the one-step
-student, with and without classifier-free guidance, greedy and sampled, in one run. This module
+"""Held-out evaluation: the teacher and the student each at 1, 2, 4, ..., ``gen_length`` steps, with
+and without classifier-free guidance, greedy and sampled, in one run. This module
 lays out the grid of settings and runs each through ``pipeline.generation.decode`` (which validation
 during training uses too); ``pipeline.evaluation.report`` turns the results into metrics, tables and
 plots.
@@ -32,7 +32,7 @@ class Setting:
     """``teacher`` or ``student``."""
     steps: int
     block_length: int
-    """Semi-autoregressive block length of the sampler (the student fills the whole answer at once)."""
+    """Semi-autoregressive block length of the sampler (one step fills the whole answer at once)."""
     cfg_scale: float
     temperature: float
     samples: int
@@ -55,31 +55,24 @@ class Setting:
         return f"{self.model}_steps{self.steps}_{decoding}{guidance}{noise}"
 
 
-def default_teacher_steps(gen_length: int, num_blocks: int = 1) -> list[int]:
-    """``num_blocks`` times 1, 2, 4, ... below ``gen_length``, then ``gen_length`` itself (the
-    sampler needs a whole number of steps per block)."""
-    steps, n = [], num_blocks
-    while n < gen_length:
-        steps.append(n)
-        n *= 2
-    return steps + [gen_length]
-
-
 def settings_for(teacher_steps: list[int], cfg_scale: float, temperature: float, samples: int,
                  gen_length: int, block_length: int | None = None, noise_variants: list[str] = (),
-                 student_latents: bool = False) -> list[Setting]:
-    """Teacher at each step count (blocks of ``block_length``, default the whole answer) and the
-    student at one step; each greedy and sampled, each without and (when ``cfg_scale > 0``) with
-    guidance; then the teacher at ``gen_length`` steps sampled with each of ``noise_variants``; then,
-    for a student with a latent, the student at one step greedy given each of ``samples`` latents."""
+                 student_latents: bool = False, student_steps: list[int] = (1,)) -> list[Setting]:
+    """Teacher at each of ``teacher_steps`` and student at each of ``student_steps`` (blocks of
+    ``block_length``, default the whole answer; one step is always one block); each greedy and
+    sampled, each without and (when ``cfg_scale > 0``) with guidance; then the teacher at
+    ``gen_length`` steps sampled with each of ``noise_variants``; then, for a student with a latent,
+    the student at each step count greedy given each of ``samples`` latents."""
     guidance = [0.0] + ([cfg_scale] if cfg_scale > 0 else [])
     decodings = [(0.0, 1), (temperature, samples)]
-    models = [("teacher", n, block_length or gen_length) for n in teacher_steps] + [("student", 1, gen_length)]
-    return [Setting(model, steps, block, w, temp, k)
-            for model, steps, block in models for w in guidance for temp, k in decodings] + [
-        Setting("teacher", gen_length, block_length or gen_length, 0.0, temperature, samples, noise)
+    block = lambda steps: gen_length if steps == 1 else block_length or gen_length  # noqa: E731
+    models = [("teacher", n) for n in teacher_steps] + [("student", n) for n in student_steps]
+    return [Setting(model, steps, block(steps), w, temp, k)
+            for model, steps in models for w in guidance for temp, k in decodings] + [
+        Setting("teacher", gen_length, block(gen_length), 0.0, temperature, samples, noise)
         for noise in noise_variants] + (
-        [Setting("student", 1, gen_length, 0.0, 0.0, samples)] if student_latents and samples > 1 else [])
+        [Setting("student", n, block(n), 0.0, 0.0, samples) for n in student_steps]
+        if student_latents and samples > 1 else [])
 
 
 def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, stops: set[int], layout: Layout,

@@ -15,9 +15,13 @@ class EvaluateParams:
     teacher_steps: list[int] | None = None
     """Teacher step counts (``gen_length`` is always added); null: 1, 2, 4, ... and ``gen_length``
     (times the number of blocks)."""
+    student_steps: list[int] | None = None
+    """Student step counts (1 is always added: the one-step student); null: the teacher's default
+    list, so both curves have the same points."""
     block_length: int | None = None
-    """The teacher's semi-autoregressive block length; null: the whole answer is one block
-    (LLaDA-8B-Instruct is usually decoded in blocks of 32)."""
+    """The semi-autoregressive block length; null: the whole answer is one block
+    (LLaDA-8B-Instruct is usually decoded in blocks of 32). Teacher and student use the same; one
+    step is always one block."""
     cfg_scale: float = 0.5
     """Guidance scale w of the "with CFG" settings (logits un + (w + 1)(cond - un)); 0: none."""
     temperature: float = 1.0
@@ -46,6 +50,7 @@ class EvaluateParams:
         require(self.temperature > 0, "temperature", "must be > 0 (greedy settings are always included)")
         if self.block_length is not None:
             require(self.block_length >= 1, "block_length", "must be >= 1")
-        if self.teacher_steps is not None:
-            require(len(self.teacher_steps) > 0 and all(n >= 1 for n in self.teacher_steps), "teacher_steps",
-                    "must be a non-empty list of positive step counts")
+        for key in ("teacher_steps", "student_steps"):
+            steps = getattr(self, key)
+            require(steps is None or (len(steps) > 0 and all(isinstance(n, int) and n >= 1 for n in steps)), key,
+                    "must be a non-empty list of positive step counts (or null)")

@@ -9,7 +9,8 @@ from pathlib import Path
 def summarize(results: list[dict], gen_length: int) -> dict:
     """``metrics/eval.json``: each setting's numbers under its name, plus the one-step student's
     speedup over the teacher at ``gen_length`` steps (greedy, no guidance), its accuracy gain over
-    the one-step teacher, and the wall time of one student pass over one teacher pass."""
+    the one-step teacher, the wall time of one student pass over one teacher pass, and, at every
+    step count both decoded greedily without guidance, student minus teacher accuracy per task."""
     by_key = {(r["model"], r["steps"], r["cfg_scale"], r["temperature"]): r for r in results
               if r.get("noise", "per_step") == "per_step" and (r["temperature"] > 0 or r["samples"] == 1)}
     summary: dict = {"settings": {}}
@@ -32,6 +33,11 @@ def summarize(results: list[dict], gen_length: int) -> dict:
     if student and teacher_fewest_steps:
         gain = student["accuracy"]["mean"] - teacher_fewest_steps["accuracy"]["mean"]
         summary[f"student_minus_teacher_{teacher_fewest_steps['steps']}_steps"] = round(gain, 4)
+    summary["student_minus_teacher_by_steps"] = {
+        str(steps): {task: round(value - by_key[("teacher", steps, 0.0, 0.0)]["accuracy"][task], 4)
+                     for task, value in r["accuracy"].items()}
+        for (model, steps, cfg, temperature), r in sorted(by_key.items())
+        if model == "student" and cfg == 0 and temperature == 0 and ("teacher", steps, 0.0, 0.0) in by_key}
     teacher_one_pass = by_key.get(("teacher", 1, 0.0, 0.0))
     if student and teacher_one_pass:  # the soft prompt's MLP and P prefix keys per layer, per pass
         cost = student["seconds_per_sample"] / teacher_one_pass["seconds_per_sample"]
@@ -52,8 +58,8 @@ def curve_rows(results: list[dict]) -> dict[str, list[dict]]:
 
 
 def plot_accuracy(results: list[dict], path: Path) -> None:
-    """PNG: greedy mean accuracy against forward passes per sample (the teacher's curve, the
-    student's point), and against wall seconds per sample."""
+    """PNG: greedy mean accuracy against forward passes per sample (the teacher's curve and the
+    student's), and against wall seconds per sample."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,14 +67,14 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
 
     series = curve_rows(results)
     style = {"teacher": ("tab:blue", "o-"), "teacher_cfg": ("tab:blue", "s--"),
-             "student": ("tab:red", "*"), "student_cfg": ("tab:orange", "*")}
+             "student": ("tab:red", "*-"), "student_cfg": ("tab:orange", "*--")}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for key, rows in ((k, v) for k, v in series.items() if v):
         color, marker = style.get(key, ("gray", "x-"))
         rows = sorted(rows, key=lambda r: r["forward_passes"])
         for ax, x in zip(axes, ("forward_passes", "seconds_per_sample")):
             ax.plot([r[x] for r in rows], [r["accuracy_mean"] for r in rows], marker, color=color, label=key,
-                    markersize=14 if key.startswith("student") else 6)
+                    markersize=12 if key.startswith("student") else 6)
     for ax, label in zip(axes, ("forward passes per sample", "wall seconds per sample")):
         ax.set_xscale("log", base=2 if label.startswith("forward") else 10)
         ax.set_xlabel(label)
@@ -76,7 +82,7 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right")
-    fig.suptitle("held-out test split: teacher by step count vs one-step student")
+    fig.suptitle("held-out test split: teacher and student by step count")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -102,13 +108,25 @@ def markdown_table(results: list[dict], several: bool = False) -> str:
     return "\n".join(lines)
 
 
+def difference_table(by_steps: dict[str, dict[str, float]]) -> str:
+    """Student minus teacher greedy accuracy per task at each step count, as markdown (empty without rows)."""
+    if not by_steps:
+        return ""
+    tasks = list(next(iter(by_steps.values())))
+    lines = ["Student minus teacher, greedy, at the same step count\n", "| steps | " + " | ".join(tasks) + " |",
+             "|---" * (len(tasks) + 1) + "|"]
+    lines += [f"| {steps} | " + " | ".join(f"{diff[t]:+.3f}" for t in tasks) + " |" for steps, diff in by_steps.items()]
+    return "\n".join(lines) + "\n\n"
+
+
 def results_markdown(results: list[dict], summary: dict, temperature: float, samples: int, gen_length: int) -> str:
-    """``results.md``: the greedy table, the sampled table and the one-step student's speedup
-    (``summary`` is ``metrics/eval.json``'s content)."""
+    """``results.md``: the greedy table, the sampled table, student minus teacher by step count and
+    the one-step student's speedup (``summary`` is ``metrics/eval.json``'s content)."""
     return (f"Greedy, {summary['prompts']} held-out prompts ({summary.get('split', 'test')} split)\n\n{markdown_table(results)}\n\n"
             f"{samples} completions per prompt: sampled at temperature {temperature:g} (noise: per_step, fixed or "
             f"shared), or the student greedy given {samples} latents (T 0)\n\n"
             f"{markdown_table(results, several=True)}\n\n"
+            f"{difference_table(summary.get('student_minus_teacher_by_steps', {}))}"
             f"One-step student speedup over the teacher at {gen_length} steps: "
             f"{summary.get('student_speedup_vs_teacher_gen_length')}x; one student pass costs "
             f"{summary.get('student_pass_cost_vs_teacher_pass')}x one teacher pass ({summary['device']})\n")

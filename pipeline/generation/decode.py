@@ -12,7 +12,36 @@ from pipeline.core.errors import DataError
 from pipeline.data.layout import Layout
 from pipeline.data.tokenizer import decode_answer
 from pipeline.generation.noise import completion_latents, completion_noise
-from pipeline.generation.sampler import SamplerOptions, generate, sampler_network
+from pipeline.generation.sampler import SamplerNetwork, SamplerOptions, generate, sampler_network
+
+
+def uses_anchor(model, temperature: float, samples: int) -> bool:
+    """Whether completions decode with the student's greedy anchor: greedy decoding of one completion
+    per prompt, by a student that has one. Several completions, or sampling, draw a latent each."""
+    return getattr(model, "has_anchor", False) and temperature == 0 and samples == 1
+
+
+def completion_network(model, seed: int, index: torch.Tensor, draws: torch.Tensor, anchor: bool) -> SamplerNetwork:
+    """The sampler's network for completions ``draws`` (N,) of prompts ``index`` (N,): a teacher or a
+    student without a latent as it is; a latent student given the greedy anchor (``anchor``) or
+    completion (i, d)'s own z, ``completion_latents(seed, i, d)``, whatever the batch."""
+    latent_dim = getattr(model, "latent_dim", 0)
+    if not latent_dim:
+        return sampler_network(model)
+    if anchor:
+        return sampler_network(model, anchor=True)
+    device = next(model.parameters()).device
+    return sampler_network(model, completion_latents(seed, index, draws, latent_dim).to(device))
+
+
+def default_step_counts(gen_length: int, num_blocks: int = 1) -> list[int]:
+    """``num_blocks`` times 1, 2, 4, ... below ``gen_length``, then ``gen_length`` itself (the
+    sampler needs a whole number of steps per block)."""
+    steps, n = [], num_blocks
+    while n < gen_length:
+        steps.append(n)
+        n *= 2
+    return steps + [gen_length]
 
 
 @torch.inference_mode()
@@ -37,15 +66,15 @@ def complete_split(
     ``answer``, and ``task`` for the built-in suite) ``samples`` times with ``model`` (a LLaDA or a
     Student); returns records ``{"prompt", "answer", "completions"[, "task"]}`` in row order and the
     wall seconds spent in generation. Sampling noise: fresh draws from ``generator`` (``per_step``),
-    or ``completion_noise(noise, seed, ...)``. A student with a latent decodes completion (row, i)
-    given ``completion_latents(seed, row, i)``."""
+    or ``completion_noise(noise, seed, ...)``. A student is called with each step's interval; with a
+    latent it decodes completion (row, i) given ``completion_latents(seed, row, i)``, or, greedy with
+    one completion, given its greedy anchor (``uses_anchor``)."""
     missing = {"input_ids", "attention_mask", "prompt", "answer"} - set(rows.column_names)
     if missing:
         raise DataError(f"the split to decode lacks the columns {sorted(missing)}")
-    predictor = sampler_network(model)
     device = next(model.parameters()).device
     mask_id = (model.base if hasattr(model, "base") else model).config.mask_token_id
-    latent_dim = getattr(model, "latent_dim", 0)
+    anchor = uses_anchor(model, temperature, samples)
     P, G = layout.prompt_length, layout.gen_length
     options = SamplerOptions(gen_length=G, steps=steps, block_length=block_length, temperature=temperature,
                              cfg_scale=cfg_scale)
@@ -59,8 +88,7 @@ def complete_split(
         index = order[start : start + batch_size]
         draws = sample_index[start : start + batch_size]
         coupled = None if noise == "per_step" else completion_noise(noise, seed, index, draws, num_fields)
-        if latent_dim:
-            predictor = sampler_network(model, completion_latents(seed, index, draws, latent_dim).to(device))
+        predictor = completion_network(model, seed, index, draws, anchor)
         began = time.perf_counter()
         out = generate(predictor, ids[index].to(device), options, mask_id=mask_id,
                        attention_mask=attention[index].to(device), generator=generator, noise=coupled)

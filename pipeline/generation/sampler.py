@@ -25,21 +25,39 @@ Remasking = Literal["low_confidence", "random"]
 
 
 @dataclasses.dataclass(frozen=True)
+class StepInterval:
+    """The time interval a sampler step crosses, per row: the masked fraction of the answer before
+    the step (t) and after it (r). A teacher ignores it; a student is called as u(x_t, r, t)."""
+
+    r: torch.Tensor
+    """(B,) masked fraction after the step."""
+    t: torch.Tensor
+    """(B,) masked fraction before the step."""
+
+    def repeat(self, times: int) -> "StepInterval":
+        """The interval of rows stacked ``times`` times (CFG's unconditional copies)."""
+        return StepInterval(self.r.repeat(times), self.t.repeat(times))
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplerNetwork:
     """A network split at its LM head, as the sampler and stage one call it: ``hidden(input_ids (B, T),
-    attention_mask (B, T) or None)`` runs the trunk once, (B, T, C); ``head`` maps any rows of hidden
+    attention_mask (B, T) or None, interval)`` runs the trunk once, (B, T, C), at the step's
+    ``StepInterval`` (None: the one-step point r = 0, t = 1); ``head`` maps any rows of hidden
     states (N, C) to logits (N, V), so logits exist only where they are needed. ``sampler_network``
     builds one for a LLaDA or a Student."""
 
-    hidden: Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+    hidden: Callable[[torch.Tensor, "torch.Tensor | None", "StepInterval | None"], torch.Tensor]
     head: Callable[[torch.Tensor], torch.Tensor]
 
 
 def as_sampler_network(model: "SamplerNetwork | Callable") -> SamplerNetwork:
     """``model`` itself, or a plain function (input_ids, attention_mask) -> logits (B, T, V) (a
-    network without a trunk/head split, or a scripted one in tests) seen as a trunk whose "hidden
-    states" are its logits and an identity head: it works, at its (B, T, V) cost."""
-    return model if isinstance(model, SamplerNetwork) else SamplerNetwork(hidden=model, head=identity_head)
+    network without a trunk/head split or a time input, or a scripted one in tests) seen as a trunk
+    whose "hidden states" are its logits and an identity head: it works, at its (B, T, V) cost."""
+    if isinstance(model, SamplerNetwork):
+        return model
+    return SamplerNetwork(hidden=lambda ids, mask, interval: model(ids, mask), head=identity_head)
 
 
 def identity_head(rows: torch.Tensor) -> torch.Tensor:
@@ -83,16 +101,17 @@ def guided_hidden(
     cfg_scale: float,
     mask_id: int,
     positions: torch.Tensor,
+    interval: StepInterval | None = None,
 ) -> HiddenRows:
-    """The trunk of ``model`` once on ``x`` (B, T), kept at ``positions`` (B, T) bool; with
-    ``cfg_scale > 0`` also on the unconditional input (prompt positions replaced by ``mask_id``),
-    in the same batch. ``.logits()`` gives the (guided) logits of those positions only."""
+    """The trunk of ``model`` once on ``x`` (B, T) at ``interval``, kept at ``positions`` (B, T)
+    bool; with ``cfg_scale > 0`` also on the unconditional input (prompt positions replaced by
+    ``mask_id``), in the same batch. ``.logits()`` gives the (guided) logits of those positions only."""
     if cfg_scale <= 0:
-        return HiddenRows(model.hidden(x, attention_mask)[positions], None, model.head)
+        return HiddenRows(model.hidden(x, attention_mask, interval)[positions], None, model.head)
     unconditional = x.masked_fill(prompt_index, mask_id)
     both = torch.cat((x, unconditional), dim=0)
     mask = None if attention_mask is None else torch.cat((attention_mask, attention_mask), dim=0)
-    cond, un = model.hidden(both, mask).chunk(2, dim=0)  # (B, T, C) each
+    cond, un = model.hidden(both, mask, None if interval is None else interval.repeat(2)).chunk(2, dim=0)
     return HiddenRows(cond[positions], un[positions], model.head, cfg_scale)
 
 
@@ -240,8 +259,11 @@ def sample_trajectory(
             mask_index = current == mask_id
             positions = torch.zeros_like(prompt_index)
             positions[:, window] = mask_index
+            masked = (x[:, Lp:] == mask_id).sum(dim=1)  # (B,) answer positions masked before the step
+            interval = StepInterval(r=(masked - schedule[:, i]) / gen_length, t=masked / gen_length)
             # Logits only at the block's masked positions, the only ones a step can commit: (M, V).
-            logits = guided_hidden(model, x, attention_mask, prompt_index, cfg_scale, mask_id, positions).logits()
+            logits = guided_hidden(model, x, attention_mask, prompt_index, cfg_scale, mask_id, positions,
+                                   interval).logits()
             if record_top_k:
                 top_logprobs, top_ids = torch.log_softmax(upcast(logits), dim=-1).topk(record_top_k, dim=-1)
             logits[..., mask_id] = -torch.inf  # committing [MASK] would be a wasted no-op
@@ -274,19 +296,27 @@ def sample_trajectory(
     return Trajectory(x, reveal_step)
 
 
-def sampler_network(model, latent: torch.Tensor | None = None) -> SamplerNetwork:
+def sampler_network(model, latent: torch.Tensor | None = None, anchor: bool = False) -> SamplerNetwork:
     """The sampler's view of a network with ``hidden(input_ids=..., attention_mask=...)`` and
-    ``head``: a ``LLaDA``, or a ``Student``, whose defaults r = 0, t = 1 are the one-step
-    inference point (a network with only ``forward`` gives its full logits, as ``as_sampler_network``).
-    ``latent`` (B, d): a latent student's z per row, the same at every step (CFG's unconditional
-    rows reuse their row's z)."""
+    ``head``: a ``LLaDA``, or a ``Student``, called at each step's interval (r, t) (a network with
+    only ``forward`` gives its full logits, as ``as_sampler_network``). ``latent`` (B, d): a latent
+    student's z per row, the same at every step (CFG's unconditional rows reuse their row's z);
+    ``anchor``: every row decodes with the student's greedy anchor in place of a latent."""
     split = hasattr(model, "hidden")
     trunk = model.hidden if split else model
+    timed = hasattr(model, "soft_prompt")  # a student: u(x_t, r, t); a teacher has no time input
+    if anchor and latent is not None:
+        raise ValueError("pass a latent or anchor=True, not both")
 
-    def hidden(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if latent is None:
-            return trunk(input_ids=ids, attention_mask=mask)
-        z = latent.to(ids.device).repeat(ids.shape[0] // latent.shape[0], 1)  # (B or 2B, d)
-        return trunk(input_ids=ids, attention_mask=mask, latent=z)
+    def hidden(ids: torch.Tensor, mask: torch.Tensor | None, interval: StepInterval | None) -> torch.Tensor:
+        kwargs = {}
+        if timed and interval is not None:
+            kwargs.update(r=interval.r, t=interval.t)
+        if anchor:
+            kwargs.update(latent=torch.zeros(ids.shape[0], model.latent_dim, device=ids.device),
+                          anchor=torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device))
+        elif latent is not None:
+            kwargs["latent"] = latent.to(ids.device).repeat(ids.shape[0] // latent.shape[0], 1)  # (B or 2B, d)
+        return trunk(input_ids=ids, attention_mask=mask, **kwargs)
 
     return SamplerNetwork(hidden=hidden, head=model.head if split else identity_head)

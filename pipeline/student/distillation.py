@@ -59,7 +59,7 @@ class StudentDistillation(L.LightningModule):
 
     def rollout_step(self, batch: RolloutBatch) -> RolloutLoss:
         """The rollout objective on a batch of rollouts: (k, k') per rollout, and K latents for a
-        latent student."""
+        latent student; the greedy rollouts train its greedy anchor, when it has one."""
         p = self.params
         keys = (p.seed, self.current_epoch, batch.example_index, batch.rollout_index)
         device = batch.tokens.device
@@ -74,7 +74,7 @@ class StudentDistillation(L.LightningModule):
                                                                 for key in keys), ROLLOUT_LATENT, draws)
             latents = latents.to(device)  # (B, K, d)
         return rollout_loss(self.student, interval, latents, self.student.base.config.mask_token_id,
-                            p.selection_temperature)
+                            p.selection_temperature, anchor=batch.greedy if self.student.has_anchor else None)
 
     def training_step(self, item: TrainingItem, batch_idx: int):
         p, loss = self.params, 0.0
@@ -118,11 +118,14 @@ class StudentDistillation(L.LightningModule):
             self.track("rollout_loss_one_step", out.rows[out.one_step].mean())
         if (~out.one_step).any():
             self.track("rollout_loss_intermediate", out.rows[~out.one_step].mean())
+        if out.anchor.any():
+            self.track("rollout_loss_anchor", out.rows[out.anchor].mean())
         if out.selection is not None:
             self.track("latent_gap", out.selection.gap.mean())
             self.track("latent_distinct", out.selection.distinct.float().mean())
-            if out.one_step.any():
-                self.track("latent_distinct_one_step", out.selection.distinct[out.one_step].float().mean())
+            one_step = out.one_step[~out.anchor]  # the selection's rows
+            if one_step.any():
+                self.track("latent_distinct_one_step", out.selection.distinct[one_step].float().mean())
 
     def diagnostics(self) -> dict[str, float]:
         """Each tracked quantity averaged over the last ``DIAGNOSTIC_WINDOW`` steps (this rank)."""
@@ -170,6 +173,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     from pipeline.cache.shards import read_manifest
     from pipeline.core.time_cap import check_not_cut, time_limit
     from pipeline.data.layout import Layout
+    from pipeline.generation.decode import default_step_counts
     from pipeline.generation.accuracy import GenerationAccuracy
     from pipeline.student import run as student_run
     from pipeline.teacher.artifact import load_teacher
@@ -202,7 +206,8 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
         rollout_steps = open_rollouts(cache_dir, verify=False).sampler["steps"]
     module = StudentDistillation(student, params, layout.gen_length, rollout_steps)
     accuracy = GenerationAccuracy(datasets.load_from_disk(str(data_dir / "val")), tokenizer, {layout.pad_token_id},
-                                  layout, every_n_steps=params.eval_every, steps=1, model_of=lambda m: m.student)
+                                  layout, every_n_steps=params.eval_every, steps=1, model_of=lambda m: m.student,
+                                  more_steps=tuple(default_step_counts(layout.gen_length)))
     on_gpu = torch.cuda.is_available()
     trainer = L.Trainer(
         max_steps=params.max_steps,

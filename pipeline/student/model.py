@@ -62,6 +62,10 @@ class Student(nn.Module):
     def latent_dim(self) -> int:
         return self.soft_prompt_config.latent_dim
 
+    @property
+    def has_anchor(self) -> bool:
+        return self.soft_prompt_config.anchor != "none"
+
     def train(self, mode: bool = True) -> "Student":
         super().train(mode)
         self.base.eval()  # frozen: never in training mode
@@ -80,16 +84,18 @@ class Student(nn.Module):
         attention_mask: torch.Tensor | None = None,
         attention: Attention = "sdpa",
         latent: torch.Tensor | None = None,
+        anchor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The base's final hidden states (B, T, C) under the soft prompt of (r, t, z); ``head`` maps
         any rows of them to logits. r, t: floats or (B,) tensors; latent: (B, latent_dim) when the soft
-        prompt has one (``pipeline.generation.sampler.completion_latents`` draws it)."""
+        prompt has one (``pipeline.generation.noise.completion_latents`` draws it); anchor: (B,) bool,
+        rows decoded with the greedy anchor (``SoftPromptConfig.anchor``)."""
         ref = inputs_embeds if inputs_embeds is not None else input_ids
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
         weight = self.soft_prompt.prompt_gate
         r, t = as_time(r, ref.shape[0], weight), as_time(t, ref.shape[0], weight)
-        prefix, gate = self.soft_prompt(r, t, latent)
+        prefix, gate = self.soft_prompt(r, t, latent, anchor)
         base_dtype = self.base.embedding_weight.dtype
         return self.base.hidden(
             input_ids=input_ids,
@@ -164,7 +170,8 @@ class Student(nn.Module):
                 f"but {base.source_path} has fingerprint {found}"
             )
         try:
-            config = SoftPromptConfig(**{"latent_dim": 0, **meta["soft_prompt"]})  # older students: no latent
+            # Students saved before the latent (or the anchor) existed have none.
+            config = SoftPromptConfig(**{"latent_dim": 0, "anchor": "none", **meta["soft_prompt"]})
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{path / STUDENT_CONFIG}: {err}") from err
         student = cls(base, config=config)

@@ -12,7 +12,8 @@ t = 1) is the one-step inference point, k' = steps (r = 0) the whole remaining t
 A latent student is tied to its targets by selection: K latents are drawn per rollout, each scored
 without gradient (the base is frozen and the soft prompt has no dropout, so eval mode changes
 nothing but is what the selection must not depend on), and only the best one is trained
-(winner-takes-all, hard EM).
+(winner-takes-all, hard EM). A student with a greedy anchor trains it on the greedy rollouts, without
+selection: the teacher's greedy answer is one deterministic mode, so it gets a latent of its own.
 """
 
 from __future__ import annotations
@@ -97,13 +98,13 @@ def row_losses(ce: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def answer_scores(student, interval: RolloutInterval, latent: torch.Tensor | None, positions: torch.Tensor,
-                  mask_id: int, chunk_bytes: int | None = None) -> AnswerScores:
+                  mask_id: int, chunk_bytes: int | None = None, anchor: torch.Tensor | None = None) -> AnswerScores:
     """u(x_t, r, t, z) at the answer positions ``positions`` (N, G) bool only: the trunk runs on the
     whole sequence, the head on those rows, ``chunk_bytes`` of logits at a time
-    (``pipeline.models.logit_rows``)."""
+    (``pipeline.models.logit_rows``). ``anchor`` (N,) bool: rows given the greedy anchor."""
     G = interval.tokens.shape[1]
     hidden = student.hidden(input_ids=interval.input_ids, attention_mask=interval.attention_mask, r=interval.r,
-                            t=interval.t, latent=latent)[:, -G:]  # (N, G, C)
+                            t=interval.t, latent=latent, anchor=anchor)[:, -G:]  # (N, G, C)
 
     def scores(h_rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = upcast(student.head(h_rows))  # (n, V), float32 at least
@@ -137,6 +138,11 @@ def repeat_rows(interval: RolloutInterval, K: int) -> RolloutInterval:
     """Each rollout K times in a row: row b's copies are rows b*K .. b*K + K - 1."""
     return RolloutInterval(*(getattr(interval, f.name).repeat_interleave(K, dim=0)
                              for f in dataclasses.fields(interval)))
+
+
+def take_rows(interval: RolloutInterval, rows: torch.Tensor) -> RolloutInterval:
+    """The rollouts selected by ``rows`` (B,) bool."""
+    return RolloutInterval(*(getattr(interval, f.name)[rows] for f in dataclasses.fields(interval)))
 
 
 def score_draws(scores: AnswerScores, expanded: RolloutInterval, latents: torch.Tensor) -> LatentSelection:
@@ -176,28 +182,54 @@ class RolloutLoss:
     """(B,) per-row losses (no gradient)."""
     one_step: torch.Tensor
     """(B,) bool: rows at the one-step point."""
+    anchor: torch.Tensor
+    """(B,) bool: rows trained on the greedy anchor."""
     selection: LatentSelection | None
-    """The latent selection, when K > 1 draws were scored."""
+    """The latent selection of the other rows (``~anchor``), when K > 1 draws were scored."""
 
 
 def rollout_loss(student, interval: RolloutInterval, latents: torch.Tensor | None, mask_id: int,
-                 selection_temperature: float = 0.0) -> RolloutLoss:
+                 selection_temperature: float = 0.0, anchor: torch.Tensor | None = None) -> RolloutLoss:
     """The rollout objective on one batch. ``latents``: (B, K, d) draws for a latent student (the
     best of K is trained; K = 1 trains the only draw), None without a latent. With
     ``selection_temperature`` T > 0 every draw is trained, weighted by sg(softmax(-loss / T)) over
     the K draws (annealed selection: draws that never win still learn; T -> 0 is winner-takes-all).
-    The head runs at the target positions only (at the masked answer positions when draws are
-    scored)."""
-    selection = None
+    ``anchor`` (B,) bool: rows trained on the student's greedy anchor, without selection (their
+    draws are unused). The head runs at the target positions only (at the masked answer positions
+    when draws are scored)."""
+    B, device = interval.tokens.shape[0], interval.tokens.device
+    anchor = torch.zeros(B, dtype=torch.bool, device=device) if anchor is None else anchor
+    parts, selection = [], None  # (rows (B,) bool, their losses)
+    if anchor.any():
+        anchored = take_rows(interval, anchor)
+        n = anchored.tokens.shape[0]
+        ce = answer_scores(student, anchored, torch.zeros(n, student.latent_dim, device=device), anchored.targets,
+                           mask_id, anchor=torch.ones(n, dtype=torch.bool, device=device)).ce
+        parts.append((anchor, row_losses(ce, anchored.targets)))
+    if not anchor.all():
+        drawn = take_rows(interval, ~anchor)
+        drawn_rows, selection = drawn_row_losses(student, drawn, None if latents is None else latents[~anchor],
+                                                 mask_id, selection_temperature)
+        parts.append((~anchor, drawn_rows))
+    rows = torch.zeros(B, dtype=parts[0][1].dtype, device=device)
+    for where, losses in parts:
+        rows = rows.masked_scatter(where, losses)
+    return RolloutLoss(loss=rows.mean(), rows=rows.detach(), one_step=interval.one_step, anchor=anchor,
+                       selection=selection)
+
+
+def drawn_row_losses(student, interval: RolloutInterval, latents: torch.Tensor | None, mask_id: int,
+                     selection_temperature: float) -> tuple[torch.Tensor, LatentSelection | None]:
+    """(B,) row losses (with gradient) given drawn latents (B, K, d) or none, and the selection among
+    K > 1 draws (``rollout_loss``)."""
     if latents is not None and latents.shape[1] > 1 and selection_temperature > 0:
         B, K, d = latents.shape
         expanded = repeat_rows(interval, K)
         scores = answer_scores(student, expanded, latents.reshape(B * K, d), masked_answer(expanded, mask_id), mask_id)
         losses = row_losses(scores.ce, expanded.targets).view(B, K)
         weights = torch.softmax(-losses.detach() / selection_temperature, dim=1)
-        rows = (weights * losses).sum(dim=1)
-        return RolloutLoss(loss=rows.mean(), rows=rows.detach(), one_step=interval.one_step,
-                           selection=score_draws(scores, expanded, latents))
+        return (weights * losses).sum(dim=1), score_draws(scores, expanded, latents)
+    selection = None
     if latents is None:
         latent = None
     elif latents.shape[1] == 1:
@@ -205,5 +237,4 @@ def rollout_loss(student, interval: RolloutInterval, latents: torch.Tensor | Non
     else:
         selection = select_latents(student, interval, latents, mask_id)
         latent = selection.winner
-    rows = row_losses(answer_scores(student, interval, latent, interval.targets, mask_id).ce, interval.targets)
-    return RolloutLoss(loss=rows.mean(), rows=rows.detach(), one_step=interval.one_step, selection=selection)
+    return row_losses(answer_scores(student, interval, latent, interval.targets, mask_id).ce, interval.targets), selection

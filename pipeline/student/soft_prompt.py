@@ -32,12 +32,21 @@ class SoftPromptConfig:
     """d: a per-generation latent z ~ N(0, I_d) enters the prompt MLP beside the time features, so
     one forward pass can emit different consistent answers; 0: no latent (students
     saved before the latent existed load with 0)."""
+    anchor: Literal["none", "zero", "flag"] = "flag"
+    """A designated latent for the teacher's greedy mode, trained on the greedy rollouts without
+    selection and used by greedy one-completion decoding: ``zero`` (z = 0), ``flag`` (z = 0 and a
+    1 beside z in the prompt MLP's input, 0 for drawn latents), ``none`` (every completion draws z;
+    students saved before the anchor existed load with it). Without a latent (``latent_dim`` 0)
+    there is nothing to designate: the anchor is ``none``."""
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "prompt_length", "hidden_size", "max_frequency")
         require_at_least(self, 0, "latent_dim")
         require(self.time_features >= 2 and self.time_features % 2 == 0, "time_features", "must be an even number >= 2")
         require(self.conditioning in ("r_t", "t_interval"), "conditioning", "must be 'r_t' or 't_interval'")
+        require(self.anchor in ("none", "zero", "flag"), "anchor", "must be 'none', 'zero' or 'flag'")
+        if not self.latent_dim:
+            self.anchor = "none"
 
 
 class TimeFeatures(nn.Module):
@@ -54,9 +63,10 @@ class TimeFeatures(nn.Module):
 
 
 class SoftPrompt(nn.Module):
-    """MLP(concat(emb(a), emb(b)[, z])) -> prefix (B, n_layers, 2, n_kv_heads, P, head_dim), plus a
+    """MLP(concat(emb(a), emb(b)[, z][, anchor flag])) -> prefix (B, n_layers, 2, n_kv_heads, P, head_dim), plus a
     zero-initialized per-layer, per-head gate on the prefix attention, so that at initialization the
-    student equals its base model exactly, whatever the latent z (``config.latent_dim`` > 0)."""
+    student equals its base model exactly, whatever the latent z (``config.latent_dim`` > 0). Rows
+marked ``anchor`` get the greedy mode's latent (``config.anchor``) in place of theirs."""
 
     def __init__(self, config: SoftPromptConfig, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
@@ -64,25 +74,36 @@ class SoftPrompt(nn.Module):
         self.prefix_shape = (n_layers, 2, n_kv_heads, config.prompt_length, head_dim)
         self.time_features = TimeFeatures(config.time_features, config.max_frequency)
         self.prompt_mlp = nn.Sequential(
-            nn.Linear(2 * config.time_features + config.latent_dim, config.hidden_size),
+            nn.Linear(2 * config.time_features + config.latent_dim + (config.anchor == "flag"), config.hidden_size),
             nn.SiLU(),
             nn.Linear(config.hidden_size, math.prod(self.prefix_shape)),
         )
         self.prompt_gate = nn.Parameter(torch.zeros(n_layers, n_heads))
 
-    def forward(self, r: torch.Tensor, t: torch.Tensor, latent: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """r, t: (B,) in [0, 1]; latent: (B, latent_dim), required when latent_dim > 0.
+    def forward(self, r: torch.Tensor, t: torch.Tensor, latent: torch.Tensor | None = None,
+                anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """r, t: (B,) in [0, 1]; latent: (B, latent_dim), required when latent_dim > 0; anchor: (B,)
+        bool, rows decoded with the greedy anchor (their latent is ignored), None: none.
         Returns (prefix (B, L, 2, Hkv, P, D), gate (L, H))."""
         a, b = (r, t) if self.config.conditioning == "r_t" else (t, t - r)
         features = [self.time_features(a), self.time_features(b)]  # 2 x (B, F)
-        d = self.config.latent_dim
+        d, B = self.config.latent_dim, r.shape[0]
         if d:
-            if latent is None or latent.shape != (r.shape[0], d):
+            if latent is None or latent.shape != (B, d):
                 found = None if latent is None else tuple(latent.shape)
-                raise ValueError(f"this soft prompt takes a latent of shape ({r.shape[0]}, {d}), got {found}")
-            features.append(latent.to(features[0].dtype))
-        elif latent is not None:
-            raise ValueError("this soft prompt has no latent (latent_dim 0); pass latent=None")
+                raise ValueError(f"this soft prompt takes a latent of shape ({B}, {d}), got {found}")
+            latent = latent.to(features[0].dtype)
+            if anchor is not None:
+                if self.config.anchor == "none":
+                    raise ValueError("this soft prompt has no greedy anchor (anchor: none); pass anchor=None")
+                if anchor.shape != (B,):
+                    raise ValueError(f"anchor must be a ({B},) bool tensor, got shape {tuple(anchor.shape)}")
+                latent = latent.masked_fill(anchor[:, None], 0.0)  # (B, d)
+            features.append(latent)
+            if self.config.anchor == "flag":
+                flag = anchor if anchor is not None else torch.zeros(B, dtype=torch.bool, device=r.device)
+                features.append(flag.to(latent.dtype)[:, None])  # (B, 1)
+        elif latent is not None or anchor is not None:
+            raise ValueError("this soft prompt has no latent (latent_dim 0); pass latent=None and anchor=None")
         prefix = self.prompt_mlp(torch.cat(features, dim=-1))  # (B, L*2*Hkv*P*D)
-        return prefix.view(r.shape[0], *self.prefix_shape), self.prompt_gate
+        return prefix.view(B, *self.prefix_shape), self.prompt_gate
