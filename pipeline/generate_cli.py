@@ -23,6 +23,7 @@ import torch
 
 from pipeline.core.cpu_numerics import pin_cpu_numerics
 from pipeline.core.errors import CheckpointError
+from pipeline.core.params import SEED_LIMIT
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
 from pipeline.generation.decode import completion_network, uses_anchor
@@ -88,15 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sampler_options(args: argparse.Namespace, gen_length: int, steps: int, block_length: int) -> SamplerOptions:
-    """The sampler's options, refused before any weights are loaded (minutes for LLaDA-8B)."""
+    """The sampler's options (and the seed and device), refused before any weights are loaded
+    (minutes for LLaDA-8B)."""
     for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    check_device(args.device)
     try:
         return SamplerOptions(gen_length=gen_length, steps=steps, block_length=block_length,
                               temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking)
     except SamplerOptionError as err:
         raise UsageError(f"--{err.key.replace('_', '-')}: {err.message}") from err
+
+
+def check_device(name: str) -> None:
+    """Refuse a ``--device`` torch cannot parse, or an accelerator this machine does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name}: not a device torch knows ({err})") from err
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if device.type != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        raise UsageError(f"--device {name}: no {device.type} device is available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def load_student_or_llada(path: Path, dtype: torch.dtype, device: str):

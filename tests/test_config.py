@@ -54,6 +54,15 @@ def write(tmp_path, data):
         ("student", StudentParams, {"rollout_weight": float("inf")}, r"student.rollout_weight: must be a finite"),
         ("teacher", TeacherParams, {"model": {"rope_theta": 0.0}}, r"teacher.model.rope_theta: must be > 0"),
         ("teacher", TeacherParams, {"model": {"rope_theta": float("nan")}}, r"teacher.model.rope_theta: must be a finite"),
+        # these ended in tracebacks (IndexError, RoPE's ValueError, int64 overflow)
+        ("data", DataParams, {"tasks": []}, r"data.tasks: the built-in suite needs at least one task"),
+        ("teacher", TeacherParams, {"model": {"d_model": 6, "n_heads": 2, "n_kv_heads": 1}},
+         r"teacher.model.d_model: d_model / n_heads \(the head size, 3\) must be even"),
+        ("cache", CacheParams, {"seed": 2**63}, r"cache.seed: must be an integer in \[0, 2\*\*63\)"),
+        ("data", DataParams, {"seed": -1}, r"data.seed: must be an integer in"),
+        ("teacher", TeacherParams, {"train": {"seed": 2**64}}, r"teacher.train.seed: must be an integer in"),
+        ("student", StudentParams, {"seed": 2**63}, r"student.seed: must be an integer in"),
+        ("evaluate", EvaluateParams, {"seed": 2**70}, r"evaluate.seed: must be an integer in"),
     ],
 )
 def test_bad_params_are_named(tmp_path, section, cls, value, message):

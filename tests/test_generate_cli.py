@@ -145,7 +145,8 @@ def one_error_line(capsys):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "too_long", "not_json", "neither", "blocks", "zero_length",
                                   "temperature", "no_chat_template", "unknown_character", "nan_temperature",
-                                  "inf_cfg_scale", "out_is_a_directory"])
+                                  "inf_cfg_scale", "out_is_a_directory", "huge_seed", "negative_seed", "bogus_device",
+                                  "absent_accelerator"])
 def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
     model, prompts = tiny_checkpoint, tmp_path / "in.jsonl"
     expected = {"missing": "not found", "empty": "empty", "too_long": "max_sequence_length",
@@ -154,10 +155,14 @@ def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
                 "zero_length": "--gen-length: must be an integer >= 1", "temperature": "--temperature",
                 "no_chat_template": "no chat template", "unknown_character": "in.jsonl:3: the tokenizer has no token for 'É'",
                 "nan_temperature": "--temperature: must be a finite number", "inf_cfg_scale": "--cfg-scale: must be a finite",
-                "out_is_a_directory": "o.jsonl: is a directory"}[case]
+                "out_is_a_directory": "o.jsonl: is a directory", "huge_seed": "--seed must be in [0, 2**63)",
+                "negative_seed": "--seed must be in", "bogus_device": "--device bogus: not a device torch knows",
+                "absent_accelerator": "--device meta: no meta device is available"}[case]
     extra = {"blocks": ["--block-length", "3"], "zero_length": ["--gen-length", "0"],
              "temperature": ["--temperature", "-1"], "no_chat_template": ["--chat-template", "on"],
-             "nan_temperature": ["--temperature", "nan"], "inf_cfg_scale": ["--cfg-scale", "inf"]}.get(case, [])
+             "nan_temperature": ["--temperature", "nan"], "inf_cfg_scale": ["--cfg-scale", "inf"],
+             "huge_seed": ["--seed", str(2**70), "--temperature", "1"], "negative_seed": ["--seed", "-1"],
+             "bogus_device": ["--device", "bogus"], "absent_accelerator": ["--device", "meta"]}.get(case, [])
     if case == "empty":
         prompts.write_text("\n")
     elif case == "too_long":

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from pipeline.core.params import require, require_at_least
+from pipeline.core.params import require, require_at_least, require_seed
 
 
 @dataclasses.dataclass
@@ -98,6 +98,7 @@ class CacheParams:
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "samples_per_example", "top_k", "rows_per_shard", "record_batch_rows", "batch_size")
+        require_seed(self)
         require(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1 or null")
         require(0.0 < self.t_min < 1.0, "t_min", "must be in (0, 1)")
         require(self.logit_normal_std > 0, "logit_normal_std", "must be > 0")

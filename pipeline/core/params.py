@@ -140,6 +140,17 @@ def require_at_least(section: Any, minimum: float, *keys: str) -> None:
         require(getattr(section, key) >= minimum, key, f"must be >= {minimum}")
 
 
+SEED_LIMIT = 2**63
+"""Seeds are int64 counters (torch generators, the counter-based hashes): 0 <= seed < 2**63."""
+
+
+def require_seed(section: Any, key: str = "seed") -> None:
+    """A seed is an integer in [0, 2**63)."""
+    value = getattr(section, key)
+    require(isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEED_LIMIT, key,
+            f"must be an integer in [0, 2**63), got {value!r}")
+
+
 def require_time_cap(minutes: float | None, key: str = "max_minutes") -> None:
     """A wall-clock cap is null (none) or a finite number of minutes > 0."""
     require(minutes is None or 0 < minutes < math.inf, key, f"must be a finite number of minutes > 0 or null, got {minutes!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipeline.core.params import require, require_at_least
+from pipeline.core.params import require, require_at_least, require_seed
 from pipeline.data.tasks import TASKS
 
 
@@ -47,6 +47,8 @@ class DataParams:
         for i, task in enumerate(self.tasks):
             require(task in TASKS, f"tasks[{i}]", f"unknown task {task!r} (known: {', '.join(TASKS)})")
         require(len(set(self.tasks)) == len(self.tasks), "tasks", "tasks repeat")
+        require(self.source != "builtin" or len(self.tasks) > 0, "tasks", "the built-in suite needs at least one task")
+        require_seed(self)
         require_at_least(self, 1, "train_per_task", "val_per_task", "test_per_task", "gen_length")
         require_at_least(self, 2, "prompt_length")
         for key in ("val_fraction", "test_fraction"):

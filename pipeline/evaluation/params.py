@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pipeline.core.params import require, require_at_least
+from pipeline.core.params import require, require_at_least, require_seed
 
 
 @dataclasses.dataclass
@@ -46,6 +46,7 @@ class EvaluateParams:
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "samples", "batch_size", "timing_repeats", "num_fields")
+        require_seed(self)
         require_at_least(self, 0, "cfg_scale", "num_threads")
         require(self.temperature > 0, "temperature", "must be > 0 (greedy settings are always included)")
         if self.block_length is not None:

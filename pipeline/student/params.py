@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pipeline.core.params import require, require_at_least, require_time_cap
+from pipeline.core.params import require, require_at_least, require_seed, require_time_cap
 from pipeline.student.soft_prompt import SoftPromptConfig
 
 
@@ -68,6 +68,7 @@ class StudentParams:
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "batch_size", "max_steps", "eval_every", "devices", "latent_draws")
+        require_seed(self)
         require_at_least(self, 0, "meanflow_weight", "rollout_weight", "selection_temperature")
         require(self.meanflow_weight > 0 or self.rollout_weight > 0, "rollout_weight",
                 "meanflow_weight and rollout_weight are both 0: nothing to train")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pipeline.core.params import require, require_at_least, require_time_cap
+from pipeline.core.params import require, require_at_least, require_seed, require_time_cap
 
 
 @dataclasses.dataclass
@@ -23,6 +23,8 @@ class TeacherModelParams:
         require_at_least(self, 1, "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size")
         require(self.d_model % self.n_heads == 0, "d_model", "must be divisible by n_heads")
         require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", "must divide n_heads")
+        require((self.d_model // self.n_heads) % 2 == 0, "d_model",
+                f"d_model / n_heads (the head size, {self.d_model // self.n_heads}) must be even for rotary embeddings")
         require(self.rope_theta > 0, "rope_theta", "must be > 0")
 
 @dataclasses.dataclass
@@ -59,6 +61,7 @@ class TeacherTrainParams:
                         f"task_weights.{task}", f"must be a finite number >= 0, got {weight!r}")
             require(any(w > 0 for w in self.task_weights.values()), "task_weights", "needs a weight > 0")
         require(self.lr > 0, "lr", "must be > 0")
+        require_seed(self)
         require(0 < self.min_mask_ratio < 1, "min_mask_ratio", "must be in (0, 1)")
 
 @dataclasses.dataclass
