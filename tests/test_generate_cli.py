@@ -146,7 +146,7 @@ def one_error_line(capsys):
 @pytest.mark.parametrize("case", ["missing", "empty", "too_long", "not_json", "neither", "blocks", "zero_length",
                                   "temperature", "no_chat_template", "unknown_character", "nan_temperature",
                                   "inf_cfg_scale", "out_is_a_directory", "huge_seed", "negative_seed", "bogus_device",
-                                  "absent_accelerator"])
+                                  "absent_accelerator", "damaged_student"])
 def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
     model, prompts = tiny_checkpoint, tmp_path / "in.jsonl"
     expected = {"missing": "not found", "empty": "empty", "too_long": "max_sequence_length",
@@ -157,7 +157,8 @@ def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
                 "nan_temperature": "--temperature: must be a finite number", "inf_cfg_scale": "--cfg-scale: must be a finite",
                 "out_is_a_directory": "o.jsonl: is a directory", "huge_seed": "--seed must be in [0, 2**63)",
                 "negative_seed": "--seed must be in", "bogus_device": "--device bogus: not a device torch knows",
-                "absent_accelerator": "--device meta: no meta device is available"}[case]
+                "absent_accelerator": "--device meta: no meta device is available",
+                "damaged_student": "student_config.json: damaged (no base_path)"}[case]
     extra = {"blocks": ["--block-length", "3"], "zero_length": ["--gen-length", "0"],
              "temperature": ["--temperature", "-1"], "no_chat_template": ["--chat-template", "on"],
              "nan_temperature": ["--temperature", "nan"], "inf_cfg_scale": ["--cfg-scale", "inf"],
@@ -179,6 +180,10 @@ def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
         write_prompts(prompts, ["a"])
     if case == "out_is_a_directory":
         (tmp_path / "o.jsonl").mkdir()
+    if case == "damaged_student":
+        model = tmp_path / "student"
+        model.mkdir()
+        (model / "student_config.json").write_text('{"format": "llada-meanflow-student"}')
     code = main(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
                  "--gen-length", "8", *extra])
     assert code == 2

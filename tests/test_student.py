@@ -202,3 +202,20 @@ def test_a_student_saved_before_the_anchor_loads_without_one(tiny_checkpoint, tm
     flagged = Student(student.base, prompt_length=2, latent_dim=4, anchor="flag")
     flagged.save_pretrained(tmp_path / "f")
     assert Student.from_pretrained(tmp_path / "f").soft_prompt_config.anchor == "flag"
+
+
+@pytest.mark.parametrize("damage", ["no_weights", "truncated_weights", "config_without_keys", "config_not_json"])
+def test_damaged_student_files_are_a_checkpoint_error(tiny_checkpoint, tmp_path, damage):
+    """Each names the file at fault (the CLI and the stages turn it into one error line)."""
+    Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2).save_pretrained(tmp_path / "s")
+    weights, config = tmp_path / "s" / "soft_prompt.safetensors", tmp_path / "s" / "student_config.json"
+    if damage == "no_weights":
+        weights.unlink()
+    elif damage == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[:40])
+    elif damage == "config_without_keys":
+        config.write_text(json.dumps({"format": "llada-meanflow-student"}))
+    else:
+        config.write_text(config.read_text()[:30])
+    with pytest.raises(CheckpointError, match=(config if damage.startswith("config") else weights).name):
+        Student.from_pretrained(tmp_path / "s")

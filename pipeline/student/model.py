@@ -142,6 +142,8 @@ class Student(nn.Module):
     def base_path_of(path: str | Path) -> Path:
         """The base checkpoint directory a saved student points to."""
         meta = read_json(Path(path) / STUDENT_CONFIG)
+        if not isinstance(meta.get("base_path"), str):
+            raise CheckpointError(f"{Path(path) / STUDENT_CONFIG}: damaged (no base_path); save the student again")
         return (Path(path) / meta["base_path"]).resolve()
 
     @classmethod
@@ -158,6 +160,10 @@ class Student(nn.Module):
         meta = read_json(path / STUDENT_CONFIG)
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path / STUDENT_CONFIG}: not a {FORMAT} file")
+        missing = [key for key in ("soft_prompt", "base_path", "base_fingerprint") if key not in meta]
+        if missing or not isinstance(meta["soft_prompt"], dict):
+            raise CheckpointError(f"{path / STUDENT_CONFIG}: damaged (missing or malformed: "
+                                  f"{', '.join(missing) or 'soft_prompt'}); save the student again")
         if not isinstance(base, MaskPredictor):
             base_dir = resolve_checkpoint(base) if base is not None else cls.base_path_of(path)
             base = load_model(base_dir, dtype=dtype, device=device)
@@ -175,7 +181,13 @@ class Student(nn.Module):
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{path / STUDENT_CONFIG}: {err}") from err
         student = cls(base, config=config)
-        state = load_file(str(path / SOFT_PROMPT_WEIGHTS), device="cpu")
+        weights = path / SOFT_PROMPT_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: file not found")
+        try:
+            state = load_file(str(weights), device="cpu")
+        except Exception as err:  # safetensors raises its own error type (and OSError) for a damaged file
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
         try:
             student.soft_prompt.load_state_dict(state, strict=True)
         except RuntimeError as err:
