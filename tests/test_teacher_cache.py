@@ -168,6 +168,18 @@ def test_a_rerun_rewrites_damaged_shards_it_would_skip(workdir, tmp_path):
     assert len(open_cache(tmp_path / "cache")) == 16 * 3
 
 
+def test_a_rerun_rewrites_a_shard_whose_sidecar_is_cut_short(workdir, tmp_path):
+    """A truncated sidecar used to stop every rerun with a JSONDecodeError until deleted by hand."""
+    fill(workdir, tmp_path / "cache", max_examples=16)
+    reference = shard_digests(tmp_path / "cache")
+    sidecar = tmp_path / "cache" / "shard-00001.json"
+    sidecar.write_text(sidecar.read_text()[:20])
+    again = fill(workdir, tmp_path / "cache", max_examples=16)
+    assert again["complete"] and again["shards_written"] == 1
+    assert shard_digests(tmp_path / "cache") == reference
+    assert len(open_cache(tmp_path / "cache")) == 16 * 3
+
+
 def test_a_manifest_missing_a_shard_entry_is_refused_by_name(workdir, tmp_path):
     fill(workdir, tmp_path / "cache", max_examples=16)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())

@@ -231,12 +231,18 @@ def ensure_manifest(directory: Path, header: dict) -> None:
 
 
 def completed_shards(directory: Path, num_shards: int, family: str = TOPK) -> dict[int, dict]:
-    """Sidecars of the shards written so far (a shard without its sidecar is incomplete)."""
+    """Sidecars of the shards written so far (a shard without a readable sidecar is incomplete, and
+    written again: a sidecar cut short by a full disk or a crash must not block every rerun)."""
     done = {}
     for index in range(num_shards):
         sidecar = Path(directory) / sidecar_name(index, family)
         if sidecar.is_file() and (Path(directory) / shard_name(index, family)).is_file():
-            done[index] = json.loads(sidecar.read_text())
+            try:
+                content = json.loads(sidecar.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(content, dict):
+                done[index] = content
     return done
 
 
