@@ -34,8 +34,10 @@ def meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ..
 
 def read_safetensors_header(file: Path) -> dict[str, dict]:
     """The tensor entries (dtype, shape, data_offsets) of a safetensors file, checked for consistency
-    with the file: a header that parses, each tensor's byte extent equal to its shape times its dtype
-    size, and the data ending exactly at the end of the file (so a truncated copy is caught)."""
+    with the file: a header that parses, integer shapes and offsets, each tensor's byte extent equal
+    to its shape times its dtype size, the extents tiling the data region without overlap or hole (as
+    the format requires), and the data ending exactly at the end of the file (so a truncated copy is
+    caught)."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         prefix = f.read(8)
@@ -44,25 +46,38 @@ def read_safetensors_header(file: Path) -> dict[str, dict]:
             raise CheckpointError(f"{file}: not a complete safetensors file (header length {length}, file size {size})")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise CheckpointError(f"{file}: unreadable safetensors header ({err})") from err
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: unreadable safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    end = 0
+    extents = []
     for name, entry in header.items():
         try:
-            dtype, shape, (begin, stop) = entry["dtype"], [int(n) for n in entry["shape"]], entry["data_offsets"]
+            dtype, shape, (begin, stop) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
+            if not all(is_count(n) for n in (*shape, begin, stop)):
+                raise ValueError("shape and data_offsets must be non-negative integers")
             nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
         except (TypeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{file}: malformed header entry for tensor {name!r} ({err!r})") from err
         if stop - begin != nbytes:
             raise CheckpointError(f"{file}: tensor {name!r} spans {stop - begin} bytes, its shape needs {nbytes}")
-        end = max(end, stop)
+        extents.append((begin, stop, name))
+    end = 0
+    for begin, stop, name in sorted(extents):
+        if begin != end:
+            raise CheckpointError(f"{file}: tensor {name!r} starts at byte {begin} of the data, not at {end} "
+                                  "(tensors overlap or leave a hole)")
+        end = stop
     if 8 + length + end != size:
         raise CheckpointError(f"{file}: {size} bytes, but its header describes {8 + length + end} (a truncated "
                               "or damaged copy?)")
     return header
+
+
+def is_count(value) -> bool:
+    """A non-negative int (JSON true/false and floats are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_weight_files(files: list[Path], expected: dict[str, tuple[int, ...]]) -> None:

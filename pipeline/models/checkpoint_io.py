@@ -41,7 +41,9 @@ def resolve_weight_files(path: str | Path) -> list[Path]:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{path / INDEX_FILE}: no 'weight_map'")
-        names = sorted({str(name) for name in weight_map.values()})
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise CheckpointError(f"{path / INDEX_FILE}: every 'weight_map' value must be a weight file name")
+        names = sorted(set(weight_map.values()))
         for name in names:  # shard names, never paths: an index must not reach outside its directory
             if Path(name).name != name or name in (".", "..") or "\\" in name:
                 raise CheckpointError(f"{path / INDEX_FILE}: names the weight file {name!r}, which is not a file "
