@@ -15,7 +15,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import datasets
 import torch
 from tqdm import tqdm
 
@@ -23,12 +22,12 @@ from pipeline.core.errors import ParamsError
 from pipeline.core.files import atomic_write_text, write_json
 from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
-from pipeline.data.layout import Layout
+from pipeline.data.layout import Layout, load_split
 from pipeline.data.tokenizer import stop_token_ids
 from pipeline.evaluation.grid import evaluate_settings, settings_for
-from pipeline.generation.decode import default_step_counts
 from pipeline.evaluation.params import EvaluateParams
 from pipeline.evaluation.report import curve_rows, plot_accuracy, results_markdown, summarize
+from pipeline.generation.decode import default_step_counts
 from pipeline.generation.sampler import SamplerOptionError, SamplerOptions
 from pipeline.student.model import Student
 from pipeline.teacher.artifact import checkpoint_dir, load_teacher
@@ -69,7 +68,7 @@ def main() -> None:
     teacher, tokenizer, record = load_teacher(args.teacher, dtype=dtype, device=device)
     student = Student.from_pretrained(args.student, base=teacher).to(device)  # shares the teacher's weights
     stops = stop_token_ids(tokenizer, teacher.config, checkpoint_dir(args.teacher, record))
-    rows = datasets.load_from_disk(str(args.data / args.split))
+    rows = load_split(args.data, args.split)
     settings = settings_for(steps, params.cfg_scale, params.temperature, params.samples, G, block_length,
                             params.noise_variants, student_latents=student.latent_dim > 0,
                             student_steps=student_steps)

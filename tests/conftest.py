@@ -14,10 +14,10 @@ pin_cpu_numerics()  # before torch computes anything
 import pytest
 import torch
 
-from pipeline.models.llada import LLaDA, LLaDAConfig
-from pipeline.models.llada_moe import LLaDAMoE, LLaDAMoEConfig
 from pipeline.data.tasks import ALPHABET
 from pipeline.data.tokenizer import MASK, build_char_tokenizer
+from pipeline.models.llada import LLaDA, LLaDAConfig
+from pipeline.models.llada_moe import LLaDAMoE, LLaDAMoEConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE_CHECKPOINT = FIXTURES / "llada_tiny"
@@ -111,9 +111,9 @@ def any_checkpoint(request, tmp_path) -> Path:
 def make_workdir(path: Path, train_per_task: int = 30, gen_length: int = 7, **model_overrides) -> Path:
     """A stage working directory with ``data/`` (built-in tasks, tiny) and ``artifacts/teacher/``
     (a random tiny LLaDA recorded as the teacher), as the prepare_data and teacher stages leave it."""
-    from pipeline.models.checkpoint_io import checkpoint_fingerprint
     from pipeline.data.params import DataParams
     from pipeline.data.prepare import prepare_data
+    from pipeline.models.checkpoint_io import checkpoint_fingerprint
     from pipeline.teacher.artifact import TeacherRecord, tokenizer_hash
 
     params = DataParams(train_per_task=train_per_task, val_per_task=2, test_per_task=2, gen_length=gen_length)

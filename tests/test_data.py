@@ -144,3 +144,29 @@ def test_a_killed_prepare_data_leaves_nothing_the_next_run_keeps(tokenizer, tmp_
     patterns = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
     for name in (dead.name, old_style.name, ".data.old-123"):
         assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
+
+
+def test_a_damaged_split_or_layout_is_a_data_error(tmp_path):
+    """A truncated Arrow file of a saved split, or a cut-short layout.json, names the file instead of
+    ending in a pyarrow or JSON traceback in whichever stage reads it."""
+    import datasets
+
+    from pipeline.core.errors import DataError
+    from pipeline.data.layout import Layout, load_split
+
+    datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 50}).save_to_disk(str(tmp_path / "val"))
+    assert len(load_split(tmp_path, "val")) == 50
+    arrow = next((tmp_path / "val").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"val: a damaged split .*rerun the prepare_data stage"):
+        load_split(tmp_path, "val")
+    with pytest.raises(DataError, match=r"test: not found"):
+        load_split(tmp_path, "test")
+    Layout(14, 7, 0).save(tmp_path)
+    assert Layout.load(tmp_path) == Layout(14, 7, 0)
+    (tmp_path / "layout.json").write_text('{"prompt_length": 14, "gen_len')
+    with pytest.raises(DataError, match="layout.json: damaged"):
+        Layout.load(tmp_path)
+    (tmp_path / "layout.json").write_text('{"prompt_length": 14, "gen_length": -7, "pad_token_id": 0}')
+    with pytest.raises(DataError, match="layout.json: damaged"):
+        Layout.load(tmp_path)

@@ -13,9 +13,8 @@ from pipeline.data.layout import Layout
 from pipeline.data.scoring import score_records
 from pipeline.data.tokenizer import decode_answer
 from pipeline.evaluation.grid import evaluate_settings, settings_for
-from pipeline.generation.decode import default_step_counts
 from pipeline.evaluation.report import summarize
-from pipeline.generation.decode import complete_split
+from pipeline.generation.decode import complete_split, default_step_counts
 from pipeline.generation.sampler import SamplerOptions, generate
 from pipeline.student.model import Student
 from pipeline.teacher.artifact import load_teacher

@@ -26,7 +26,7 @@ from pipeline.cache.shards import (ROLLOUTS, TOPK, ShardWriter, ensure_manifest,
 from pipeline.cache.topk import CacheRows, cache_schema
 from pipeline.core.errors import CacheError, ParamsError
 from pipeline.core.params import params_hash
-from pipeline.data.layout import Layout, split_fingerprint
+from pipeline.data.layout import Layout, load_split, split_fingerprint
 from pipeline.generation.sampler import guided_hidden, sampler_network
 from pipeline.models.logit_rows import map_row_chunks
 from pipeline.models.mask_predictor import MaskPredictor
@@ -182,9 +182,7 @@ def fill_cache(
 def load_train_split(data_dir: Path, max_examples: int | None, tokens_only: bool = True):
     """The training split of ``prepare_data``, optionally truncated: with ``tokens_only`` its
     ``input_ids`` and ``attention_mask`` in numpy format, else every column as stored."""
-    import datasets
-
-    train = datasets.load_from_disk(str(Path(data_dir) / "train"))
+    train = load_split(data_dir, "train")
     if max_examples is not None:
         train = train.select(range(min(max_examples, len(train))))
     return train.with_format("numpy", columns=["input_ids", "attention_mask"]) if tokens_only else train

@@ -44,7 +44,28 @@ class Layout:
         path = Path(directory) / LAYOUT_FILE
         if not path.is_file():
             raise DataError(f"{path}: not found (run the prepare_data stage)")
-        return cls(**json.loads(path.read_text()))
+        try:
+            layout = cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            raise DataError(f"{path}: damaged ({err}); rerun the prepare_data stage") from err
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in dataclasses.astuple(layout)) \
+                or min(layout.prompt_length, layout.gen_length) < 1:
+            raise DataError(f"{path}: damaged (lengths must be positive integers); rerun the prepare_data stage")
+        return layout
+
+
+def load_split(data_dir: Path, name: str):
+    """The tokenized split ``name`` (``train``, ``val``, ``test``) that ``prepare_data`` saved under
+    ``data_dir``, as a ``datasets.Dataset``; a missing or damaged one is a ``DataError`` naming it."""
+    import datasets
+
+    path = Path(data_dir) / name
+    if not path.is_dir():
+        raise DataError(f"{path}: not found (run the prepare_data stage)")
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as err:  # pyarrow, datasets and json raise their own types for a damaged split
+        raise DataError(f"{path}: a damaged split ({type(err).__name__}: {err}); rerun the prepare_data stage") from err
 
 
 def split_fingerprint(split_dir: Path) -> str:

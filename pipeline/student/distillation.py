@@ -165,16 +165,15 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     other ranks."""
     import time
 
-    import datasets
     from dvclive.lightning import DVCLiveLogger
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
     from pipeline.cache.shards import read_manifest
     from pipeline.core.time_cap import check_not_cut, time_limit
-    from pipeline.data.layout import Layout
-    from pipeline.generation.decode import default_step_counts
+    from pipeline.data.layout import Layout, load_split
     from pipeline.generation.accuracy import GenerationAccuracy
+    from pipeline.generation.decode import default_step_counts
     from pipeline.student import run as student_run
     from pipeline.teacher.artifact import load_teacher
 
@@ -205,7 +204,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
 
         rollout_steps = open_rollouts(cache_dir, verify=False).sampler["steps"]
     module = StudentDistillation(student, params, layout.gen_length, rollout_steps)
-    accuracy = GenerationAccuracy(datasets.load_from_disk(str(data_dir / "val")), tokenizer, {layout.pad_token_id},
+    accuracy = GenerationAccuracy(load_split(data_dir, "val"), tokenizer, {layout.pad_token_id},
                                   layout, every_n_steps=params.eval_every, steps=1, model_of=lambda m: m.student,
                                   more_steps=tuple(default_step_counts(layout.gen_length)))
     on_gpu = torch.cuda.is_available()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pipeline.core.errors import ParamsError, TrainingError
 from pipeline.core.lr_schedule import warmup_cosine
-from pipeline.data.layout import Layout, forward_mask, sample_mask_ratio
+from pipeline.data.layout import Layout, forward_mask, load_split, sample_mask_ratio
 from pipeline.generation.accuracy import GenerationAccuracy
 from pipeline.models.llada import LLaDA
 
@@ -92,9 +92,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.task_weights, self.seed = task_weights, seed
 
     def split(self, name: str):
-        import datasets
-
-        return datasets.load_from_disk(str(self.data_dir / name))
+        return load_split(self.data_dir, name)
 
     @functools.cached_property
     def train_split(self):
@@ -142,7 +140,6 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     import json
     import time
 
-    import datasets
     from dvclive.lightning import DVCLiveLogger
 
     from pipeline.core.files import atomic_directory
@@ -166,7 +163,7 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
     model = LLaDA(config).init_weights(std=0.02)
     module = MaskedDiffusionSFT(model, layout, train.lr, train.weight_decay, train.warmup_steps, train.max_steps,
                                 train.min_mask_ratio)
-    accuracy = GenerationAccuracy(datasets.load_from_disk(str(data_dir / "val")), tokenizer,
+    accuracy = GenerationAccuracy(load_split(data_dir, "val"), tokenizer,
                                   {layout.pad_token_id}, layout, every_n_steps=max(1, train.max_steps // 20),
                                   steps=layout.gen_length)
     trainer = L.Trainer(
