@@ -49,7 +49,8 @@ def main() -> None:
         torch.set_num_threads(params.num_threads)
     layout = Layout.load(args.data)
     G = layout.gen_length
-    keys = {"block_length": "block_length", "temperature": "temperature", "cfg_scale": "cfg_scale"}
+    keys = {"steps": "teacher_steps", "block_length": "block_length", "temperature": "temperature",
+            "cfg_scale": "cfg_scale"}
     try:  # every setting's sampler options, refused before any model loads
         options = SamplerOptions(gen_length=G, steps=G, block_length=params.block_length,
                                  temperature=params.temperature, cfg_scale=params.cfg_scale)
@@ -57,7 +58,7 @@ def main() -> None:
         steps = sorted(set(params.teacher_steps or default) | {G})
         student_steps = sorted(set(params.student_steps or default) | {1})
         for key, counts in (("teacher_steps", steps), ("student_steps", student_steps)):
-            keys["steps"] = key
+            keys["steps"] = key  # which list a refused step count came from
             for n in counts:  # one step is one block
                 dataclasses.replace(options, steps=n, block_length=G if n == 1 else options.block_length)
     except SamplerOptionError as err:
