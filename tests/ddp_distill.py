@@ -1,6 +1,7 @@
 """Helper for test_distillation: train a few steps on a prepared workdir with N CPU processes and
-save each rank's soft prompt, with the MeanFlow objective (``meanflow``) or the rollout objective and
-a latent (``rollouts``). Run as a script (Lightning's DDP relaunches it for every rank).
+save each rank's soft prompt, with the MeanFlow objective (``meanflow``), the rollout objective and
+a latent (``rollouts``), the rollout objective on a code book with soft-EM selection (``posterior``), or
+the policy objective with a latent (``policy``). Run as a script (Lightning's DDP relaunches it for every rank).
 
 The optimizer is plain SGD, not the stage's AdamW: what is compared is how DDP shards the batch and
 averages gradients. Adam divides each gradient by its own running scale, so a gradient that is zero
@@ -31,14 +32,19 @@ class SGDDistillation(StudentDistillation):
 def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int, objective: str) -> None:
     L.seed_everything(0)
     base, _, _ = load_teacher(workdir / "artifacts" / "teacher")
-    rollouts = objective == "rollouts"
-    params = StudentParams(soft_prompt=SoftPromptConfig(prompt_length=2, hidden_size=8, latent_dim=4 if rollouts else 0),
-                           batch_size=batch_size, max_steps=steps, warmup_steps=1, lr=0.5,
-                           meanflow_weight=0.0 if rollouts else 1.0, rollout_weight=1.0 if rollouts else 0.0,
-                           latent_draws=3)
+    rollouts = objective != "meanflow"
+    options = {"meanflow": dict(meanflow_weight=1.0, rollout_weight=0.0),
+               "rollouts": dict(),
+               "posterior": dict(selection="posterior", selection_temperature=1.0, trained_draws=2),
+               "policy": dict(rollout_weight=0.0, policy_weight=1.0, policy_samples=3)}[objective]
+    prompt = SoftPromptConfig(prompt_length=2, hidden_size=8, latent_dim=4 if rollouts else 0,
+                              codebook_size=5 if objective == "posterior" else 0)
+    params = StudentParams(soft_prompt=prompt, batch_size=batch_size, max_steps=steps, warmup_steps=1, lr=0.5,
+                           latent_draws=3, **{"meanflow_weight": 0.0, "rollout_weight": 1.0, **options})
     student = Student(base, config=params.soft_prompt)
-    gen_length = Layout.load(workdir / "data").gen_length
-    module = SGDDistillation(student, params, gen_length, rollout_steps=gen_length if rollouts else None)
+    layout = Layout.load(workdir / "data")
+    module = SGDDistillation(student, params, layout.gen_length, rollout_steps=layout.gen_length if rollouts else None,
+                             eos_id=layout.pad_token_id)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=1.0)

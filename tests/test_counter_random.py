@@ -17,6 +17,7 @@ FAMILIES = {
         "completion noise seed": (cr.COMPLETION_SEED, NATURAL, NATURAL),
         "shared field seed": (cr.FIELD_SEED, NATURAL),
         "completion latent": (cr.COMPLETION_LATENT, NATURAL, NATURAL, NATURAL),
+        "completion code": (cr.COMPLETION_LATENT, NATURAL, NATURAL),
     },
     "row noise seed": {
         "Gumbel field per step": (NATURAL, NATURAL, NATURAL),
@@ -29,6 +30,11 @@ FAMILIES = {
         "MeanFlow latent": (cr.MEANFLOW_LATENT, NATURAL),
         "rollout steps": (cr.ROLLOUT_STEPS, NATURAL),
         "rollout latents": (cr.ROLLOUT_LATENT, NATURAL, NATURAL),
+        "rollout codes": (cr.ROLLOUT_LATENT, NATURAL),
+        "posterior draws trained": (cr.POSTERIOR_DRAW, NATURAL),
+        "policy latent": (cr.POLICY_LATENT, NATURAL),
+        "policy code": (cr.POLICY_LATENT,),
+        "policy answer samples": (cr.POLICY_SAMPLE, NATURAL, NATURAL),
     },
 }
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -158,10 +159,11 @@ def test_a_resumed_run_continues_the_data_order(workdir, tmp_path, stop):
         assert torch.equal(resumed.student.soft_prompt.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("objective", ["meanflow", "rollouts"])
+@pytest.mark.parametrize("objective", ["meanflow", "rollouts", "posterior", "policy"])
 def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path, objective):
     """Two gloo ranks with 4 rows each = one process with 8 rows: the same soft prompt after training,
-    and identical on both ranks (rollouts: latent selection among 3 draws included)."""
+    and identical on both ranks (rollouts: latent selection among 3 draws included; posterior: soft EM
+    over 3 of 5 codes; policy: 3 samples per prompt, rewarded by the teacher)."""
     script = ROOT / "tests" / "ddp_distill.py"
     for devices, batch, out in ((2, 4, tmp_path / "ddp"), (1, 8, tmp_path / "single")):
         result = subprocess.run([sys.executable, str(script), str(workdir), str(out), str(devices), str(batch), "3",
@@ -170,7 +172,7 @@ def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path, objective):
     rank0, rank1 = load_file(str(tmp_path / "ddp" / "rank0.safetensors")), load_file(str(tmp_path / "ddp" / "rank1.safetensors"))
     single = load_file(str(tmp_path / "single" / "rank0.safetensors"))
     initial = Student(load_teacher(workdir / "artifacts" / "teacher")[0], prompt_length=2, hidden_size=8,
-                      latent_dim=4 if objective == "rollouts" else 0)
+                      latent_dim=0 if objective == "meanflow" else 4)
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), key
         assert torch.allclose(rank0[key], single[key], atol=1e-5, rtol=1e-4), key
@@ -195,6 +197,27 @@ def test_train_student_stage_with_rollouts_and_a_latent(workdir, tmp_path):
     assert "meanflow_loss" not in summary["diagnostics"]
     latents = summary["val_one_step_4_latents"]  # a random teacher: few valid answers
     assert 0 <= latents["distinct_valid"]["word"] <= 4 and set(latents["accuracy"]) >= {"word", "perm", "mean"}
+
+
+def test_train_student_stage_with_a_code_book_soft_em_and_the_policy_objective(workdir, tmp_path):
+    """Both mode-seeking objectives through the stage: the summary carries the code usage and the
+    policy diagnostics, and the saved student decodes with its code book."""
+    params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3, "codebook_size": 4},
+                          "batch_size": 8, "max_steps": 2, "eval_every": 2, "warmup_steps": 1,
+                          "rollout_weight": 1.0, "latent_draws": 4, "selection": "posterior",
+                          "selection_temperature": 1.0, "selection_temperature_start": 5.0, "trained_draws": 2,
+                          "policy_weight": 0.5, "policy_samples": 3}, "cache": CACHE}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    metrics = tmp_path / "metrics"
+    result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py"), "--out", str(tmp_path / "s"),
+                             "--metrics", str(metrics), "--checkpoints", str(tmp_path / "c")], cwd=workdir,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Student.from_pretrained(tmp_path / "s").soft_prompt_config.codebook_size == 4
+    diagnostics = json.loads((metrics / "summary.json").read_text())["diagnostics"]
+    assert 0 <= diagnostics["code_usage_entropy"] <= round(math.log(4), 4) and 1 <= diagnostics["codes_won"] <= 4
+    assert diagnostics["policy_reward"] < 0 and 1 <= diagnostics["policy_length"] <= 7
+    assert 1 <= diagnostics["policy_distinct"] <= 3 and diagnostics["policy_entropy"] > 0
 
 
 def test_a_time_cap_that_binds_fails_and_keeps_the_runs_checkpoints(workdir, tmp_path):

@@ -15,8 +15,8 @@ from pipeline.models import logit_rows
 from pipeline.models.layers import upcast
 from pipeline.models.llada import LLaDA
 from pipeline.student.model import Student
-from pipeline.student.rollout_objective import (repeat_rows, rollout_interval, rollout_loss, sample_steps,
-                                                select_latents, take_rows)
+from pipeline.student.rollout_objective import (Selection, repeat_rows, responsibilities, rollout_interval,
+                                                rollout_loss, sample_draws, sample_steps, select_latents, take_rows)
 from tests.conftest import assert_float64_close, make_checkpoint
 
 PROMPT, GEN, STEPS = 5, 8, 4
@@ -184,8 +184,8 @@ def test_annealed_selection_spans_winner_takes_all_to_the_mean_of_draws(base, re
     interval = interval_at(recorded, 0, STEPS, mask_id)
     latents = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(4))
     hard = rollout_loss(student, interval, latents, mask_id)
-    cold = rollout_loss(student, interval, latents, mask_id, selection_temperature=1e-6)
-    hot = rollout_loss(student, interval, latents, mask_id, selection_temperature=1e6)
+    cold = rollout_loss(student, interval, latents, mask_id, Selection("weighted", 1e-6))
+    hot = rollout_loss(student, interval, latents, mask_id, Selection("weighted", 1e6))
     assert torch.allclose(cold.loss, hard.loss, rtol=1e-5)
     assert torch.allclose(hot.loss, hard.selection.losses.mean(), rtol=1e-4)
     assert torch.allclose(cold.selection.losses, hard.selection.losses, rtol=1e-5)
@@ -238,7 +238,8 @@ def test_loss_on_target_rows_equals_the_full_logits_loss(base, recorded, monkeyp
         return value.detach(), [p.grad.clone() for p in student.soft_prompt.parameters()]
 
     expected = gradient(lambda: reference_rollout_loss(student, interval, latents, mask_id, temperature))
-    out = gradient(lambda: rollout_loss(student, interval, latents, mask_id, temperature).loss)
+    selection = Selection("weighted" if temperature else "best", temperature)
+    out = gradient(lambda: rollout_loss(student, interval, latents, mask_id, selection).loss)
     # equal up to float64 rounding (the head's gradient is summed over fewer rows)
     assert_float64_close(out[0], expected[0], "loss")
     for a, b in zip(out[1], expected[1]):
@@ -295,3 +296,49 @@ def test_the_anchor_learns_the_greedy_rollouts_while_draws_learn_the_sampled_one
         loss.backward()
         optimizer.step()
     assert torch.equal(one_step_anchor(), greedy.sequences[:, PROMPT:])
+
+
+def test_responsibilities_sum_to_one_and_reduce_to_winner_takes_all():
+    log_q = torch.tensor([[-3.0, -1.0, -2.0, -1.5], [-0.5, -4.0, -0.7, -9.0]], dtype=torch.float64)
+    for tau in (1e-3, 0.5, 1.0, 7.0):
+        r = responsibilities(log_q, tau)
+        assert torch.allclose(r.sum(dim=1), torch.ones(2, dtype=torch.float64))
+    winner = F.one_hot(log_q.argmax(dim=1), 4).double()
+    assert torch.allclose(responsibilities(log_q, 1e-4), winner)
+    assert torch.equal(responsibilities(log_q, 0.0), winner)
+    # tau = 1: the exact posterior q(answer | k) / sum_j q(answer | j) of a uniform prior
+    assert torch.allclose(responsibilities(log_q, 1.0), log_q.exp() / log_q.exp().sum(dim=1, keepdim=True))
+    assert torch.allclose(responsibilities(log_q, 1e6), torch.full((2, 4), 0.25, dtype=torch.float64))
+
+
+def test_draws_are_sampled_in_proportion_to_their_weights():
+    """Evenly spaced uniforms are the weights' quantiles: each draw is picked in proportion to its
+    weight (to 1/N), a zero-weight draw never."""
+    weights = torch.tensor([[0.5, 0.0, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    N = 1000
+    uniforms = ((torch.arange(N, dtype=torch.float64) + 0.5) / N).expand(2, N)
+    picks = sample_draws(weights, uniforms)
+    counts = torch.stack([torch.bincount(row, minlength=4) for row in picks]).double() / N
+    assert torch.allclose(counts, weights, atol=1.0 / N) and counts[0, 1] == 0
+
+
+def test_posterior_selection_trains_the_sampled_draws(base, recorded):
+    """Soft EM trains the draws picked from the responsibilities, each as if it were fixed; at tau = 0
+    it is winner-takes-all whatever the uniforms."""
+    mask_id = base.config.mask_token_id
+    student = latent_student(base)
+    interval = interval_at(recorded, 0, STEPS, mask_id)
+    latents = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(4))
+    uniforms = torch.tensor([[0.1, 0.7], [0.5, 0.99], [0.0, 0.3]])
+    best = rollout_loss(student, interval, latents, mask_id)
+    greedy_posterior = rollout_loss(student, interval, latents, mask_id, Selection("posterior", 0.0, uniforms[:, :1]))
+    assert torch.allclose(greedy_posterior.loss, best.loss, rtol=1e-6)
+    out = rollout_loss(student, interval, latents, mask_id, Selection("posterior", 1.0, uniforms))
+    targets = interval.targets.sum(dim=1, keepdim=True)
+    expected_weights = torch.softmax(-out.selection.losses * targets, dim=1)
+    assert torch.allclose(out.selection.weights, expected_weights, rtol=1e-5)
+    assert torch.allclose(out.selection.credit.sum(dim=1), torch.ones(3))
+    picks = sample_draws(expected_weights, uniforms)
+    fixed = [rollout_loss(student, interval, latents[torch.arange(3), picks[:, j]][:, None], mask_id).rows
+             for j in range(2)]
+    assert torch.allclose(out.rows, (fixed[0] + fixed[1]) / 2, rtol=1e-5)

@@ -219,3 +219,27 @@ def test_damaged_student_files_are_a_checkpoint_error(tiny_checkpoint, tmp_path,
         config.write_text(config.read_text()[:30])
     with pytest.raises(CheckpointError, match=(config if damage.startswith("config") else weights).name):
         Student.from_pretrained(tmp_path / "s")
+
+
+def test_a_code_book_prior_draws_its_fixed_codes_uniformly(tiny_checkpoint, tmp_path):
+    """Code c is counter_normal(d, CODEBOOK, c): the same in every process, not stored; a draw from the
+    prior is one of the K codes, each about equally often; a Gaussian prior draws what the completion
+    latents always were; a saved code-book student reloads with its codes."""
+    from pipeline.core.counter_random import CODEBOOK, COMPLETION_LATENT, counter_normal
+    from pipeline.generation.noise import completion_latents
+
+    student = Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2, latent_dim=4, codebook_size=6)
+    codes = student.soft_prompt.codes
+    assert torch.equal(codes, counter_normal(4, CODEBOOK, torch.arange(6))) and "codes" not in student.soft_prompt.state_dict()
+    example, draw = torch.arange(600), torch.zeros(600, dtype=torch.long)
+    index = student.soft_prompt.prior_codes(7, COMPLETION_LATENT, example, draw)
+    assert torch.equal(student.soft_prompt.prior_latents(7, COMPLETION_LATENT, example, draw), codes[index])
+    assert torch.bincount(index, minlength=6).min() > 60  # about 100 each
+    gaussian = Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2, latent_dim=4).soft_prompt
+    assert torch.equal(gaussian.prior_latents(7, COMPLETION_LATENT, example, draw), completion_latents(7, example, draw, 4))
+    perturb_gate(student)
+    student.save_pretrained(tmp_path / "student")
+    loaded = Student.from_pretrained(tmp_path / "student")
+    assert loaded.soft_prompt_config.codebook_size == 6 and torch.equal(loaded.soft_prompt.codes, codes)
+    with pytest.raises(ValueError, match="codebook_size: needs a latent"):
+        SoftPromptConfig(latent_dim=0, codebook_size=4)

@@ -12,6 +12,7 @@ numbers are the stream constants below, which keep paths of the same shape apart
       completion noise seed     (seed, COMPLETION_SEED, example, draw)
       shared field seed         (seed, FIELD_SEED, field)
       completion latent         (seed, COMPLETION_LATENT, example, draw, 2j | 2j + 1)
+      completion code           (seed, COMPLETION_LATENT, example, draw)
     under a row's noise seed (one of the seeds above)
       Gumbel field, per step    (row seed, step >= 0, position, token id)
       Gumbel field, fixed       (row seed, position, token id)
@@ -21,6 +22,12 @@ numbers are the stream constants below, which keep paths of the same shape apart
       MeanFlow latent           (..., MEANFLOW_LATENT, 2j | 2j + 1)
       rollout steps k, k'       (..., ROLLOUT_STEPS, j)
       rollout latents           (..., ROLLOUT_LATENT, draw, 2j | 2j + 1)
+      rollout codes             (..., ROLLOUT_LATENT, draw)
+      posterior draws trained   (..., POSTERIOR_DRAW, j)
+      policy latent             (..., POLICY_LATENT, 2j | 2j + 1), or its code (..., POLICY_LATENT)
+      policy answer samples     (..., POLICY_SAMPLE, sample, position)
+    the student's code book (part of the network, so under no seed; CODEBOOK < 0)
+      code c                    (CODEBOOK, c, 2j | 2j + 1)
 
 ``tests/test_counter_random.py`` checks that no two paths can give the same keys.
 """
@@ -34,7 +41,10 @@ COMPLETION_SEED, FIELD_SEED, COMPLETION_LATENT = 1, 2, 3
 # Under a row's noise seed, in the place of the step (steps count from 0).
 REMASK = -1
 # Under a training row's keys.
-R_FIRST, R_SECOND, MEANFLOW_LATENT, ROLLOUT_STEPS, ROLLOUT_LATENT = 1, 2, 3, 4, 5
+R_FIRST, R_SECOND, MEANFLOW_LATENT, ROLLOUT_STEPS, ROLLOUT_LATENT, POSTERIOR_DRAW, POLICY_LATENT, POLICY_SAMPLE = \
+    1, 2, 3, 4, 5, 6, 7, 8
+# The code book's first key: negative, so no run seed (>= 0) can give its keys.
+CODEBOOK = -2
 
 
 def _splitmix64(x: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,11 @@ import time
 
 import torch
 
+from pipeline.core.counter_random import COMPLETION_LATENT
 from pipeline.core.errors import DataError
 from pipeline.data.layout import Layout
 from pipeline.data.tokenizer import decode_answer
-from pipeline.generation.noise import completion_latents, completion_noise
+from pipeline.generation.noise import completion_noise
 from pipeline.generation.sampler import SamplerNetwork, SamplerOptions, generate, sampler_network
 
 
@@ -24,14 +25,15 @@ def uses_anchor(model, temperature: float, samples: int) -> bool:
 def completion_network(model, seed: int, index: torch.Tensor, draws: torch.Tensor, anchor: bool) -> SamplerNetwork:
     """The sampler's network for completions ``draws`` (N,) of prompts ``index`` (N,): a teacher or a
     student without a latent as it is; a latent student given the greedy anchor (``anchor``) or
-    completion (i, d)'s own z, ``completion_latents(seed, i, d)``, whatever the batch."""
+    completion (i, d)'s own z from the student's prior, ``prior_latents(seed, COMPLETION_LATENT, i, d)``
+    (for a Gaussian prior ``completion_latents(seed, i, d)``; a code book draws a code), whatever the batch."""
     latent_dim = getattr(model, "latent_dim", 0)
     if not latent_dim:
         return sampler_network(model)
     if anchor:
         return sampler_network(model, anchor=True)
     device = next(model.parameters()).device
-    return sampler_network(model, completion_latents(seed, index, draws, latent_dim).to(device))
+    return sampler_network(model, model.soft_prompt.prior_latents(seed, COMPLETION_LATENT, index, draws).to(device))
 
 
 def default_step_counts(gen_length: int, num_blocks: int = 1) -> list[int]:
@@ -67,7 +69,7 @@ def complete_split(
     Student); returns records ``{"prompt", "answer", "completions"[, "task"]}`` in row order and the
     wall seconds spent in generation. Sampling noise: fresh draws from ``generator`` (``per_step``),
     or ``completion_noise(noise, seed, ...)``. A student is called with each step's interval; with a
-    latent it decodes completion (row, i) given ``completion_latents(seed, row, i)``, or, greedy with
+    latent it decodes completion (row, i) given its latent from the student's prior (``completion_network``), or, greedy with
     one completion, given its greedy anchor (``uses_anchor``)."""
     missing = {"input_ids", "attention_mask", "prompt", "answer"} - set(rows.column_names)
     if missing:

@@ -17,14 +17,15 @@ import lightning as L
 import torch
 
 from pipeline.cache.loader import RolloutBatch, TeacherCacheDataModule, TopKBatch, TrainingItem
-from pipeline.core.counter_random import (MEANFLOW_LATENT, R_FIRST, R_SECOND, ROLLOUT_LATENT, ROLLOUT_STEPS,
-                                          counter_normal, counter_uniform)
+from pipeline.core.counter_random import (MEANFLOW_LATENT, POLICY_LATENT, POLICY_SAMPLE, POSTERIOR_DRAW, R_FIRST,
+                                          R_SECOND, ROLLOUT_LATENT, ROLLOUT_STEPS, counter_uniform)
 from pipeline.core.errors import TrainingError
 from pipeline.core.lr_schedule import warmup_cosine
 from pipeline.student.meanflow import MeanFlowLoss, MeanFlowOptions, TeacherRows, meanflow_loss, sample_r
 from pipeline.student.model import Student
 from pipeline.student.params import StudentParams
-from pipeline.student.rollout_objective import RolloutLoss, rollout_interval, rollout_loss, sample_steps
+from pipeline.student.policy_objective import PolicyLoss, policy_loss
+from pipeline.student.rollout_objective import RolloutLoss, Selection, rollout_interval, rollout_loss, sample_steps
 
 # The frozen base stays in eval mode on purpose (Student.train keeps it there).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -33,13 +34,18 @@ DIAGNOSTIC_WINDOW = 50  # training steps the end-of-training diagnostics average
 
 
 class StudentDistillation(L.LightningModule):
-    """Trains ``student.soft_prompt`` on ``meanflow_weight * L_meanflow + rollout_weight * L_rollout``;
-    checkpoints hold only the soft prompt. ``rollout_steps`` is the number of steps of the cached
-    rollouts' sampler."""
+    """Trains ``student.soft_prompt`` on ``meanflow_weight * L_meanflow + rollout_weight * L_rollout +
+    policy_weight * L_policy``; checkpoints hold only the soft prompt. ``rollout_steps`` is the number of
+    steps of the cached rollouts' sampler; ``eos_id`` the token that ends an answer (the policy
+    objective's reward stops there)."""
 
-    def __init__(self, student: Student, params: StudentParams, gen_length: int, rollout_steps: int | None = None):
+    def __init__(self, student: Student, params: StudentParams, gen_length: int, rollout_steps: int | None = None,
+                 eos_id: int | None = None):
         super().__init__()
+        if params.policy_weight > 0 and eos_id is None:
+            raise ValueError("the policy objective needs eos_id")
         self.student, self.params, self.gen_length, self.rollout_steps = student, params, gen_length, rollout_steps
+        self.eos_id = eos_id
         self.meanflow_options = MeanFlowOptions.of(params)
         self.strict_loading = False  # checkpoints omit the frozen base
         self.recent: dict[str, deque] = {}
@@ -52,29 +58,61 @@ class StudentDistillation(L.LightningModule):
         r = sample_r(batch.t, p.equal_fraction, uniforms=(counter_uniform(*keys, R_FIRST), counter_uniform(*keys, R_SECOND)))
         latent = None
         if self.student.latent_dim:
-            latent = counter_normal(self.student.latent_dim, *keys, MEANFLOW_LATENT).to(batch.t.device)
+            latent = self.student.soft_prompt.prior_latents(*keys, MEANFLOW_LATENT).to(batch.t.device)
         v = TeacherRows(self.student.base.config.embedding_size, batch.topk_ids, batch.topk_logprobs, p.tail)
         return meanflow_loss(self.student, batch.input_ids, batch.attention_mask, batch.masked, batch.t, r, v,
                              self.meanflow_options, self.gen_length, batch.x0, latent=latent)
 
+    def row_keys(self, batch: RolloutBatch, dims: int = 0) -> tuple:
+        """A rollout row's counter keys (seed, epoch, example, rollout), the per-row ones with ``dims``
+        trailing singleton dimensions for broadcasting."""
+        index = tuple(key.view(-1, *(1,) * dims) for key in (batch.example_index, batch.rollout_index))
+        return (self.params.seed, self.current_epoch, *index)
+
     def rollout_step(self, batch: RolloutBatch) -> RolloutLoss:
         """The rollout objective on a batch of rollouts: (k, k') per rollout, and K latents for a
-        latent student; the greedy rollouts train its greedy anchor, when it has one."""
-        p = self.params
-        keys = (p.seed, self.current_epoch, batch.example_index, batch.rollout_index)
-        device = batch.tokens.device
+        latent student (every code of a code book of at most K codes, else K draws from the prior);
+        the greedy rollouts train its greedy anchor, when it has one."""
+        p, device = self.params, batch.tokens.device
+        keys = self.row_keys(batch)
         uniforms = torch.stack([counter_uniform(*keys, ROLLOUT_STEPS, j) for j in range(4)]).to(device)
         k, k_end = sample_steps(self.rollout_steps, uniforms, p.one_step_fraction, p.r0_fraction)
         interval = rollout_interval(batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.reveal_step,
                                     k, k_end, self.student.base.config.mask_token_id)
-        latents = None
+        latents, codes, draw_uniforms = None, None, None
         if self.student.latent_dim:
-            draws = torch.arange(p.latent_draws)[None, :]  # (1, K)
-            latents = counter_normal(self.student.latent_dim, *(key if isinstance(key, int) else key[:, None]
-                                                                for key in keys), ROLLOUT_LATENT, draws)
-            latents = latents.to(device)  # (B, K, d)
-        return rollout_loss(self.student, interval, latents, self.student.base.config.mask_token_id,
-                            p.selection_temperature, anchor=batch.greedy if self.student.has_anchor else None)
+            prompt = self.student.soft_prompt
+            K, codebook = p.latent_draws, prompt.config.codebook_size
+            draws = torch.arange(K)[None, :]  # (1, K)
+            if codebook and K >= codebook:
+                codes = torch.arange(codebook, device=device).expand(len(k), -1)  # (B, K): every code
+            elif codebook:
+                codes = prompt.prior_codes(*self.row_keys(batch, 1), ROLLOUT_LATENT, draws)
+            latents = prompt.codes[codes] if codes is not None else \
+                prompt.prior_latents(*self.row_keys(batch, 1), ROLLOUT_LATENT, draws)  # (B, K, d)
+            latents = latents.to(device)
+            if p.selection == "posterior":
+                draw_uniforms = counter_uniform(*self.row_keys(batch, 1), POSTERIOR_DRAW,
+                                                torch.arange(p.trained_draws)[None, :])  # (B, m)
+        selection = Selection(p.selection, p.selection_temperature_at(self.global_step), draw_uniforms)
+        out = rollout_loss(self.student, interval, latents, self.student.base.config.mask_token_id, selection,
+                           anchor=batch.greedy if self.student.has_anchor else None)
+        if codes is not None and out.selection is not None:
+            self.log_code_usage(codes[~out.anchor], out.selection.credit)
+        return out
+
+    def policy_step(self, batch: RolloutBatch) -> PolicyLoss:
+        """The policy objective on the prompts of a batch of rollouts, each with a latent from the prior
+        and ``policy_samples`` one-step samples."""
+        p, device = self.params, batch.tokens.device
+        latent = None
+        if self.student.latent_dim:
+            latent = self.student.soft_prompt.prior_latents(*self.row_keys(batch), POLICY_LATENT).to(device)
+        sample = torch.arange(p.policy_samples)[None, :, None]
+        position = torch.arange(self.gen_length)[None, None, :]
+        uniforms = counter_uniform(*self.row_keys(batch, 2), POLICY_SAMPLE, sample, position).to(device)  # (B, M, G)
+        return policy_loss(self.student, batch.prompt_ids, batch.prompt_mask, latent, uniforms, self.gen_length,
+                           self.student.base.config.mask_token_id, self.eos_id, p.policy_entropy_weight)
 
     def training_step(self, item: TrainingItem, batch_idx: int):
         p, loss = self.params, 0.0
@@ -84,11 +122,16 @@ class StudentDistillation(L.LightningModule):
                                 "student.soft_prompt.max_frequency, or use tangent=seed.")
             self.log_meanflow(out)
             loss = loss + p.meanflow_weight * out.loss
-        if item.rollouts is not None:
+        if item.rollouts is not None and p.rollout_weight > 0:
             out = self.rollout_step(item.rollouts)
             self.require_finite(out.loss, "rollout", "Lower student.lr.")
             self.log_rollouts(out)
             loss = loss + p.rollout_weight * out.loss
+        if item.rollouts is not None and p.policy_weight > 0:
+            out = self.policy_step(item.rollouts)
+            self.require_finite(out.loss, "policy", "Lower student.lr or student.policy_weight.")
+            self.log_policy(out)
+            loss = loss + p.policy_weight * out.loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -126,6 +169,26 @@ class StudentDistillation(L.LightningModule):
             one_step = out.one_step[~out.anchor]  # the selection's rows
             if one_step.any():
                 self.track("latent_distinct_one_step", out.selection.distinct[one_step].float().mean())
+
+    def log_code_usage(self, codes: torch.Tensor, credit: torch.Tensor) -> None:
+        """How the code book is used: the entropy (nats; log K when every code is trained alike) of the
+        training credit summed per code over the batch, and how many codes won a rollout. ``codes``
+        (B, K) the scored codes, ``credit`` (B, K) their training weights."""
+        K = self.student.soft_prompt.config.codebook_size
+        usage = torch.zeros(K, dtype=credit.dtype, device=credit.device).index_add_(0, codes.flatten(), credit.flatten())
+        usage = usage / usage.sum().clamp(min=1e-12)
+        self.track("code_usage_entropy", -(usage * usage.clamp(min=1e-12).log()).sum())
+        winners = codes.gather(1, credit.argmax(dim=1, keepdim=True))
+        self.track("codes_won", torch.tensor(float(len(torch.unique(winners)))))
+
+    def log_policy(self, out: PolicyLoss) -> None:
+        """The reward (teacher pseudo-log-likelihood), answer length, entropy of q and distinct samples
+        per prompt: a rising reward with a length falling to 1 is reward hacking (EOS-only answers)."""
+        self.track("policy_loss", out.loss.detach())
+        self.track("policy_reward", out.reward.mean())
+        self.track("policy_length", out.length.float().mean())
+        self.track("policy_entropy", out.entropy)
+        self.track("policy_distinct", out.distinct.float().mean())
 
     def diagnostics(self) -> dict[str, float]:
         """Each tracked quantity averaged over the last ``DIAGNOSTIC_WINDOW`` steps (this rank)."""
@@ -191,7 +254,8 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     ckpt_path = student_run.resume_checkpoint(resume, run_dir, identity)
     data = TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers, seed=params.seed,
                                   meanflow=params.meanflow_weight > 0,
-                                  rollouts=params.rollouts if params.rollout_weight > 0 else None)
+                                  rollouts=params.rollouts if params.rollout_weight > 0 or params.policy_weight > 0
+                                  else None)
     data.setup("fit")  # opens (rank 0: verifies) the cache
     if rank_zero_only.rank == 0:
         print(f"checkpoints: {run_dir}; " + (f"resuming {ckpt_path}" if ckpt_path else "training afresh"))
@@ -203,7 +267,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
         from pipeline.cache.rollouts import open_rollouts
 
         rollout_steps = open_rollouts(cache_dir, verify=False).sampler["steps"]
-    module = StudentDistillation(student, params, layout.gen_length, rollout_steps)
+    module = StudentDistillation(student, params, layout.gen_length, rollout_steps, eos_id=layout.pad_token_id)
     accuracy = GenerationAccuracy(load_split(data_dir, "val"), tokenizer, {layout.pad_token_id},
                                   layout, every_n_steps=params.eval_every, steps=1, model_of=lambda m: m.student,
                                   more_steps=tuple(default_step_counts(layout.gen_length)))

@@ -27,11 +27,30 @@ class StudentParams:
     """Probability that a rollout row's target is the whole rest of the trajectory (r = 0); the others
     end after a uniform later step."""
     latent_draws: int = 4
-    """K: latents drawn per rollout for a latent student (``soft_prompt.latent_dim`` > 0); the best one
-    (lowest loss, scored without gradient) is trained."""
+    """K: latents drawn per rollout for a latent student (``soft_prompt.latent_dim`` > 0), scored
+    without gradient and trained as ``selection`` says. With a code book of at most K codes, every
+    code is scored (an exact E-step)."""
+    selection: Literal["best", "weighted", "posterior"] = "best"
+    """How the K draws are trained: ``best``, the lowest-loss draw only (winner-takes-all, hard EM);
+    ``weighted``, every draw weighted by softmax(-loss / T) of the row-mean losses; ``posterior``,
+    soft EM: ``trained_draws`` draws sampled from the responsibilities softmax(log q(answer | z) / tau)
+    (log q summed over the targets; tau = 1 is the exact posterior of a uniform prior over the draws,
+    tau -> 0 winner-takes-all)."""
     selection_temperature: float = 0.0
-    """0: train only the best of the K draws (winner-takes-all); T > 0: train every draw, weighted by
-    softmax(-loss / T) over the draws (annealed selection)."""
+    """T of ``weighted`` (> 0); the final tau of ``posterior``."""
+    selection_temperature_start: float | None = None
+    """``posterior``: tau at step 0, annealed linearly to ``selection_temperature`` at ``max_steps``
+    (null: constant). A high start (about the answer length) spreads credit while codes are alike."""
+    trained_draws: int = 1
+    """``posterior``: draws sampled from the responsibilities and trained per rollout (an unbiased
+    estimate of the responsibility-weighted loss)."""
+    policy_weight: float = 0.0
+    """Weight of the policy-gradient objective (``pipeline.student.policy_objective``): one-step
+    samples of the rollout batch's prompts, rewarded by the teacher's pseudo-log-likelihood (0: off)."""
+    policy_samples: int = 8
+    """M: answers sampled per (prompt, latent) from one student pass (the leave-one-out group)."""
+    policy_entropy_weight: float = 5e-4
+    """Entropy bonus of the policy objective (keeps q from collapsing before it is consistent)."""
     tangent: Literal["linear", "seed"] = "linear"
     """dz/dt of the JVP: the forward process's mean-embedding path, or the seed's literal form."""
     loss: Literal["kl", "mse"] = "kl"
@@ -67,11 +86,22 @@ class StudentParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require_at_least(self, 1, "batch_size", "max_steps", "eval_every", "devices", "latent_draws")
+        require_at_least(self, 1, "batch_size", "max_steps", "eval_every", "devices", "latent_draws", "trained_draws")
+        require_at_least(self, 2, "policy_samples")
         require_seed(self)
-        require_at_least(self, 0, "meanflow_weight", "rollout_weight", "selection_temperature")
-        require(self.meanflow_weight > 0 or self.rollout_weight > 0, "rollout_weight",
-                "meanflow_weight and rollout_weight are both 0: nothing to train")
+        require_at_least(self, 0, "meanflow_weight", "rollout_weight", "policy_weight", "selection_temperature",
+                         "policy_entropy_weight")
+        require(self.meanflow_weight > 0 or self.rollout_weight > 0 or self.policy_weight > 0, "rollout_weight",
+                "meanflow_weight, rollout_weight and policy_weight are all 0: nothing to train")
+        require(self.selection in ("best", "weighted", "posterior"), "selection",
+                "must be 'best', 'weighted' or 'posterior'")
+        require(self.selection != "weighted" or self.selection_temperature > 0, "selection_temperature",
+                "must be > 0 for selection: weighted")
+        require(self.selection != "best" or self.selection_temperature == 0, "selection_temperature",
+                "applies to selection: weighted or posterior (it is best)")
+        if self.selection_temperature_start is not None:
+            require(self.selection == "posterior", "selection_temperature_start", "applies to selection: posterior")
+            require_at_least(self, 0, "selection_temperature_start")
         require(self.rollouts in ("all", "greedy", "sampled"), "rollouts", "must be 'all', 'greedy' or 'sampled'")
         for key in ("one_step_fraction", "r0_fraction"):
             require(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
@@ -82,6 +112,14 @@ class StudentParams:
         require_time_cap(self.max_minutes)
         require(self.precision is None or self.precision in PRECISIONS, "precision",
                 f"{self.precision!r} is not one of {', '.join(PRECISIONS)} (or null)")
+
+    def selection_temperature_at(self, step: int) -> float:
+        """tau (or T) at training step ``step``: the linear anneal of ``posterior``."""
+        start, end = self.selection_temperature_start, self.selection_temperature
+        if start is None:
+            return end
+        return start + (end - start) * min(step / self.max_steps, 1.0)
+
 
 PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine",
               "transformer-engine-float16", "64", "32", "16", "bf16")

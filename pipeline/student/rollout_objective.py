@@ -127,11 +127,52 @@ class LatentSelection:
     """(B, K) each draw's loss (no gradient)."""
     distinct: torch.Tensor
     """(B,) distinct greedy answers across the K draws (visible positions from the rollout)."""
+    weights: torch.Tensor | None = None
+    """(B, K) what each draw is trained with in expectation: softmax weights or responsibilities
+    (None: winner-takes-all, a one-hot on the best draw)."""
 
     @property
     def gap(self) -> torch.Tensor:
         """(B,) mean minus best draw's loss: about 0 when the latent is ignored."""
         return self.losses.mean(dim=1) - self.losses.min(dim=1).values
+
+    @property
+    def credit(self) -> torch.Tensor:
+        """(B, K) the training weight of each draw (sums to 1 per rollout)."""
+        if self.weights is not None:
+            return self.weights
+        return F.one_hot(self.losses.argmin(dim=1), self.losses.shape[1]).to(self.losses.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """How a latent student's K scored draws per rollout are trained (``student.selection``)."""
+
+    kind: str = "best"
+    """``best``: the lowest-loss draw only (winner-takes-all); ``weighted``: every draw, weighted by
+    sg(softmax(-loss / T)) of the row-mean losses; ``posterior``: soft EM, ``trained_draws`` draws
+    sampled from the responsibilities softmax(log q(answer | z) / tau), log q the summed
+    log-likelihood of the targets."""
+    temperature: float = 0.0
+    """T of ``weighted``, tau of ``posterior`` (1: the exact posterior under a uniform prior)."""
+    draw_uniforms: torch.Tensor | None = None
+    """(B, m) uniforms in [0, 1) picking the m draws ``posterior`` trains."""
+
+
+def responsibilities(log_likelihood: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, K) softmax(log q / tau) over the K draws: the posterior over a uniform prior's draws at tau = 1,
+    winner-takes-all (a one-hot on the most likely draw) as tau -> 0, uniform as tau -> inf."""
+    if temperature <= 0:
+        return F.one_hot(log_likelihood.argmax(dim=1), log_likelihood.shape[1]).to(log_likelihood.dtype)
+    return torch.softmax(log_likelihood / temperature, dim=1)
+
+
+def sample_draws(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(B, m) draw indices, each drawn from the row's ``weights`` (B, K) by inverse CDF of ``uniforms``
+    (B, m): training the m draws with weight 1/m is an unbiased estimate of sum_k w_k loss_k."""
+    cdf = weights.double().cumsum(dim=1)
+    u = uniforms.double() * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=weights.shape[1] - 1)
 
 
 def repeat_rows(interval: RolloutInterval, K: int) -> RolloutInterval:
@@ -189,17 +230,15 @@ class RolloutLoss:
 
 
 def rollout_loss(student, interval: RolloutInterval, latents: torch.Tensor | None, mask_id: int,
-                 selection_temperature: float = 0.0, anchor: torch.Tensor | None = None) -> RolloutLoss:
-    """The rollout objective on one batch. ``latents``: (B, K, d) draws for a latent student (the
-    best of K is trained; K = 1 trains the only draw), None without a latent. With
-    ``selection_temperature`` T > 0 every draw is trained, weighted by sg(softmax(-loss / T)) over
-    the K draws (annealed selection: draws that never win still learn; T -> 0 is winner-takes-all).
-    ``anchor`` (B,) bool: rows trained on the student's greedy anchor, without selection (their
+                 selection: Selection = Selection(), anchor: torch.Tensor | None = None) -> RolloutLoss:
+    """The rollout objective on one batch. ``latents``: (B, K, d) draws for a latent student, trained
+    as ``selection`` says (by default the best of K; K = 1 trains the only draw), None without a
+    latent. ``anchor`` (B,) bool: rows trained on the student's greedy anchor, without selection (their
     draws are unused). The head runs at the target positions only (at the masked answer positions
     when draws are scored)."""
     B, device = interval.tokens.shape[0], interval.tokens.device
     anchor = torch.zeros(B, dtype=torch.bool, device=device) if anchor is None else anchor
-    parts, selection = [], None  # (rows (B,) bool, their losses)
+    parts, scored = [], None  # (rows (B,) bool, their losses)
     if anchor.any():
         anchored = take_rows(interval, anchor)
         n = anchored.tokens.shape[0]
@@ -208,33 +247,43 @@ def rollout_loss(student, interval: RolloutInterval, latents: torch.Tensor | Non
         parts.append((anchor, row_losses(ce, anchored.targets)))
     if not anchor.all():
         drawn = take_rows(interval, ~anchor)
-        drawn_rows, selection = drawn_row_losses(student, drawn, None if latents is None else latents[~anchor],
-                                                 mask_id, selection_temperature)
+        if selection.draw_uniforms is not None:
+            selection = dataclasses.replace(selection, draw_uniforms=selection.draw_uniforms[~anchor])
+        drawn_rows, scored = drawn_row_losses(student, drawn, None if latents is None else latents[~anchor],
+                                              mask_id, selection)
         parts.append((~anchor, drawn_rows))
     rows = torch.zeros(B, dtype=parts[0][1].dtype, device=device)
     for where, losses in parts:
         rows = rows.masked_scatter(where, losses)
     return RolloutLoss(loss=rows.mean(), rows=rows.detach(), one_step=interval.one_step, anchor=anchor,
-                       selection=selection)
+                       selection=scored)
 
 
 def drawn_row_losses(student, interval: RolloutInterval, latents: torch.Tensor | None, mask_id: int,
-                     selection_temperature: float) -> tuple[torch.Tensor, LatentSelection | None]:
+                     selection: Selection) -> tuple[torch.Tensor, LatentSelection | None]:
     """(B,) row losses (with gradient) given drawn latents (B, K, d) or none, and the selection among
     K > 1 draws (``rollout_loss``)."""
-    if latents is not None and latents.shape[1] > 1 and selection_temperature > 0:
-        B, K, d = latents.shape
+    if latents is None or latents.shape[1] == 1:
+        latent = None if latents is None else latents[:, 0]
+        return row_losses(answer_scores(student, interval, latent, interval.targets, mask_id).ce, interval.targets), None
+    B, K, d = latents.shape
+    if selection.kind == "weighted":
         expanded = repeat_rows(interval, K)
         scores = answer_scores(student, expanded, latents.reshape(B * K, d), masked_answer(expanded, mask_id), mask_id)
         losses = row_losses(scores.ce, expanded.targets).view(B, K)
-        weights = torch.softmax(-losses.detach() / selection_temperature, dim=1)
-        return (weights * losses).sum(dim=1), score_draws(scores, expanded, latents)
-    selection = None
-    if latents is None:
-        latent = None
-    elif latents.shape[1] == 1:
-        latent = latents[:, 0]
-    else:
-        selection = select_latents(student, interval, latents, mask_id)
-        latent = selection.winner
-    return row_losses(answer_scores(student, interval, latent, interval.targets, mask_id).ce, interval.targets), selection
+        weights = torch.softmax(-losses.detach() / selection.temperature, dim=1)
+        chosen = score_draws(scores, expanded, latents)
+        return (weights * losses).sum(dim=1), dataclasses.replace(chosen, weights=weights)
+    scored = select_latents(student, interval, latents, mask_id)
+    if selection.kind == "best":
+        latent = scored.winner
+        return row_losses(answer_scores(student, interval, latent, interval.targets, mask_id).ce, interval.targets), scored
+    # posterior: soft EM over the draws, m of them trained
+    log_likelihood = -scored.losses * interval.targets.sum(dim=1, keepdim=True).clamp(min=1)  # (B, K)
+    weights = responsibilities(log_likelihood, selection.temperature)
+    picks = sample_draws(weights, selection.draw_uniforms.to(weights.device))  # (B, m)
+    m = picks.shape[1]
+    trained = repeat_rows(interval, m)
+    chosen = latents.gather(1, picks[..., None].expand(-1, -1, d)).reshape(B * m, d)
+    losses = row_losses(answer_scores(student, trained, chosen, trained.targets, mask_id).ce, trained.targets)
+    return losses.view(B, m).mean(dim=1), dataclasses.replace(scored, weights=weights)

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.core.counter_random import CODEBOOK, counter_normal, counter_uniform
 from pipeline.core.params import require, require_at_least
 
 
@@ -32,6 +33,11 @@ class SoftPromptConfig:
     """d: a per-generation latent z ~ N(0, I_d) enters the prompt MLP beside the time features, so
     one forward pass can emit different consistent answers; 0: no latent (students
     saved before the latent existed load with 0)."""
+    codebook_size: int = 0
+    """0: the latent's prior is N(0, I_d). K > 0: a code book of K fixed codes (code c is
+    ``counter_normal(d, CODEBOOK, c)``), uniform prior: a completion draws one code, so the latent space
+    has no regions between modes to blend them (training can then infer each rollout's code,
+    ``student.selection: posterior``)."""
     anchor: Literal["none", "zero", "flag"] = "flag"
     """A designated latent for the teacher's greedy mode, trained on the greedy rollouts without
     selection and used by greedy one-completion decoding: ``zero`` (z = 0), ``flag`` (z = 0 and a
@@ -41,7 +47,8 @@ class SoftPromptConfig:
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "prompt_length", "hidden_size", "max_frequency")
-        require_at_least(self, 0, "latent_dim")
+        require_at_least(self, 0, "latent_dim", "codebook_size")
+        require(not self.codebook_size or self.latent_dim, "codebook_size", "needs a latent (latent_dim > 0)")
         require(self.time_features >= 2 and self.time_features % 2 == 0, "time_features", "must be an even number >= 2")
         require(self.conditioning in ("r_t", "t_interval"), "conditioning", "must be 'r_t' or 't_interval'")
         require(self.anchor in ("none", "zero", "flag"), "anchor", "must be 'none', 'zero' or 'flag'")
@@ -79,6 +86,22 @@ marked ``anchor`` get the greedy mode's latent (``config.anchor``) in place of t
             nn.Linear(config.hidden_size, math.prod(self.prefix_shape)),
         )
         self.prompt_gate = nn.Parameter(torch.zeros(n_layers, n_heads))
+        codes = counter_normal(config.latent_dim, CODEBOOK, torch.arange(config.codebook_size))  # (K, d)
+        self.register_buffer("codes", codes, persistent=False)
+
+    def prior_latents(self, *keys: torch.Tensor | int) -> torch.Tensor:
+        """Latents drawn from the prior as a pure function of integer ``keys`` (broadcast to shape S):
+        (*S, d) standard normals ``counter_normal(d, *keys)``, or with a code book the code
+        ``floor(counter_uniform(*keys) * K)`` of it."""
+        K = self.config.codebook_size
+        if not K:
+            return counter_normal(self.config.latent_dim, *keys).to(self.codes.device)
+        return self.codes[self.prior_codes(*keys)]
+
+    def prior_codes(self, *keys: torch.Tensor | int) -> torch.Tensor:
+        """Code indices (shape S, int64) drawn uniformly from the code book by ``keys``."""
+        K = self.config.codebook_size
+        return (counter_uniform(*keys) * K).long().clamp(max=K - 1).to(self.codes.device)
 
     def forward(self, r: torch.Tensor, t: torch.Tensor, latent: torch.Tensor | None = None,
                 anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
