@@ -1,7 +1,7 @@
 """Helper for test_distillation: train a few steps on a prepared workdir with N CPU processes and
 save each rank's soft prompt, with the MeanFlow objective (``meanflow``), the rollout objective and
 a latent (``rollouts``), the rollout objective on a code book with soft-EM selection (``posterior``), or
-the policy objective with a latent (``policy``). Run as a script (Lightning's DDP relaunches it for every rank).
+the policy objective with a latent (``policy``), or distribution matching with its auxiliary (``matching``). Run as a script (Lightning's DDP relaunches it for every rank).
 
 The optimizer is plain SGD, not the stage's AdamW: what is compared is how DDP shards the batch and
 averages gradients. Adam divides each gradient by its own running scale, so a gradient that is zero
@@ -26,7 +26,7 @@ from pipeline.teacher.artifact import load_teacher
 
 class SGDDistillation(StudentDistillation):
     def configure_optimizers(self):
-        return torch.optim.SGD(self.student.soft_prompt.parameters(), lr=self.params.lr)
+        return torch.optim.SGD(self.trainable_parameters(), lr=self.params.lr)
 
 
 def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int, objective: str) -> None:
@@ -36,7 +36,8 @@ def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int, ob
     options = {"meanflow": dict(meanflow_weight=1.0, rollout_weight=0.0),
                "rollouts": dict(),
                "posterior": dict(selection="posterior", selection_temperature=1.0, trained_draws=2),
-               "policy": dict(rollout_weight=0.0, policy_weight=1.0, policy_samples=3)}[objective]
+               "policy": dict(rollout_weight=0.0, policy_weight=1.0, policy_samples=3),
+               "matching": dict(rollout_weight=0.0, matching_weight=1.0, matching_warmup_steps=1)}[objective]
     prompt = SoftPromptConfig(prompt_length=2, hidden_size=8, latent_dim=4 if rollouts else 0,
                               codebook_size=5 if objective == "posterior" else 0)
     params = StudentParams(soft_prompt=prompt, batch_size=batch_size, max_steps=steps, warmup_steps=1, lr=0.5,

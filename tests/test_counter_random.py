@@ -35,6 +35,11 @@ FAMILIES = {
         "policy latent": (cr.POLICY_LATENT, NATURAL),
         "policy code": (cr.POLICY_LATENT,),
         "policy answer samples": (cr.POLICY_SAMPLE, NATURAL, NATURAL),
+        "matching latent": (cr.MATCHING_LATENT, NATURAL),
+        "matching code": (cr.MATCHING_LATENT,),
+        "matching sample": (cr.MATCHING_SAMPLE, NATURAL),
+        "matching t": (cr.MATCHING_MASK,),
+        "matching order": (cr.MATCHING_MASK, NATURAL),
     },
 }
 

@@ -26,6 +26,9 @@ numbers are the stream constants below, which keep paths of the same shape apart
       posterior draws trained   (..., POSTERIOR_DRAW, j)
       policy latent             (..., POLICY_LATENT, 2j | 2j + 1), or its code (..., POLICY_LATENT)
       policy answer samples     (..., POLICY_SAMPLE, sample, position)
+      matching latent           (..., MATCHING_LATENT, 2j | 2j + 1), or its code (..., MATCHING_LATENT)
+      matching sample           (..., MATCHING_SAMPLE, position)
+      matching re-mask          (..., MATCHING_MASK) for t, (..., MATCHING_MASK, position) for the order
     the student's code book (part of the network, so under no seed; CODEBOOK < 0)
       code c                    (CODEBOOK, c, 2j | 2j + 1)
 
@@ -41,8 +44,8 @@ COMPLETION_SEED, FIELD_SEED, COMPLETION_LATENT = 1, 2, 3
 # Under a row's noise seed, in the place of the step (steps count from 0).
 REMASK = -1
 # Under a training row's keys.
-R_FIRST, R_SECOND, MEANFLOW_LATENT, ROLLOUT_STEPS, ROLLOUT_LATENT, POSTERIOR_DRAW, POLICY_LATENT, POLICY_SAMPLE = \
-    1, 2, 3, 4, 5, 6, 7, 8
+(R_FIRST, R_SECOND, MEANFLOW_LATENT, ROLLOUT_STEPS, ROLLOUT_LATENT, POSTERIOR_DRAW, POLICY_LATENT, POLICY_SAMPLE,
+ MATCHING_LATENT, MATCHING_SAMPLE, MATCHING_MASK) = range(1, 12)
 # The code book's first key: negative, so no run seed (>= 0) can give its keys.
 CODEBOOK = -2
 

@@ -9,6 +9,7 @@ so a row gets the same draws on any rank; batches come from ``pipeline.cache.loa
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import deque
 from pathlib import Path
@@ -17,10 +18,12 @@ import lightning as L
 import torch
 
 from pipeline.cache.loader import RolloutBatch, TeacherCacheDataModule, TopKBatch, TrainingItem
-from pipeline.core.counter_random import (MEANFLOW_LATENT, POLICY_LATENT, POLICY_SAMPLE, POSTERIOR_DRAW, R_FIRST,
-                                          R_SECOND, ROLLOUT_LATENT, ROLLOUT_STEPS, counter_uniform)
+from pipeline.core.counter_random import (MATCHING_LATENT, MATCHING_MASK, MATCHING_SAMPLE, MEANFLOW_LATENT,
+                                          POLICY_LATENT, POLICY_SAMPLE, POSTERIOR_DRAW, R_FIRST, R_SECOND,
+                                          ROLLOUT_LATENT, ROLLOUT_STEPS, counter_uniform)
 from pipeline.core.errors import TrainingError
 from pipeline.core.lr_schedule import warmup_cosine
+from pipeline.student.matching_objective import MatchingLoss, distribution_matching_loss
 from pipeline.student.meanflow import MeanFlowLoss, MeanFlowOptions, TeacherRows, meanflow_loss, sample_r
 from pipeline.student.model import Student
 from pipeline.student.params import StudentParams
@@ -35,7 +38,9 @@ DIAGNOSTIC_WINDOW = 50  # training steps the end-of-training diagnostics average
 
 class StudentDistillation(L.LightningModule):
     """Trains ``student.soft_prompt`` on ``meanflow_weight * L_meanflow + rollout_weight * L_rollout +
-    policy_weight * L_policy``; checkpoints hold only the soft prompt. ``rollout_steps`` is the number of
+    policy_weight * L_policy + matching_weight * L_matching``, and with matching an auxiliary soft prompt
+    (``auxiliary``, a ``Student`` on the same frozen base, never saved with the student) on its own
+    cross-entropy; checkpoints hold only the soft prompts. ``rollout_steps`` is the number of
     steps of the cached rollouts' sampler; ``eos_id`` the token that ends an answer (the policy
     objective's reward stops there)."""
 
@@ -46,6 +51,10 @@ class StudentDistillation(L.LightningModule):
             raise ValueError("the policy objective needs eos_id")
         self.student, self.params, self.gen_length, self.rollout_steps = student, params, gen_length, rollout_steps
         self.eos_id = eos_id
+        self.auxiliary = None
+        if params.matching_weight > 0:
+            config = dataclasses.replace(student.soft_prompt_config, latent_dim=0, codebook_size=0, anchor="none")
+            self.auxiliary = Student(student.base, config=config)
         self.meanflow_options = MeanFlowOptions.of(params)
         self.strict_loading = False  # checkpoints omit the frozen base
         self.recent: dict[str, deque] = {}
@@ -114,6 +123,21 @@ class StudentDistillation(L.LightningModule):
         return policy_loss(self.student, batch.prompt_ids, batch.prompt_mask, latent, uniforms, self.gen_length,
                            self.student.base.config.mask_token_id, self.eos_id, p.policy_entropy_weight)
 
+    def matching_step(self, batch: RolloutBatch) -> MatchingLoss:
+        """Distribution matching on the prompts of a batch of rollouts, each with a latent from the prior."""
+        p, device, G = self.params, batch.tokens.device, self.gen_length
+        latent = None
+        if self.student.latent_dim:
+            latent = self.student.soft_prompt.prior_latents(*self.row_keys(batch), MATCHING_LATENT).to(device)
+        position = torch.arange(G)
+        sample_uniforms = counter_uniform(*self.row_keys(batch, 2), MATCHING_SAMPLE, position[None, None, :])
+        t_uniform = counter_uniform(*self.row_keys(batch), MATCHING_MASK)
+        position_uniforms = counter_uniform(*self.row_keys(batch, 1), MATCHING_MASK, position[None, :])
+        return distribution_matching_loss(self.student, self.auxiliary, batch.prompt_ids, batch.prompt_mask, latent,
+                                          sample_uniforms.to(device), t_uniform.to(device),
+                                          position_uniforms.to(device), self.student.base.config.mask_token_id,
+                                          p.matching_beta, p.matching_label_smoothing)
+
     def training_step(self, item: TrainingItem, batch_idx: int):
         p, loss = self.params, 0.0
         if item.meanflow is not None:
@@ -132,6 +156,14 @@ class StudentDistillation(L.LightningModule):
             self.require_finite(out.loss, "policy", "Lower student.lr or student.policy_weight.")
             self.log_policy(out)
             loss = loss + p.policy_weight * out.loss
+        if item.rollouts is not None and p.matching_weight > 0:
+            out = self.matching_step(item.rollouts)
+            self.require_finite(out.student + out.auxiliary, "matching", "Lower student.lr or student.matching_weight.")
+            self.track("matching_loss", out.student.detach())
+            self.track("matching_auxiliary_loss", out.auxiliary.detach())
+            self.track("matching_kl", out.kl)
+            warm = self.global_step >= p.matching_warmup_steps  # until then only the auxiliary learns
+            loss = loss + (p.matching_weight if warm else 0.0) * out.student + out.auxiliary
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -199,14 +231,20 @@ class StudentDistillation(L.LightningModule):
         if grads:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The student's soft prompt and, with matching, the auxiliary's."""
+        return [*self.student.soft_prompt.parameters(),
+                *(self.auxiliary.soft_prompt.parameters() if self.auxiliary is not None else [])]
+
     def configure_optimizers(self):
         p = self.params
-        optimizer = torch.optim.AdamW(self.student.soft_prompt.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=p.lr, weight_decay=p.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, p.warmup_steps, p.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("student.base.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(("student.base.", "auxiliary.base."))}
 
 
 def check_cache_matches_teacher(cache_dir: Path, record) -> None:
@@ -254,8 +292,8 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     ckpt_path = student_run.resume_checkpoint(resume, run_dir, identity)
     data = TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers, seed=params.seed,
                                   meanflow=params.meanflow_weight > 0,
-                                  rollouts=params.rollouts if params.rollout_weight > 0 or params.policy_weight > 0
-                                  else None)
+                                  rollouts=params.rollouts if params.rollout_weight + params.policy_weight
+                                  + params.matching_weight > 0 else None)
     data.setup("fit")  # opens (rank 0: verifies) the cache
     if rank_zero_only.rank == 0:
         print(f"checkpoints: {run_dir}; " + (f"resuming {ckpt_path}" if ckpt_path else "training afresh"))

@@ -51,6 +51,15 @@ class StudentParams:
     """M: answers sampled per (prompt, latent) from one student pass (the leave-one-out group)."""
     policy_entropy_weight: float = 5e-4
     """Entropy bonus of the policy objective (keeps q from collapsing before it is consistent)."""
+    matching_weight: float = 0.0
+    """Weight of DiMO-style distribution matching with an auxiliary soft prompt
+    (``pipeline.student.matching_objective``; 0: off). The auxiliary trains one step per student step."""
+    matching_beta: float = 0.5
+    """0: forward-KL direction p_A - p_T; 1: reverse KL (mode-seeking); between: DiMO's mixture."""
+    matching_warmup_steps: int = 100
+    """Steps in which only the auxiliary trains (while it equals the teacher the student's signal is 0)."""
+    matching_label_smoothing: float = 0.1
+    """Label smoothing of the auxiliary's cross-entropy on the student's samples."""
     tangent: Literal["linear", "seed"] = "linear"
     """dz/dt of the JVP: the forward process's mean-embedding path, or the seed's literal form."""
     loss: Literal["kl", "mse"] = "kl"
@@ -89,10 +98,13 @@ class StudentParams:
         require_at_least(self, 1, "batch_size", "max_steps", "eval_every", "devices", "latent_draws", "trained_draws")
         require_at_least(self, 2, "policy_samples")
         require_seed(self)
-        require_at_least(self, 0, "meanflow_weight", "rollout_weight", "policy_weight", "selection_temperature",
-                         "policy_entropy_weight")
-        require(self.meanflow_weight > 0 or self.rollout_weight > 0 or self.policy_weight > 0, "rollout_weight",
-                "meanflow_weight, rollout_weight and policy_weight are all 0: nothing to train")
+        require_at_least(self, 0, "meanflow_weight", "rollout_weight", "policy_weight", "matching_weight",
+                         "selection_temperature", "policy_entropy_weight", "matching_warmup_steps")
+        require(self.meanflow_weight > 0 or self.rollout_weight > 0 or self.policy_weight > 0
+                or self.matching_weight > 0, "rollout_weight",
+                "meanflow_weight, rollout_weight, policy_weight and matching_weight are all 0: nothing to train")
+        for key in ("matching_beta", "matching_label_smoothing"):
+            require(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
         require(self.selection in ("best", "weighted", "posterior"), "selection",
                 "must be 'best', 'weighted' or 'posterior'")
         require(self.selection != "weighted" or self.selection_temperature > 0, "selection_temperature",
