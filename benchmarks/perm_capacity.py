@@ -64,32 +64,22 @@ def perm_rows(data_dir: Path, split: str, prompt_length: int, limit: int | None 
             torch.as_tensor(rows["attention_mask"][index, :prompt_length]).long(), rows["prompt"][index].tolist())
 
 
-def one_step_logits(student: Student, prompt_ids, attention, codes, gen_length: int, mask_id: int,
-                    answer_embedding: torch.nn.Linear | None = None) -> torch.Tensor:
-    """u(all-masked answer, r = 0, t = 1, z) at the answer positions: (B, G, V). ``answer_embedding``: z
-    also enters the input of each answer position (z -> (G, C), added to the mask embeddings)."""
+def one_step_logits(student: Student, prompt_ids, attention, codes, gen_length: int, mask_id: int) -> torch.Tensor:
+    """u(all-masked answer, r = 0, t = 1, z) at the answer positions: (B, G, V)."""
     B = prompt_ids.shape[0]
     ids = torch.cat((prompt_ids, torch.full((B, gen_length), mask_id, dtype=prompt_ids.dtype)), dim=1)
     mask = torch.cat((attention, torch.ones(B, gen_length, dtype=attention.dtype)), dim=1)
-    inputs = {"input_ids": ids}
-    if answer_embedding is not None:
-        embeds = student.base.embed(ids)  # (B, T, C)
-        answer = answer_embedding(codes).view(B, gen_length, -1)  # (B, G, C)
-        inputs = {"inputs_embeds": torch.cat((embeds[:, :-gen_length], embeds[:, -gen_length:] + answer), dim=1)}
-    hidden = student.hidden(**inputs, attention_mask=mask, r=0.0, t=1.0, latent=codes)[:, -gen_length:]
+    hidden = student.hidden(input_ids=ids, attention_mask=mask, r=0.0, t=1.0, latent=codes)[:, -gen_length:]
     return student.head(hidden)
 
 
 def measure(args, M: int, base, tokenizer, layout, train, val) -> dict:
     torch.manual_seed(args.seed)
-    config = SoftPromptConfig(latent_dim=args.latent_dim, hidden_size=args.hidden_size,
-                              prompt_length=args.prompt_length, anchor="none")
+    answer_positions = layout.gen_length if args.latent_into == "prompt_and_answer" else 0
+    config = SoftPromptConfig(latent_dim=args.latent_dim, hidden_size=args.hidden_size, prompt_length=args.prompt_length,
+                              latent_answer_positions=answer_positions, anchor="none")
     student = Student(base, config=config)
-    answer_embedding = None
-    if args.latent_into == "prompt_and_answer":
-        answer_embedding = torch.nn.Linear(args.latent_dim, layout.gen_length * base.config.d_model, bias=False)
-        torch.nn.init.zeros_(answer_embedding.weight)  # the student equals its base at initialization
-    trained = [*student.soft_prompt.parameters(), *(answer_embedding.parameters() if answer_embedding else [])]
+    trained = list(student.soft_prompt.parameters())
     mask_id, G = base.config.mask_token_id, layout.gen_length
     sigma = rules(M, args.seed)
     codes = torch.randn(M, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))  # (M, d)
@@ -106,7 +96,7 @@ def measure(args, M: int, base, tokenizer, layout, train, val) -> dict:
         labels = torch.tensor([targets.setdefault((r, c), answer_ids(tokenizer, train_prompts[r], sigma[c], G,
                                                                     layout.pad_token_id))
                                for r, c in zip(rows.tolist(), code.tolist())])  # (B, G)
-        logits = one_step_logits(student, train_ids[rows], train_mask[rows], codes[code], G, mask_id, answer_embedding)
+        logits = one_step_logits(student, train_ids[rows], train_mask[rows], codes[code], G, mask_id)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         optimizer.zero_grad()
         loss.backward()
@@ -116,13 +106,12 @@ def measure(args, M: int, base, tokenizer, layout, train, val) -> dict:
         if step % 100 == 0 or step == args.steps - 1:
             print(f"  M={M} step {step}: loss {loss.item():.4f}", flush=True)
     train_seconds = time.perf_counter() - started
-    return {"M": M, **evaluate(student, codes, sigma, tokenizer, layout, val, answer_embedding),
-            "final_loss": round(loss.item(), 4),
+    return {"M": M, **evaluate(student, codes, sigma, tokenizer, layout, val), "final_loss": round(loss.item(), 4),
             "train_seconds": round(train_seconds, 1)}
 
 
 @torch.no_grad()
-def evaluate(student, codes, sigma, tokenizer, layout, val, answer_embedding=None) -> dict:
+def evaluate(student, codes, sigma, tokenizer, layout, val) -> dict:
     """Greedy one-step answers of every validation prompt under every code."""
     student.eval()
     M, G = len(sigma), layout.gen_length
@@ -133,7 +122,7 @@ def evaluate(student, codes, sigma, tokenizer, layout, val, answer_embedding=Non
     follows = torch.zeros(len(ids), M)
     answers: list[list[str]] = [[] for _ in range(len(ids))]
     for c in range(M):
-        logits = one_step_logits(student, ids, attention, codes[c].expand(len(ids), -1), G, mask_id, answer_embedding)
+        logits = one_step_logits(student, ids, attention, codes[c].expand(len(ids), -1), G, mask_id)
         logits[..., mask_id] = -math.inf
         for i, tokens in enumerate(logits.argmax(-1).tolist()):
             text = decode_answer(tokenizer, tokens, stops)
@@ -160,8 +149,8 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     parser.add_argument("--prompt-length", type=int, default=defaults.prompt_length)
     parser.add_argument("--latent-into", choices=("prompt", "prompt_and_answer"), default="prompt",
-                        help="where z enters: the prompt MLP only (the student's pathway), or also the answer "
-                             "positions' input embeddings (a trainable z -> (G, C) map)")
+                        help="where z enters: the prompt MLP only, or also the answer positions' inputs "
+                             "(soft_prompt.latent_answer_positions = gen_length)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-prompts", type=int, default=64)
     parser.add_argument("--data", type=Path, default=Path("data"))

@@ -26,7 +26,7 @@ from pipeline.core.errors import CheckpointError
 from pipeline.core.params import SEED_LIMIT
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
-from pipeline.generation.decode import completion_network, uses_anchor
+from pipeline.generation.decode import check_answer_length, completion_network, uses_anchor
 from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, generate
 from pipeline.models.checkpoint_io import read_json, resolve_checkpoint
 from pipeline.models.registry import load_model
@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> None:
         dtype = getattr(torch, args.dtype) if args.dtype else (
             torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
         model, base_dir = load_student_or_llada(args.model, dtype, args.device)
+        check_answer_length(model, gen_length)
         tokenizer = load_tokenizer(base_dir)
         config = (model.base if is_student else model).config
         stops = stop_token_ids(tokenizer, config, base_dir)

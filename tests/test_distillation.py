@@ -183,17 +183,13 @@ def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path, objective):
 def test_train_student_stage_with_rollouts_and_a_latent(workdir, tmp_path):
     """The rollout objective from the cache's rollouts, with a latent: the summary carries the latent
     diagnostics and the 4-latent validation."""
-    params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3}, "batch_size": 8,
-                          "max_steps": 2, "eval_every": 1, "warmup_steps": 1, "meanflow_weight": 0.0,
-                          "rollout_weight": 1.0, "latent_draws": 3}, "cache": CACHE}
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-    metrics = tmp_path / "metrics"
-    result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py"), "--out", str(tmp_path / "s"),
-                             "--metrics", str(metrics), "--checkpoints", str(tmp_path / "c")], cwd=workdir,
-                            capture_output=True, text=True, timeout=600)
+    student = {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3}, "batch_size": 8,
+               "max_steps": 2, "eval_every": 1, "warmup_steps": 1, "meanflow_weight": 0.0,
+               "rollout_weight": 1.0, "latent_draws": 3}
+    result = run_student_stage(workdir, tmp_path, student)
     assert result.returncode == 0, result.stderr[-3000:]
     assert Student.from_pretrained(tmp_path / "s").latent_dim == 3
-    summary = json.loads((metrics / "summary.json").read_text())
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert {"latent_gap", "latent_distinct", "rollout_loss_one_step"} <= set(summary["diagnostics"])
     assert "meanflow_loss" not in summary["diagnostics"]
     latents = summary["val_one_step_4_latents"]  # a random teacher: few valid answers
@@ -204,20 +200,15 @@ def test_train_student_stage_with_a_code_book_soft_em_policy_and_matching(workdi
     """The mode-seeking objectives through the stage: the summary carries the code usage, policy and
     matching diagnostics, the saved student decodes with its code book, and the run's checkpoint
     holds the two soft prompts but not the frozen base."""
-    params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3, "codebook_size": 4},
-                          "batch_size": 8, "max_steps": 2, "eval_every": 2, "warmup_steps": 1,
-                          "rollout_weight": 1.0, "latent_draws": 4, "selection": "posterior",
-                          "selection_temperature": 1.0, "selection_temperature_start": 5.0, "trained_draws": 2,
-                          "policy_weight": 0.5, "policy_samples": 3, "matching_weight": 0.5,
-                          "matching_warmup_steps": 1}, "cache": CACHE}
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-    metrics = tmp_path / "metrics"
-    result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py"), "--out", str(tmp_path / "s"),
-                             "--metrics", str(metrics), "--checkpoints", str(tmp_path / "c")], cwd=workdir,
-                            capture_output=True, text=True, timeout=600)
+    student = {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3, "codebook_size": 4},
+               "batch_size": 8, "max_steps": 2, "eval_every": 2, "warmup_steps": 1,
+               "rollout_weight": 1.0, "latent_draws": 4, "selection": "posterior",
+               "selection_temperature": 1.0, "selection_temperature_start": 5.0, "trained_draws": 2,
+               "policy_weight": 0.5, "policy_samples": 3, "matching_weight": 0.5, "matching_warmup_steps": 1}
+    result = run_student_stage(workdir, tmp_path, student)
     assert result.returncode == 0, result.stderr[-3000:]
     assert Student.from_pretrained(tmp_path / "s").soft_prompt_config.codebook_size == 4
-    diagnostics = json.loads((metrics / "summary.json").read_text())["diagnostics"]
+    diagnostics = json.loads((tmp_path / "m" / "summary.json").read_text())["diagnostics"]
     assert 0 <= diagnostics["code_usage_entropy"] <= round(math.log(4), 4) and 1 <= diagnostics["codes_won"] <= 4
     assert diagnostics["policy_reward"] < 0 and 1 <= diagnostics["policy_length"] <= 7
     assert 1 <= diagnostics["policy_distinct"] <= 3 and diagnostics["policy_entropy"] > 0
@@ -437,3 +428,14 @@ def test_a_cache_from_other_training_data_is_refused(workdir, tmp_path):
     with pytest.raises(CacheError, match=r"built from other training data .*train .*rerun cache_teacher"):
         check_cache_is_current(tmp_path, {**manifest, "data_fingerprint": "0" * 16}, CacheParams(**CACHE), layout,
                                workdir / "data")
+
+
+def test_a_latent_into_answer_positions_of_another_length_is_refused(workdir, tmp_path):
+    gen_length = Layout.load(workdir / "data").gen_length
+    student = {**STAGE_STUDENT, "soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3,
+                                                "latent_answer_positions": gen_length + 1}}
+    result = run_student_stage(workdir, tmp_path, student)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (f"error: student.soft_prompt.latent_answer_positions: {gen_length + 1}, but the data's answers have "
+            f"{gen_length} tokens") in result.stderr
+    assert not (tmp_path / "s").exists()

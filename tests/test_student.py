@@ -243,3 +243,35 @@ def test_a_code_book_prior_draws_its_fixed_codes_uniformly(tiny_checkpoint, tmp_
     assert loaded.soft_prompt_config.codebook_size == 6 and torch.equal(loaded.soft_prompt.codes, codes)
     with pytest.raises(ValueError, match="codebook_size: needs a latent"):
         SoftPromptConfig(latent_dim=0, codebook_size=4)
+
+
+def test_a_latent_into_the_answer_positions_starts_at_the_base_and_round_trips(tiny_checkpoint, tmp_path):
+    """latent_answer_positions G: z -> (G, width) added to the last G positions' embeddings, zero at
+    initialization (the student equals its base for any z); once trained, z changes the answer
+    positions' inputs (not the prompt's), the anchor's rows get none, and the map is saved; a student
+    built for G answer tokens refuses to decode another length."""
+    from pipeline.generation.decode import check_answer_length
+
+    base = LLaDA.from_pretrained(tiny_checkpoint)
+    student = Student(base, prompt_length=2, latent_dim=3, latent_answer_positions=4)
+    ids = torch.randint(0, base.config.vocab_size, (2, 9))
+    z = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(student(ids, latent=z), base(input_ids=ids))
+        student.soft_prompt.answer_embedding.weight.normal_(generator=torch.Generator().manual_seed(1))
+        added = student.soft_prompt.answer_inputs(z)  # (2, 4, width)
+        assert added.shape == (2, 4, base.embedding_weight.shape[-1])
+        embeds = base.embed(ids)
+        expected = base(inputs_embeds=torch.cat((embeds[:, :5], embeds[:, 5:] + added), dim=1))
+        assert torch.equal(student(ids, latent=z), expected)
+        anchored = student.soft_prompt.answer_inputs(z, anchor=torch.tensor([True, False]))
+        assert anchored[0].abs().max() == 0 and torch.equal(anchored[1], added[1])
+    student.save_pretrained(tmp_path / "student")
+    loaded = Student.from_pretrained(tmp_path / "student")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, latent=z), student(ids, latent=z))
+    check_answer_length(loaded, 4)
+    with pytest.raises(CheckpointError, match="enters 4 answer positions.*cannot decode answers of 7 tokens"):
+        check_answer_length(loaded, 7)
+    with pytest.raises(ValueError, match="latent_answer_positions: needs a latent"):
+        SoftPromptConfig(latent_dim=0, latent_answer_positions=4)

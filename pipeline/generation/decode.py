@@ -9,7 +9,7 @@ import time
 import torch
 
 from pipeline.core.counter_random import COMPLETION_LATENT
-from pipeline.core.errors import DataError
+from pipeline.core.errors import CheckpointError, DataError
 from pipeline.data.layout import Layout
 from pipeline.data.tokenizer import decode_answer
 from pipeline.generation.noise import completion_noise
@@ -20,6 +20,16 @@ def uses_anchor(model, temperature: float, samples: int) -> bool:
     """Whether completions decode with the student's greedy anchor: greedy decoding of one completion
     per prompt, by a student that has one. Several completions, or sampling, draw a latent each."""
     return getattr(model, "has_anchor", False) and temperature == 0 and samples == 1
+
+
+def check_answer_length(model, gen_length: int) -> None:
+    """A student whose latent enters the answer positions' inputs decodes answers of the length it
+    was built for only (``SoftPromptConfig.latent_answer_positions``)."""
+    config = getattr(model, "soft_prompt_config", None)
+    G = config.latent_answer_positions if config is not None else 0
+    if G and G != gen_length:
+        raise CheckpointError(f"this student's latent enters {G} answer positions (latent_answer_positions); "
+                              f"it cannot decode answers of {gen_length} tokens (use --gen-length {G})")
 
 
 def completion_network(model, seed: int, index: torch.Tensor, draws: torch.Tensor, anchor: bool) -> SamplerNetwork:
@@ -76,6 +86,7 @@ def complete_split(
         raise DataError(f"the split to decode lacks the columns {sorted(missing)}")
     device = next(model.parameters()).device
     mask_id = (model.base if hasattr(model, "base") else model).config.mask_token_id
+    check_answer_length(model, layout.gen_length)
     anchor = uses_anchor(model, temperature, samples)
     P, G = layout.prompt_length, layout.gen_length
     options = SamplerOptions(gen_length=G, steps=steps, block_length=block_length, temperature=temperature,

@@ -21,7 +21,7 @@ from pipeline.cache.loader import RolloutBatch, TeacherCacheDataModule, TopKBatc
 from pipeline.core.counter_random import (MATCHING_LATENT, MATCHING_MASK, MATCHING_SAMPLE, MEANFLOW_LATENT,
                                           POLICY_LATENT, POLICY_SAMPLE, POSTERIOR_DRAW, R_FIRST, R_SECOND,
                                           ROLLOUT_LATENT, ROLLOUT_STEPS, counter_uniform)
-from pipeline.core.errors import TrainingError
+from pipeline.core.errors import ParamsError, TrainingError
 from pipeline.core.lr_schedule import warmup_cosine
 from pipeline.student.matching_objective import MatchingLoss, distribution_matching_loss
 from pipeline.student.meanflow import MeanFlowLoss, MeanFlowOptions, TeacherRows, meanflow_loss, sample_r
@@ -284,6 +284,10 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     base, tokenizer, record = load_teacher(teacher_dir)
     check_cache_matches_teacher(cache_dir, record)
     layout = Layout.load(data_dir)
+    answer_positions = params.soft_prompt.latent_answer_positions
+    if answer_positions and answer_positions != layout.gen_length:
+        raise ParamsError(f"student.soft_prompt.latent_answer_positions: {answer_positions}, but the data's answers "
+                          f"have {layout.gen_length} tokens (data.gen_length); set it to {layout.gen_length} or 0")
     manifest = read_manifest(cache_dir)
     if cache_params is not None:
         student_run.check_cache_is_current(cache_dir, manifest, cache_params, layout, data_dir)

@@ -49,7 +49,8 @@ class Student(nn.Module):
         config = config or SoftPromptConfig(prompt_length=prompt_length, latent_dim=latent_dim, **options)
         c = base.config
         self.base = base.requires_grad_(False).eval()
-        self.soft_prompt = SoftPrompt(config, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim)
+        self.soft_prompt = SoftPrompt(config, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,
+                                      model_width=base.embedding_weight.shape[-1])
         dtype = next(base.parameters()).dtype
         device = next(base.parameters()).device
         self.soft_prompt.to(device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
@@ -97,6 +98,14 @@ class Student(nn.Module):
         r, t = as_time(r, ref.shape[0], weight), as_time(t, ref.shape[0], weight)
         prefix, gate = self.soft_prompt(r, t, latent, anchor)
         base_dtype = self.base.embedding_weight.dtype
+        G = self.soft_prompt_config.latent_answer_positions
+        if G:  # z also enters the answer positions' inputs
+            embeds = inputs_embeds if inputs_embeds is not None else self.base.embed(input_ids)  # (B, T, C)
+            if embeds.shape[1] <= G:
+                raise ValueError(f"this student adds z to the last {G} positions (the answer); the sequence has "
+                                 f"only {embeds.shape[1]}")
+            answer = embeds[:, -G:] + self.soft_prompt.answer_inputs(latent, anchor).to(embeds.dtype)
+            input_ids, inputs_embeds = None, torch.cat((embeds[:, :-G], answer), dim=1)
         return self.base.hidden(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,

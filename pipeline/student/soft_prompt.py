@@ -38,6 +38,12 @@ class SoftPromptConfig:
     ``counter_normal(d, CODEBOOK, c)``), uniform prior: a completion draws one code, so the latent space
     has no regions between modes to blend them (training can then infer each rollout's code,
     ``student.selection: posterior``)."""
+    latent_answer_positions: int = 0
+    """0: z enters the prompt MLP only. G > 0 (the data's ``gen_length``): z also enters the input of
+    the answer's G positions (the last G of the sequence), through a trainable map z -> (G, model
+    width) added to their embeddings (zero-initialized: the student still equals its base), so each
+    answer position gets its own view of z; ``benchmarks/perm_capacity.py`` measures what the
+    prompt MLP alone can express."""
     anchor: Literal["none", "zero", "flag"] = "flag"
     """A designated latent for the teacher's greedy mode, trained on the greedy rollouts without
     selection and used by greedy one-completion decoding: ``zero`` (z = 0), ``flag`` (z = 0 and a
@@ -47,8 +53,9 @@ class SoftPromptConfig:
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "prompt_length", "hidden_size", "max_frequency")
-        require_at_least(self, 0, "latent_dim", "codebook_size")
-        require(not self.codebook_size or self.latent_dim, "codebook_size", "needs a latent (latent_dim > 0)")
+        require_at_least(self, 0, "latent_dim", "codebook_size", "latent_answer_positions")
+        for key in ("codebook_size", "latent_answer_positions"):
+            require(not getattr(self, key) or self.latent_dim > 0, key, "needs a latent (latent_dim > 0)")
         require(self.time_features >= 2 and self.time_features % 2 == 0, "time_features", "must be an even number >= 2")
         require(self.conditioning in ("r_t", "t_interval"), "conditioning", "must be 'r_t' or 't_interval'")
         require(self.anchor in ("none", "zero", "flag"), "anchor", "must be 'none', 'zero' or 'flag'")
@@ -75,7 +82,8 @@ class SoftPrompt(nn.Module):
     student equals its base model exactly, whatever the latent z (``config.latent_dim`` > 0). Rows
 marked ``anchor`` get the greedy mode's latent (``config.anchor``) in place of theirs."""
 
-    def __init__(self, config: SoftPromptConfig, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int):
+    def __init__(self, config: SoftPromptConfig, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 model_width: int | None = None):
         super().__init__()
         self.config = config
         self.prefix_shape = (n_layers, 2, n_kv_heads, config.prompt_length, head_dim)
@@ -88,6 +96,11 @@ marked ``anchor`` get the greedy mode's latent (``config.anchor``) in place of t
         self.prompt_gate = nn.Parameter(torch.zeros(n_layers, n_heads))
         codes = counter_normal(config.latent_dim, CODEBOOK, torch.arange(config.codebook_size))  # (K, d)
         self.register_buffer("codes", codes, persistent=False)
+        self.answer_embedding = None
+        if config.latent_answer_positions:
+            width = model_width or n_heads * head_dim
+            self.answer_embedding = nn.Linear(config.latent_dim, config.latent_answer_positions * width, bias=False)
+            nn.init.zeros_(self.answer_embedding.weight)
 
     def prior_latents(self, *keys: torch.Tensor | int) -> torch.Tensor:
         """Latents drawn from the prior as a pure function of integer ``keys`` (broadcast to shape S):
@@ -112,21 +125,32 @@ marked ``anchor`` get the greedy mode's latent (``config.anchor``) in place of t
         features = [self.time_features(a), self.time_features(b)]  # 2 x (B, F)
         d, B = self.config.latent_dim, r.shape[0]
         if d:
-            if latent is None or latent.shape != (B, d):
-                found = None if latent is None else tuple(latent.shape)
-                raise ValueError(f"this soft prompt takes a latent of shape ({B}, {d}), got {found}")
-            latent = latent.to(features[0].dtype)
-            if anchor is not None:
-                if self.config.anchor == "none":
-                    raise ValueError("this soft prompt has no greedy anchor (anchor: none); pass anchor=None")
-                if anchor.shape != (B,):
-                    raise ValueError(f"anchor must be a ({B},) bool tensor, got shape {tuple(anchor.shape)}")
-                latent = latent.masked_fill(anchor[:, None], 0.0)  # (B, d)
-            features.append(latent)
+            features.append(self.effective_latent(latent, anchor, B).to(features[0].dtype))
             if self.config.anchor == "flag":
                 flag = anchor if anchor is not None else torch.zeros(B, dtype=torch.bool, device=r.device)
-                features.append(flag.to(latent.dtype)[:, None])  # (B, 1)
+                features.append(flag.to(features[0].dtype)[:, None])  # (B, 1)
         elif latent is not None or anchor is not None:
             raise ValueError("this soft prompt has no latent (latent_dim 0); pass latent=None and anchor=None")
         prefix = self.prompt_mlp(torch.cat(features, dim=-1))  # (B, L*2*Hkv*P*D)
         return prefix.view(B, *self.prefix_shape), self.prompt_gate
+
+    def effective_latent(self, latent: torch.Tensor | None, anchor: torch.Tensor | None, B: int) -> torch.Tensor:
+        """The checked latent (B, d), with the anchor's z = 0 on the ``anchor`` rows."""
+        d = self.config.latent_dim
+        if latent is None or latent.shape != (B, d):
+            found = None if latent is None else tuple(latent.shape)
+            raise ValueError(f"this soft prompt takes a latent of shape ({B}, {d}), got {found}")
+        if anchor is not None:
+            if self.config.anchor == "none":
+                raise ValueError("this soft prompt has no greedy anchor (anchor: none); pass anchor=None")
+            if anchor.shape != (B,):
+                raise ValueError(f"anchor must be a ({B},) bool tensor, got shape {tuple(anchor.shape)}")
+            latent = latent.masked_fill(anchor[:, None], 0.0)
+        return latent
+
+    def answer_inputs(self, latent: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, G, width) what z adds to the embeddings of the answer's G positions
+        (``latent_answer_positions``)."""
+        B = latent.shape[0]
+        z = self.effective_latent(latent, anchor, B).to(self.answer_embedding.weight.dtype)
+        return self.answer_embedding(z).view(B, self.config.latent_answer_positions, -1)
