@@ -197,17 +197,20 @@ def test_train_student_stage_with_rollouts_and_a_latent(workdir, tmp_path):
 
 
 def test_train_student_stage_with_a_code_book_soft_em_policy_and_matching(workdir, tmp_path):
-    """The mode-seeking objectives through the stage: the summary carries the code usage, policy and
-    matching diagnostics, the saved student decodes with its code book, and the run's checkpoint
-    holds the two soft prompts but not the frozen base."""
-    student = {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3, "codebook_size": 4},
+    """The mode-seeking objectives through the stage, with the latent into the answer positions: the
+    summary carries the code usage, policy and matching diagnostics, the saved student decodes with its
+    code book, and the run's checkpoint holds the two soft prompts but not the frozen base."""
+    gen_length = Layout.load(workdir / "data").gen_length
+    student = {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3, "codebook_size": 4,
+                               "latent_answer_positions": gen_length},
                "batch_size": 8, "max_steps": 2, "eval_every": 2, "warmup_steps": 1,
                "rollout_weight": 1.0, "latent_draws": 4, "selection": "posterior",
                "selection_temperature": 1.0, "selection_temperature_start": 5.0, "trained_draws": 2,
                "policy_weight": 0.5, "policy_samples": 3, "matching_weight": 0.5, "matching_warmup_steps": 1}
     result = run_student_stage(workdir, tmp_path, student)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert Student.from_pretrained(tmp_path / "s").soft_prompt_config.codebook_size == 4
+    config = Student.from_pretrained(tmp_path / "s").soft_prompt_config
+    assert config.codebook_size == 4 and config.latent_answer_positions == gen_length
     diagnostics = json.loads((tmp_path / "m" / "summary.json").read_text())["diagnostics"]
     assert 0 <= diagnostics["code_usage_entropy"] <= round(math.log(4), 4) and 1 <= diagnostics["codes_won"] <= 4
     assert diagnostics["policy_reward"] < 0 and 1 <= diagnostics["policy_length"] <= 7

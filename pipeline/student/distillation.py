@@ -53,7 +53,8 @@ class StudentDistillation(L.LightningModule):
         self.eos_id = eos_id
         self.auxiliary = None
         if params.matching_weight > 0:
-            config = dataclasses.replace(student.soft_prompt_config, latent_dim=0, codebook_size=0, anchor="none")
+            config = dataclasses.replace(student.soft_prompt_config, latent_dim=0, codebook_size=0,
+                                         latent_answer_positions=0, anchor="none")
             self.auxiliary = Student(student.base, config=config)
         self.meanflow_options = MeanFlowOptions.of(params)
         self.strict_loading = False  # checkpoints omit the frozen base
