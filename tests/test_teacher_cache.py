@@ -289,3 +289,28 @@ def test_topk_on_masked_rows_equals_the_full_logits_topk(tiny_checkpoint, dtype,
         values, expected = torch.log_softmax(logits[masked].float(), dim=-1).topk(5, dim=-1)
     assert ids.dtype == torch.int32 and logprobs.dtype == torch.float16
     assert torch.equal(ids, expected.int()) and torch.equal(logprobs, values.half())
+
+
+def test_a_rerun_keeps_a_live_writers_temporary_files(workdir, tmp_path):
+    """Two stage-one runs on one directory: the second deletes only the temporaries of writers that are
+    gone, never a live process's in-progress shard (which then died with FileNotFoundError)."""
+    import subprocess
+    import sys
+
+    fill(workdir, tmp_path / "cache", max_examples=16)
+    reference = shard_digests(tmp_path / "cache")
+    (tmp_path / "cache" / "shard-00001.json").unlink()  # shard 1 pending again
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # another live process
+    try:
+        live = tmp_path / "cache" / f".shard-00001.arrow.tmp-{writer.pid}"  # what it is writing
+        dead = tmp_path / "cache" / f".shard-00001.arrow.tmp-{gone}"
+        for temporary in (live, dead):
+            temporary.write_bytes(b"part of a shard")
+        again = fill(workdir, tmp_path / "cache", max_examples=16)
+        assert live.exists() and not dead.exists()
+    finally:
+        writer.kill()
+    assert again["complete"] and again["shards_written"] == 1
+    assert shard_digests(tmp_path / "cache") == reference

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core.errors import CacheError, CheckpointError
-from pipeline.core.files import atomic_write_text, file_sha256
+from pipeline.core.files import atomic_write_text, file_sha256, remove_stale_temporaries
 from pipeline.core.params import differences
 
 FORMAT = "llada-meanflow-teacher-cache"
@@ -124,8 +124,8 @@ def my_shards(total: int, shard_index: int, num_shards: int) -> list[int]:
 
 def pending_shards(directory: Path, total: int, family: str, shard_index: int, num_shards: int) -> list[int]:
     """This process's shards of ``family`` that have no sidecar yet, or whose bytes no longer match
-    their sidecar (damaged: deleted, to be written again); the temporary files a killed run of ours
-    left for them (never complete) are deleted. A sidecar written for another cache (other params,
+    their sidecar (damaged: deleted, to be written again); the temporary files a killed run left for
+    them (never complete; their writer's process is gone) are deleted. A sidecar written for another cache (other params,
     data or teacher, e.g. under a deleted manifest) is refused."""
     done = completed_shards(directory, total, family)
     identity = cache_identity(read_manifest(directory))
@@ -138,9 +138,8 @@ def pending_shards(directory: Path, total: int, family: str, shard_index: int, n
             (Path(directory) / sidecar_name(index, family)).unlink()
             del done[index]
     todo = [j for j in mine if j not in done]
-    for index in todo:
-        for stale in Path(directory).glob(f".{shard_name(index, family)}.tmp-*"):
-            stale.unlink()
+    for index in todo:  # a live writer's (another process on the same shards) are its own: kept
+        remove_stale_temporaries(Path(directory) / shard_name(index, family))
     return todo
 
 
