@@ -314,3 +314,29 @@ def test_a_rerun_keeps_a_live_writers_temporary_files(workdir, tmp_path):
         writer.kill()
     assert again["complete"] and again["shards_written"] == 1
     assert shard_digests(tmp_path / "cache") == reference
+
+
+def test_the_reader_keeps_a_bounded_number_of_shards_open(workdir, tmp_path, monkeypatch):
+    """A cache of more shards than ``MAX_OPEN_SHARDS`` (a LLaDA-8B cache has thousands; the usual limit
+    is 1024 open files) reads every batch, the same as with all shards open, holding at most that many
+    shard files open."""
+    import os
+
+    from pipeline.cache import shards
+
+    fill(workdir, tmp_path / "cache", max_examples=16, rows_per_shard=9, record_batch_rows=4)
+    expected = open_cache(tmp_path / "cache")
+    assert len(expected.shards.paths) >= 4
+    batches = [expected.record_batch(j) for j in range(expected.num_batches)]
+    monkeypatch.setattr(shards, "MAX_OPEN_SHARDS", 1)
+
+    def open_shard_files() -> int:
+        fds = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+        return sum(1 for target in fds if target.startswith(str((tmp_path / "cache").resolve())))
+
+    del expected
+    before = open_shard_files()
+    cache = open_cache(tmp_path / "cache")
+    for j in list(range(cache.num_batches)) * 2:
+        assert cache.record_batch(j).equals(batches[j])
+        assert open_shard_files() - before <= 1 + 1  # the open shard, and the batch just read keeps its map

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -268,12 +269,18 @@ def finalize_manifest(directory: Path) -> bool:
 # ---------------------------------------------------------------------- reading
 
 
+MAX_OPEN_SHARDS = 64
+"""Shards a ``ShardSet`` keeps open (memory-mapped) at once; the least recently read is closed first,
+so a cache of any number of shards stays far below the usual limit of 1024 open files."""
+
+
 class ShardSet:
     """The verified, memory-mapped shards of one family of a complete cache, as a sequence of
     record batches: ``num_batches``, ``record_batch(j)``, ``locate(row) -> (j, row in batch)``.
 
     Every shard is checked against its manifest entry (present, size, sha256 when ``verify``,
-    readable Arrow, ``schema``, record batch count) and refused naming the file."""
+    readable Arrow, ``schema``, record batch count) and refused naming the file. At most
+    ``MAX_OPEN_SHARDS`` are open at a time; a closed one is mapped again when it is read."""
 
     def __init__(self, directory: Path, manifest: dict, family: str, schema: pa.Schema, verify: bool = True):
         self.directory = Path(directory)
@@ -285,7 +292,8 @@ class ShardSet:
         entry = family_entry(manifest, family)
         if entry is None:
             raise CacheError(f"{self.directory / MANIFEST}: the cache has no {family} shards")
-        self.readers = []
+        self.paths: list[Path] = []
+        self.open_readers: OrderedDict[int, pa.ipc.RecordBatchFileReader] = OrderedDict()  # shard -> reader, LRU
         self.batch_index: list[tuple[int, int, int]] = []  # (shard, batch, rows)
         per_batch = entry["record_batch_rows"]
         for index in range(entry["num_shards"]):
@@ -300,8 +308,9 @@ class ShardSet:
                 raise CacheError(f"{path}: size {path.stat().st_size} != {shard['bytes']} recorded (truncated?)")
             if verify and file_sha256(path) != shard["sha256"]:
                 raise CacheError(f"{path}: checksum mismatch (the shard is damaged)")
+            self.paths.append(path)
             try:
-                reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+                reader = self.reader(index)
             except (pa.ArrowInvalid, OSError) as err:
                 raise CacheError(f"{path}: not a readable Arrow file ({err})") from err
             if not reader.schema.equals(schema, check_metadata=False):
@@ -312,7 +321,6 @@ class ShardSet:
                 raise CacheError(f"{path}: {reader.num_record_batches} record batches, expected {expected}")
             for b in range(expected):
                 self.batch_index.append((index, b, min(per_batch, shard["rows"] - b * per_batch)))
-            self.readers.append(reader)
         self.starts = np.cumsum([0] + [n for _, _, n in self.batch_index])
 
     @property
@@ -323,9 +331,19 @@ class ShardSet:
     def num_batches(self) -> int:
         return len(self.batch_index)
 
+    def reader(self, shard: int) -> pa.ipc.RecordBatchFileReader:
+        """Shard ``shard``'s reader, mapping the file again if it was closed."""
+        reader = self.open_readers.pop(shard, None)
+        if reader is None:
+            reader = pa.ipc.open_file(pa.memory_map(str(self.paths[shard]), "r"))
+        self.open_readers[shard] = reader
+        while len(self.open_readers) > MAX_OPEN_SHARDS:
+            self.open_readers.popitem(last=False)  # its batches still in use keep their own mapping
+        return reader
+
     def record_batch(self, j: int) -> pa.RecordBatch:
         shard, b, _ = self.batch_index[j]
-        return self.readers[shard].get_batch(b)
+        return self.reader(shard).get_batch(b)
 
     def locate(self, i: int) -> tuple[int, int]:
         """(record batch, row within it) of row ``i`` (negative counts from the end)."""
