@@ -340,3 +340,30 @@ def test_the_reader_keeps_a_bounded_number_of_shards_open(workdir, tmp_path, mon
     for j in list(range(cache.num_batches)) * 2:
         assert cache.record_batch(j).equals(batches[j])
         assert open_shard_files() - before <= 1 + 1  # the open shard, and the batch just read keeps its map
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"num_shards": 10**6, "complete": False}, r"incomplete cache \(\d+ of 1000000 shards\)"),
+    ({"num_shards": "13"}, r"damaged \(shard num_shards '13' is not a positive integer\)"),
+    ({"num_shards": 0}, r"damaged \(shard num_shards 0 is not a positive integer\)"),
+    ({"teacher_fingerprint": None, "drop": "teacher_fingerprint"}, r"damaged \(no teacher_fingerprint\)"),
+])
+def test_a_lying_manifest_is_refused_without_counting_to_its_num_shards(workdir, tmp_path, monkeypatch, edit, message):
+    """A billion shards in an incomplete manifest used to make every reader look for a billion sidecars;
+    a string count or a missing key were tracebacks. The work is bounded by the files present."""
+    from pipeline.cache import shards
+    from pipeline.core.errors import CacheError
+
+    fill(workdir, tmp_path / "cache", max_examples=16)
+    path = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    drop = edit.pop("drop", None)
+    manifest.update(edit)
+    manifest.pop(drop, None)
+    path.write_text(json.dumps(manifest))
+    names = []
+    sidecar_name = shards.sidecar_name
+    monkeypatch.setattr(shards, "sidecar_name", lambda *a: names.append(a) or sidecar_name(*a))
+    with pytest.raises(CacheError, match=message):
+        open_cache(tmp_path / "cache")
+    assert len(names) < 100  # sidecars looked up: those present, not num_shards of them

@@ -187,6 +187,17 @@ def read_manifest(directory: Path) -> dict:
         raise CacheError(str(err)) from err
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CacheError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+    missing = [key for key in HEADER_CHECKS if key not in manifest]
+    if missing:
+        raise CacheError(f"{path}: damaged (no {', '.join(missing)}); rerun cache_teacher")
+    for family in FAMILIES:
+        entry = family_entry(manifest, family)
+        if entry is None:
+            continue
+        count = entry.get("num_shards") if isinstance(entry, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise CacheError(f"{path}: damaged ({family} num_shards {count!r} is not a positive integer); "
+                             "rerun cache_teacher")
     return manifest
 
 
@@ -232,11 +243,16 @@ def ensure_manifest(directory: Path, header: dict) -> None:
 
 def completed_shards(directory: Path, num_shards: int, family: str = TOPK) -> dict[int, dict]:
     """Sidecars of the shards written so far (a shard without a readable sidecar is incomplete, and
-    written again: a sidecar cut short by a full disk or a crash must not block every rerun)."""
+    written again: a sidecar cut short by a full disk or a crash must not block every rerun). Only the
+    sidecar files present are read, so the work is bounded by the files, not by ``num_shards``."""
     done = {}
-    for index in range(num_shards):
-        sidecar = Path(directory) / sidecar_name(index, family)
-        if sidecar.is_file() and (Path(directory) / shard_name(index, family)).is_file():
+    prefix, suffix = sidecar_name(0, family).split("00000")
+    for sidecar in Path(directory).glob(f"{prefix}*{suffix}"):
+        number = sidecar.name[len(prefix):len(sidecar.name) - len(suffix)]
+        if not (number.isdigit() and len(number) >= 5 and int(number) < num_shards):
+            continue
+        index = int(number)
+        if sidecar_name(index, family) == sidecar.name and (Path(directory) / shard_name(index, family)).is_file():
             try:
                 content = json.loads(sidecar.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
