@@ -344,8 +344,8 @@ def test_the_reader_keeps_a_bounded_number_of_shards_open(workdir, tmp_path, mon
 
 @pytest.mark.parametrize("edit,message", [
     ({"num_shards": 10**6, "complete": False}, r"incomplete cache \(\d+ of 1000000 shards\)"),
-    ({"num_shards": "13"}, r"damaged \(shard num_shards '13' is not a positive integer\)"),
-    ({"num_shards": 0}, r"damaged \(shard num_shards 0 is not a positive integer\)"),
+    ({"num_shards": "13"}, r"damaged \(shard num_shards '13' is not an integer >= 0\)"),
+    ({"num_shards": -1}, r"damaged \(shard num_shards -1 is not an integer >= 0\)"),
     ({"teacher_fingerprint": None, "drop": "teacher_fingerprint"}, r"damaged \(no teacher_fingerprint\)"),
 ])
 def test_a_lying_manifest_is_refused_without_counting_to_its_num_shards(workdir, tmp_path, monkeypatch, edit, message):

@@ -195,8 +195,8 @@ def read_manifest(directory: Path) -> dict:
         if entry is None:
             continue
         count = entry.get("num_shards") if isinstance(entry, dict) else None
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise CacheError(f"{path}: damaged ({family} num_shards {count!r} is not a positive integer); "
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise CacheError(f"{path}: damaged ({family} num_shards {count!r} is not an integer >= 0); "
                              "rerun cache_teacher")
     return manifest
 
