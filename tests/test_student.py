@@ -204,7 +204,8 @@ def test_a_student_saved_before_the_anchor_loads_without_one(tiny_checkpoint, tm
     assert Student.from_pretrained(tmp_path / "f").soft_prompt_config.anchor == "flag"
 
 
-@pytest.mark.parametrize("damage", ["no_weights", "truncated_weights", "config_without_keys", "config_not_json"])
+@pytest.mark.parametrize("damage", ["no_weights", "truncated_weights", "flipped_bit", "config_without_keys",
+                                    "config_not_json"])
 def test_damaged_student_files_are_a_checkpoint_error(tiny_checkpoint, tmp_path, damage):
     """Each names the file at fault (the CLI and the stages turn it into one error line)."""
     Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2).save_pretrained(tmp_path / "s")
@@ -213,12 +214,25 @@ def test_damaged_student_files_are_a_checkpoint_error(tiny_checkpoint, tmp_path,
         weights.unlink()
     elif damage == "truncated_weights":
         weights.write_bytes(weights.read_bytes()[:40])
+    elif damage == "flipped_bit":  # still a readable safetensors file: only the recorded digest tells
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0x01
+        weights.write_bytes(bytes(data))
     elif damage == "config_without_keys":
         config.write_text(json.dumps({"format": "llada-meanflow-student"}))
     else:
         config.write_text(config.read_text()[:30])
     with pytest.raises(CheckpointError, match=(config if damage.startswith("config") else weights).name):
         Student.from_pretrained(tmp_path / "s")
+
+
+def test_a_student_saved_before_the_weights_digest_still_loads(tiny_checkpoint, tmp_path):
+    Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2).save_pretrained(tmp_path / "s")
+    config = tmp_path / "s" / "student_config.json"
+    meta = json.loads(config.read_text())
+    assert len(meta.pop("soft_prompt_sha256")) == 64
+    config.write_text(json.dumps(meta))
+    assert Student.from_pretrained(tmp_path / "s").soft_prompt_config.prompt_length == 2
 
 
 def test_a_code_book_prior_draws_its_fixed_codes_uniformly(tiny_checkpoint, tmp_path):

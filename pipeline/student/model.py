@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.core.errors import CheckpointError
-from pipeline.core.files import atomic_directory
+from pipeline.core.files import atomic_directory, file_sha256
 from pipeline.models.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint
 from pipeline.models.layers import Attention
 from pipeline.models.mask_predictor import MaskPredictor
@@ -126,8 +126,9 @@ class Student(nn.Module):
         return {k: v.detach().contiguous().cpu() for k, v in self.soft_prompt.state_dict().items()}
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the soft prompt and a pointer to the base checkpoint (path relative to ``path`` when
-        both live on one tree, and fingerprint). The frozen base is never copied."""
+        """Write the soft prompt (with its sha256, checked on load) and a pointer to the base checkpoint
+        (path relative to ``path`` when both live on one tree, and fingerprint). The frozen base is
+        never copied."""
         path = Path(path)
         source = self.base.source_path
         if source is None:
@@ -141,6 +142,7 @@ class Student(nn.Module):
         }
         with atomic_directory(path) as tmp:
             save_file(self.soft_prompt_state_dict(), str(tmp / SOFT_PROMPT_WEIGHTS), metadata={"format": "pt"})
+            meta["soft_prompt_sha256"] = file_sha256(tmp / SOFT_PROMPT_WEIGHTS)
             (tmp / STUDENT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
     @staticmethod
@@ -193,6 +195,10 @@ class Student(nn.Module):
         weights = path / SOFT_PROMPT_WEIGHTS
         if not weights.is_file():
             raise CheckpointError(f"{weights}: file not found")
+        recorded = meta.get("soft_prompt_sha256")  # students saved before the digest existed have none
+        if recorded is not None and file_sha256(weights) != recorded:
+            raise CheckpointError(f"{weights}: checksum differs from the one recorded in {STUDENT_CONFIG} (the file is "
+                                  "damaged); save or train the student again")
         try:
             state = load_file(str(weights), device="cpu")
         except Exception as err:  # safetensors raises its own error type (and OSError) for a damaged file
