@@ -13,13 +13,12 @@ Variants (each the default ``student`` params plus the named change):
 Run it alone: two heavy processes on a 2-core machine distort both timings.
 """
 
-import argparse
 import json
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
+
+from step_timing import time_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -74,20 +73,10 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=Path("metrics/benchmarks/objective_cost.json"))
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.batch_size)))
+    args, results = time_variants(__file__, __doc__.splitlines()[0], VARIANTS, measure,
+                                  Path("metrics/benchmarks/objective_cost.json"), default_steps=5)
+    if results is None:
         return
-    results = {}
-    for variant in VARIANTS:
-        child = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
-                                "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
-        results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     for variant in VARIANTS:
         results[variant]["ratio_to_rollout"] = round(results[variant]["seconds_per_step"]
                                                      / results["rollout"]["seconds_per_step"], 2)

@@ -8,14 +8,13 @@ Each variant runs in its own process, so peak RSS (CPU) or peak CUDA memory is i
 the time ratio: <= 1.5.
 """
 
-import argparse
 import dataclasses
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from step_timing import time_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("plain", "meanflow_no_grad_jvp", "meanflow_grad_jvp")
@@ -49,7 +48,9 @@ def measure(variant: str, steps: int, batch_size: int) -> dict:
     def step():
         if variant == "plain":
             v = dense_logprobs(batch.topk_ids, batch.topk_logprobs, base.config.embedding_size)
-            u = student(input_ids=batch.input_ids, r=batch.t, t=batch.t, attention_mask=batch.attention_mask)
+            latent = student.soft_prompt.prior_latents(0, batch.example_index).to(device) if student.latent_dim else None
+            u = student(input_ids=batch.input_ids, r=batch.t, t=batch.t, attention_mask=batch.attention_mask,
+                        latent=latent)
             loss = token_losses("kl", u[batch.masked], v).mean()
         else:
             loss = module.meanflow_step(batch).loss
@@ -83,27 +84,17 @@ def loader_throughput(batch_size: int, batches: int) -> float:
     data.setup()
     rows, started = 0, time.perf_counter()
     for i, batch in enumerate(data.train_dataloader()):
-        rows += len(batch.t)
+        rows += len(batch.meanflow.t)
         if i + 1 == batches:
             break
     return rows / (time.perf_counter() - started)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=Path("metrics/benchmarks/train_student.json"))
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.batch_size)))
+    args, results = time_variants(__file__, __doc__.splitlines()[0], VARIANTS, measure,
+                                  Path("metrics/benchmarks/train_student.json"), default_steps=10)
+    if results is None:
         return
-    results = {}
-    for variant in VARIANTS:
-        child = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
-                                "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
-        results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     plain = results["plain"]["seconds_per_step"]
     for variant in VARIANTS:
         results[variant]["ratio_to_plain"] = round(results[variant]["seconds_per_step"] / plain, 3)
