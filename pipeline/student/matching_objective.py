@@ -50,12 +50,22 @@ def arccos_mask(t_uniform: torch.Tensor, position_uniforms: torch.Tensor) -> tor
     return rank < count[:, None]
 
 
+def aux_log_ratio(log_p_aux: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tensor:
+    """log p_A - log p_T (..., V), 0 where p_A = 0 (those tokens contribute nothing)."""
+    return torch.where(log_p_aux.exp() > 0, log_p_aux - log_p_teacher, torch.zeros_like(log_p_aux))
+
+
+def aux_kl(log_p_aux: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tensor:
+    """KL(p_A || p_T) (...,) over the last dimension."""
+    return (log_p_aux.exp() * aux_log_ratio(log_p_aux, log_p_teacher)).sum(dim=-1)
+
+
 def matching_direction(log_p_aux: torch.Tensor, log_p_teacher: torch.Tensor, beta: float) -> torch.Tensor:
     """g (..., V) from the auxiliary and teacher log-probabilities (..., V): (1 - beta)(p_A - p_T) +
     beta p_A (log p_A - log p_T - KL(p_A || p_T)); tokens with p_A = 0 contribute 0."""
     p_aux, p_teacher = log_p_aux.exp(), log_p_teacher.exp()
-    log_ratio = torch.where(p_aux > 0, log_p_aux - log_p_teacher, torch.zeros_like(log_p_aux))
-    kl = (p_aux * log_ratio).sum(dim=-1, keepdim=True)
+    log_ratio = aux_log_ratio(log_p_aux, log_p_teacher)
+    kl = aux_kl(log_p_aux, log_p_teacher)[..., None]
     return torch.nan_to_num((1 - beta) * (p_aux - p_teacher) + beta * p_aux * (log_ratio - kl))
 
 
@@ -95,16 +105,16 @@ def distribution_matching_loss(student, auxiliary, prompt_ids: torch.Tensor, pro
     where = arccos_mask(t_uniform, position_uniforms).to(x.device)  # (B, G) re-masked
     ids = torch.cat((prompt_ids.long(), x.masked_fill(where, mask_id)), dim=1)
     t = where.double().mean(dim=1)  # the masked fraction: A is a one-step predictor at that state
+    aux_log_probs = masked_log_probs(auxiliary, ids, attention, where, mask_id, r=t, t=t)  # (n, V), one pass
     with torch.no_grad():
         log_p_teacher = masked_log_probs(student.base, ids, attention, where, mask_id)
-        log_p_aux = masked_log_probs(auxiliary, ids, attention, where, mask_id, r=t, t=t)
+        log_p_aux = aux_log_probs.detach()
         direction = matching_direction(log_p_aux, log_p_teacher, beta)  # (n, V)
-        kl = (log_p_aux.exp() * torch.where(log_p_aux > -torch.inf, log_p_aux - log_p_teacher, 0.0)).sum(-1)
+        kl = aux_kl(log_p_aux, log_p_teacher)
     full = torch.zeros_like(logits).masked_scatter(where[..., None].expand_as(logits), direction)
     student_loss = matching_surrogate(logits.masked_fill(~torch.isfinite(logits), 0.0), full, where)
-    aux_logits = masked_log_probs(auxiliary, ids, attention, where, mask_id, r=t, t=t)
-    nll = torch.zeros(where.shape, dtype=aux_logits.dtype, device=x.device).masked_scatter(
-        where, smoothed_nll(aux_logits, x[where], label_smoothing))  # (B, G)
+    nll = torch.zeros(where.shape, dtype=aux_log_probs.dtype, device=x.device).masked_scatter(
+        where, smoothed_nll(aux_log_probs, x[where], label_smoothing))  # (B, G)
     auxiliary_loss = (nll.sum(dim=1) / where.sum(dim=1)).mean()  # per row, then over rows (as DDP averages)
     return MatchingLoss(student=student_loss.float(), auxiliary=auxiliary_loss.float(), kl=kl.mean().float(),
                         masked_fraction=t.mean().float())
