@@ -26,7 +26,7 @@ from pipeline.cache.params import CacheParams
 from pipeline.cache.rollouts import open_rollouts, rollout_statistics
 from pipeline.cache.topk import cache_statistics
 from pipeline.core.errors import CheckpointError
-from pipeline.core.files import write_json
+from pipeline.core.files import require_writable, write_json
 from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.data.layout import Layout
@@ -60,6 +60,7 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
+    require_writable(args.out, args.metrics)
     params = load_section(CacheParams, "cache")
     on_gpu = args.device.startswith("cuda")
     model, tokenizer, record = load_teacher(args.teacher, dtype=torch.bfloat16 if on_gpu else torch.float32, device=args.device)

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.core.errors import ParamsError
-from pipeline.core.files import atomic_write_text, write_json
+from pipeline.core.files import atomic_write_text, require_writable, write_json
 from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.data.layout import Layout, load_split
@@ -44,6 +44,7 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
+    require_writable(args.metrics, args.report)
     params = load_section(EvaluateParams, "evaluate")
     if params.num_threads:
         torch.set_num_threads(params.num_threads)

@@ -6,6 +6,7 @@ the checkpoint's own tokenizer (and chat template) is used.
     python stages/prepare_data.py --out data
 """
 
+from pipeline.core.files import require_writable
 from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.data.params import DataParams
@@ -21,6 +22,7 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
+    require_writable(args.out)
     params = load_section(DataParams, "data")
     teacher = load_section(TeacherParams, "teacher")
     if teacher.checkpoint is None:

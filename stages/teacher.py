@@ -11,7 +11,7 @@ Otherwise pretrain the built-in tiny LLaDA on ``data/`` with LLaDA's SFT objecti
 import json
 from pathlib import Path
 
-from pipeline.core.files import atomic_directory, write_json
+from pipeline.core.files import atomic_directory, require_writable, write_json
 from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.models.checkpoint_io import resolve_checkpoint
@@ -27,6 +27,7 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
+    require_writable(args.out, args.metrics)
     params = load_section(TeacherParams, "teacher")
     args.metrics.mkdir(parents=True, exist_ok=True)
     if params.checkpoint is not None:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from pipeline.cache.params import CacheParams
-from pipeline.core.files import write_json
+from pipeline.core.files import require_writable, write_json
 from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.student.distillation import train_student
@@ -32,6 +32,7 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
+    require_writable(args.out, args.metrics, args.checkpoints)
     params = load_section(StudentParams, "student")
     cache_params = load_section(CacheParams, "cache")  # to refuse a cache built with other params
     summary = train_student(params, args.teacher, args.cache, args.data, args.out, args.metrics, args.checkpoints,

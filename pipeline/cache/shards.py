@@ -12,6 +12,7 @@ cache is ``complete`` when every shard of every family has its sidecar.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core.errors import CacheError, CheckpointError
-from pipeline.core.files import atomic_write_text, file_sha256, remove_stale_temporaries
+from pipeline.core.files import atomic_write_text, file_sha256, remove_stale_temporaries, writing
 from pipeline.core.params import differences
 
 FORMAT = "llada-meanflow-teacher-cache"
@@ -67,9 +68,13 @@ class ShardWriter:
         self.identity = cache_identity(read_manifest(self.directory))
         self.path = self.directory / shard_name(index, family)
         self.tmp = self.directory / f".{shard_name(index, family)}.tmp-{os.getpid()}"
-        self.sink = pa.OSFile(str(self.tmp), "wb")
-        options = pa.ipc.IpcWriteOptions(compression="zstd")
-        self.writer = pa.ipc.new_file(self.sink, schema, options=options)
+        try:
+            with writing(self.path):
+                self.sink = pa.OSFile(str(self.tmp), "wb")
+                self.writer = pa.ipc.new_file(self.sink, schema, options=pa.ipc.IpcWriteOptions(compression="zstd"))
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         self.pending: list[Rows] = []
         self.pending_rows = 0
         self.rows = 0
@@ -84,7 +89,8 @@ class ShardWriter:
     def _flush(self, count: int) -> None:
         merged = self.pending[0] if len(self.pending) == 1 else type(self.pending[0]).concat(self.pending)
         written = merged.slice(0, count)
-        self.writer.write_batch(written.to_record_batch(self.schema))
+        with writing(self.path):
+            self.writer.write_batch(written.to_record_batch(self.schema))
         self.rows += count
         for key, value in written.counts().items():
             self.counts[key] = self.counts.get(key, 0) + int(value)
@@ -94,21 +100,23 @@ class ShardWriter:
     def close(self) -> dict:
         if self.pending_rows:
             self._flush(self.pending_rows)
-        self.writer.close()
-        self.sink.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        info = {"rows": self.rows, **self.counts, "bytes": self.tmp.stat().st_size, "sha256": file_sha256(self.tmp)}
-        os.replace(self.tmp, self.path)
+        with writing(self.path):
+            self.writer.close()
+            self.sink.close()
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+            info = {"rows": self.rows, **self.counts, "bytes": self.tmp.stat().st_size, "sha256": file_sha256(self.tmp)}
+            os.replace(self.tmp, self.path)
         write_json_atomic(self.directory / sidecar_name(self.index, self.family), {**info, IDENTITY: self.identity})
         return info
 
     def abort(self) -> None:
-        try:
+        """Delete the temporary file; errors closing it (a full disk again) do not matter then."""
+        with contextlib.suppress(Exception):
             self.writer.close()
+        with contextlib.suppress(Exception):
             self.sink.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self

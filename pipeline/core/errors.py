@@ -27,3 +27,8 @@ class CacheError(PipelineError):
 
 class TrainingError(PipelineError):
     """Training diverged (a non-finite loss or weights); the message names the params key to change."""
+
+
+class OutputError(PipelineError):
+    """An output cannot be written (a full disk or quota, a read-only file system, no permission); the
+    message names the path."""

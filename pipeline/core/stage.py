@@ -4,7 +4,8 @@ one line.
 
 ``dvc.yaml`` passes every path on each stage's command line; the defaults here are those same paths,
 so ``python stages/x.py`` and ``dvc repro x`` do the same thing (a test checks it). Expected errors
-(``pipeline.core.errors``) become one ``error:`` line on stderr and exit code 2; SIGTERM and Ctrl-C
+(``pipeline.core.errors``), and a full disk or a read-only output, become one ``error:`` line on stderr
+and exit code 2; SIGTERM and Ctrl-C
 end the stage with one line and 128 + the signal's number (never 0: Lightning answers SIGTERM with
 a SystemExit that carries no code), and the artifact writers' atomic renames mean nothing is left
 half written.
@@ -13,6 +14,7 @@ half written.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Callable, Sequence
 
 from pipeline.core.cpu_numerics import pin_cpu_numerics
 from pipeline.core.errors import PipelineError
+from pipeline.core.files import storage_errno
 
 ARTIFACTS = {
     "data": ("data", "tokenized splits, prompts, tokenizer and layout (prepare_data)"),
@@ -64,6 +67,13 @@ def run_stage(main: Callable[[], None]) -> None:
         main()
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:  # a full disk or a denied path that no writer named (e.g. a logger's file)
+        code = storage_errno(err)
+        if code is None:
+            raise
+        print(f"error: {getattr(err, 'filename', None) or err}: {os.strerror(code)}; no artifact was published",
+              file=sys.stderr)
         sys.exit(2)
     except Terminated as stop:
         print(f"error: stopped by {stop} before the stage finished; no artifact was published", file=sys.stderr)

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from pipeline.core.files import atomic_write_bytes
 
 
 def summarize(results: list[dict], gen_length: int) -> dict:
@@ -84,9 +87,11 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
     axes[0].legend(loc="lower right")
     fig.suptitle("held-out test split: teacher and student by step count")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, image.getvalue())
 
 
 def markdown_table(results: list[dict], several: bool = False) -> str:

@@ -22,6 +22,7 @@ from pipeline.core.counter_random import (MATCHING_LATENT, MATCHING_MASK, MATCHI
                                           POLICY_LATENT, POLICY_SAMPLE, POSTERIOR_DRAW, R_FIRST, R_SECOND,
                                           ROLLOUT_LATENT, ROLLOUT_STEPS, counter_uniform)
 from pipeline.core.errors import ParamsError, TrainingError
+from pipeline.core.files import writing
 from pipeline.core.lr_schedule import warmup_cosine
 from pipeline.student.matching_objective import MatchingLoss, distribution_matching_loss
 from pipeline.student.meanflow import MeanFlowLoss, MeanFlowOptions, TeacherRows, meanflow_loss, sample_r
@@ -331,7 +332,8 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
         plugins=[student_run.AtomicCheckpointIO()],
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    with writing(metrics_dir / "training"):  # the logger's files (checkpoints name their own)
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
     check_not_cut(trainer.global_step, params.max_steps, params.max_minutes, "student.max_minutes",
                   f"; its checkpoints are kept: train_student --resume continues it ({run_dir})")
     if not trainer.is_global_zero:

@@ -21,6 +21,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 
 from pipeline.cache.params import CacheParams
 from pipeline.core.errors import CacheError, CheckpointError, ParamsError
+from pipeline.core.files import writing
 from pipeline.core.params import differences, params_hash
 from pipeline.data.layout import Layout, split_fingerprint
 from pipeline.student.params import StudentParams
@@ -98,6 +99,28 @@ def resume_checkpoint(resume: Path | type[Resume] | None, run_dir: Path, identit
     return path
 
 
+class WriteErrors:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write, which torch reports only
+    as a ``RuntimeError`` without the errno."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as err:
+            self.error = err
+            raise
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary sibling, synced, then renamed over their name: a full disk
     or a kill leaves the previous checkpoint, never a truncated file under the final name."""
@@ -106,14 +129,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            with tmp.open("wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
+            with writing(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with tmp.open("wb") as file:
+                    sink = WriteErrors(file)
+                    try:
+                        torch.save(checkpoint, sink)
+                    except RuntimeError:  # torch's zip writer hides a full disk as "unexpected pos"
+                        if sink.error is not None:
+                            raise sink.error
+                        raise
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -142,7 +142,7 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
 
     from dvclive.lightning import DVCLiveLogger
 
-    from pipeline.core.files import atomic_directory
+    from pipeline.core.files import atomic_directory, writing
     from pipeline.core.time_cap import check_not_cut, time_limit
     from pipeline.data.tokenizer import load_tokenizer
     from pipeline.models.checkpoint_check import first_non_finite
@@ -188,7 +188,8 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
         raise ParamsError(f"params.yaml:teacher.train.batch_size: {train.batch_size} is more than the "
                           f"{len(data.train_split)} training examples in {data_dir / 'train'}: not one step could run")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    with writing(metrics_dir):  # the logger's files; a full disk there is one line naming it
+        trainer.fit(module, datamodule=data)
     minutes = (time.perf_counter() - started) / 60
     check_not_cut(trainer.global_step, train.max_steps, train.max_minutes, "teacher.train.max_minutes")
     model.cpu().eval()
