@@ -31,7 +31,8 @@ def main() -> None:
     params = load_section(TeacherParams, "teacher")
     args.metrics.mkdir(parents=True, exist_ok=True)
     if params.checkpoint is not None:
-        record = validate_checkpoint(resolve_checkpoint(params.checkpoint), params.mask_token_id)
+        record = validate_checkpoint(resolve_checkpoint(params.checkpoint), params.mask_token_id,
+                                     full_fingerprint=params.fingerprint == "full")
         record.checkpoint = params.checkpoint
         check_data_tokenizer(record, args.data)
         with atomic_directory(args.out) as tmp:

@@ -62,6 +62,11 @@ def test_jsonl_source_end_to_end(tokenizer, tmp_path):
     row = splits["train"][0]
     assert len(row["input_ids"]) == 16 and tokenizer.decode(row["input_ids"][12:], skip_special_tokens=True) == row["answer"]
     assert Layout.load(tmp_path / "data") == Layout(12, 4, 0)
+    (tmp_path / "data" / "layout.json").write_text('{"prompt_length": 12, "gen_length": 5, "pad_token_id": 0}')
+    with pytest.raises(DataError, match=r"layout.json: says prompt_length 12 \+ gen_length 5 = 17 tokens, but "
+                                        r"\w+/ holds sequences of 16"):
+        Layout.load(tmp_path / "data")  # a lying layout used to train a teacher on the wrong answer length
+    Layout(12, 4, 0).save(tmp_path / "data")
     assert load_tokenizer(tmp_path / "data" / "tokenizer").mask_token_id == tokenizer.mask_token_id
     lines = (tmp_path / "data" / "prompts" / "test.jsonl").read_text().splitlines()
     assert len(lines) == sizes["test"] and "prompt" in json.loads(lines[0])

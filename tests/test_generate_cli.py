@@ -146,7 +146,7 @@ def one_error_line(capsys):
 @pytest.mark.parametrize("case", ["missing", "empty", "too_long", "not_json", "neither", "blocks", "zero_length",
                                   "temperature", "no_chat_template", "unknown_character", "nan_temperature",
                                   "inf_cfg_scale", "out_is_a_directory", "huge_seed", "negative_seed", "bogus_device",
-                                  "absent_accelerator", "damaged_student"])
+                                  "absent_accelerator", "damaged_student", "unknown_character_no_tokenizer_config"])
 def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
     model, prompts = tiny_checkpoint, tmp_path / "in.jsonl"
     expected = {"missing": "not found", "empty": "empty", "too_long": "max_sequence_length",
@@ -158,7 +158,8 @@ def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
                 "out_is_a_directory": "o.jsonl: is a directory", "huge_seed": "--seed must be in [0, 2**63)",
                 "negative_seed": "--seed must be in", "bogus_device": "--device bogus: not a device torch knows",
                 "absent_accelerator": "--device meta: no meta device is available",
-                "damaged_student": "student_config.json: damaged (no base_path)"}[case]
+                "damaged_student": "student_config.json: damaged (no base_path)",
+                "unknown_character_no_tokenizer_config": "in.jsonl:3: the tokenizer has no token for 'É'"}[case]
     extra = {"blocks": ["--block-length", "3"], "zero_length": ["--gen-length", "0"],
              "temperature": ["--temperature", "-1"], "no_chat_template": ["--chat-template", "on"],
              "nan_temperature": ["--temperature", "nan"], "inf_cfg_scale": ["--cfg-scale", "inf"],
@@ -174,8 +175,10 @@ def test_bad_input_gets_one_clear_line(case, tiny_checkpoint, tmp_path, capsys):
         write_prompts(prompts, ["a"])
         model = tmp_path / "empty_dir"
         model.mkdir()
-    elif case == "unknown_character":  # the built-in tokenizer knows lower-case letters, digits and +=:
+    elif case.startswith("unknown_character"):  # the built-in tokenizer knows lower-case letters, digits and +=:
         prompts.write_text('{"prompt": "word:1"}\n\n{"prompt": "word:É"}\n')
+        if case.endswith("no_tokenizer_config"):  # the unknown token is then named by tokenizer.json alone
+            (model / "tokenizer_config.json").unlink()
     elif case != "missing":
         write_prompts(prompts, ["a"])
     if case == "out_is_a_directory":

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from pipeline.core.errors import CheckpointError
 from pipeline.models.checkpoint_io import checkpoint_fingerprint
 from pipeline.models.llada import LLaDA, LLaDAConfig
+from tests.conftest import make_checkpoint
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
@@ -180,6 +181,30 @@ def test_fingerprint_tracks_content(reference_checkpoint, tmp_path):
         model.transformer["ff_out"].weight.mul_(1.01)
     model.save_pretrained(copy)
     assert checkpoint_fingerprint(copy) != checkpoint_fingerprint(reference_checkpoint)
+
+
+def test_full_fingerprint_sees_a_flipped_byte_the_sampled_one_cannot(tmp_path):
+    """The sampled fingerprint reads the headers and a few slices of each weight file (here two slices
+    of 64 bytes, so that the reference file has bytes between them); a byte flipped between the slices
+    is invisible to it, and the full fingerprint sees it. A teacher recorded with the full one is
+    refused by every stage that loads it."""
+    from pipeline.teacher.artifact import TeacherRecord, load_teacher, tokenizer_hash
+
+    copy = make_checkpoint(tmp_path / "teacher")
+    weights = copy / "model.safetensors"
+    sampled = lambda: checkpoint_fingerprint(copy, window=64, windows=2)  # noqa: E731
+    before, before_full = sampled(), checkpoint_fingerprint(copy, full=True)
+    assert before_full != checkpoint_fingerprint(copy)  # the two kinds never coincide
+    TeacherRecord(checkpoint=".", fingerprint=before_full, mask_token_id=2, tokenizer_sha256=tokenizer_hash(copy),
+                  builtin=True, fingerprint_full=True).save(copy)
+    load_teacher(copy)
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a weight's low bit, between the two slices
+    weights.write_bytes(bytes(data))
+    assert sampled() == before
+    assert checkpoint_fingerprint(copy, full=True) != before_full
+    with pytest.raises(CheckpointError, match=f"has fingerprint .*, recorded {before_full}"):
+        load_teacher(copy)
 
 
 def test_bad_checkpoints_are_refused_clearly(reference_checkpoint, tmp_path):

@@ -15,7 +15,8 @@ import yaml
 
 from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 from pipeline.cache.params import CacheParams
-from pipeline.cache.shards import ShardWriter, ensure_manifest, finalize_manifest
+from pipeline.cache.rollouts import open_rollouts
+from pipeline.cache.shards import ShardWriter, ensure_manifest, finalize_manifest, header_digest
 from pipeline.cache.topk import CacheRows, cache_schema, cache_statistics, open_cache
 from pipeline.core.errors import CacheError, ParamsError
 from pipeline.core.params import from_mapping
@@ -138,10 +139,34 @@ def test_mismatched_params_or_teacher_are_refused(workdir, tmp_path):
     with pytest.raises(CacheError, match=r"params_hash .*\(cache.top_k: 5 -> 6\)"):  # names the key that differs
         fill(workdir, tmp_path / "cache", max_examples=16, top_k=6)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    manifest["teacher_fingerprint"] = "0" * 16
+    manifest["teacher_fingerprint"] = "0" * 16  # another teacher's manifest (with its own header digest)
+    manifest["header_sha256"] = header_digest(manifest)
     (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match="teacher_fingerprint"):
         fill(workdir, tmp_path / "cache", max_examples=16)
+
+
+@pytest.mark.parametrize("edit", ["sampler_steps", "num_shards", "top_k", "no_digest"])
+def test_an_edited_manifest_is_refused_by_every_reader(workdir, tmp_path, edit):
+    """Editing the manifest's body (the rollouts' sampler steps 7 -> 3, a shard count of 1e9) used to
+    train another student with exit 0, or spin; the header's digest now refuses it, in one line."""
+    fill(workdir, tmp_path / "cache", max_examples=16, rollouts={"per_example": 2, "rollouts_per_shard": 8})
+    path = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if edit == "sampler_steps":
+        manifest["rollouts"]["sampler"]["steps"] = 3
+    elif edit == "num_shards":
+        manifest.update(complete=False, num_shards=10**9)
+    elif edit == "top_k":
+        manifest["top_k"] = 4
+    else:
+        del manifest["header_sha256"]
+    path.write_text(json.dumps(manifest))
+    match = "written by an older stage one" if edit == "no_digest" else "edited after stage one wrote it"
+    for read in (open_cache, open_rollouts, lambda d: fill(workdir, d, max_examples=16,
+                                                           rollouts={"per_example": 2, "rollouts_per_shard": 8})):
+        with pytest.raises(CacheError, match=match):
+            read(tmp_path / "cache")
 
 
 def test_shards_of_another_cache_are_not_relabelled(workdir, tmp_path):
@@ -343,23 +368,26 @@ def test_the_reader_keeps_a_bounded_number_of_shards_open(workdir, tmp_path, mon
 
 
 @pytest.mark.parametrize("edit,message", [
-    ({"num_shards": 10**6, "complete": False}, r"incomplete cache \(\d+ of 1000000 shards\)"),
+    ({"num_shards": 10**6, "complete": False, "redigest": True}, r"incomplete cache \(\d+ of 1000000 shards\)"),
     ({"num_shards": "13"}, r"damaged \(shard num_shards '13' is not an integer >= 0\)"),
     ({"num_shards": -1}, r"damaged \(shard num_shards -1 is not an integer >= 0\)"),
     ({"teacher_fingerprint": None, "drop": "teacher_fingerprint"}, r"damaged \(no teacher_fingerprint\)"),
 ])
 def test_a_lying_manifest_is_refused_without_counting_to_its_num_shards(workdir, tmp_path, monkeypatch, edit, message):
     """A billion shards in an incomplete manifest used to make every reader look for a billion sidecars;
-    a string count or a missing key were tracebacks. The work is bounded by the files present."""
+    a string count or a missing key were tracebacks. The work is bounded by the files present (an edited
+    count is refused by the header digest first: tests above)."""
     from pipeline.cache import shards
     from pipeline.core.errors import CacheError
 
     fill(workdir, tmp_path / "cache", max_examples=16)
     path = tmp_path / "cache" / "manifest.json"
     manifest = json.loads(path.read_text())
-    drop = edit.pop("drop", None)
+    drop, redigest = edit.pop("drop", None), edit.pop("redigest", False)
     manifest.update(edit)
     manifest.pop(drop, None)
+    if redigest:  # as if stage one itself had been asked for a million shards
+        manifest["header_sha256"] = header_digest(manifest)
     path.write_text(json.dumps(manifest))
     names = []
     sidecar_name = shards.sidecar_name

@@ -4,7 +4,10 @@ A cache directory holds one ``manifest.json`` and shard families, each a run of
 ``{family}-{index:05d}.arrow`` files with ``.json`` sidecars (``shard-*`` the top-k rows of
 ``pipeline.cache.topk``, ``rollouts-*`` the rollouts of ``pipeline.cache.rollouts``); a sidecar
 holds the shard's rows, bytes and sha256 and, under ``cache``, the identity of the cache it was
-written for, which a rerun checks along with the shard's checksum. A family's
+written for (``HEADER_CHECKS`` and the manifest header's digest), which a rerun checks along with the
+shard's checksum. The manifest records the sha256 of its own header (``header_sha256``: everything
+stage one wrote before the first shard), and every reader checks it, so an edited manifest (another
+sampler, another shard count) is refused rather than read. A family's
 bookkeeping (``num_shards``, ``record_batch_rows`` and, once complete, ``shards``) lives in the
 manifest's top level for ``shard`` and under the manifest's ``rollouts`` key for ``rollouts``; the
 cache is ``complete`` when every shard of every family has its sidecar.
@@ -13,6 +16,7 @@ cache is ``complete`` when every shard of every family has its sidecar.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -162,7 +166,7 @@ def check_sidecar_identity(path: Path, sidecar: dict, identity: dict) -> None:
     if found is None:
         raise CacheError(f"{path}: written by an older stage one, which recorded no identity; delete "
                          f"{path.parent} and rerun cache_teacher")
-    for key in HEADER_CHECKS:
+    for key in (*HEADER_CHECKS, HEADER_DIGEST):
         if found.get(key) != identity[key]:
             raise CacheError(f"{path}: this shard was written with {key} {found.get(key)}, the manifest has "
                              f"{identity[key]} (another cache's shard); delete {path.parent} and rerun cache_teacher")
@@ -198,6 +202,9 @@ def read_manifest(directory: Path) -> dict:
     missing = [key for key in HEADER_CHECKS if key not in manifest]
     if missing:
         raise CacheError(f"{path}: damaged (no {', '.join(missing)}); rerun cache_teacher")
+    if HEADER_DIGEST not in manifest:
+        raise CacheError(f"{path}: written by an older stage one (no {HEADER_DIGEST}); delete {path.parent} and "
+                         "rerun cache_teacher")
     for family in FAMILIES:
         entry = family_entry(manifest, family)
         if entry is None:
@@ -206,17 +213,38 @@ def read_manifest(directory: Path) -> dict:
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise CacheError(f"{path}: damaged ({family} num_shards {count!r} is not an integer >= 0); "
                              "rerun cache_teacher")
+    if header_digest(manifest) != manifest[HEADER_DIGEST]:
+        raise CacheError(f"{path}: edited after stage one wrote it (its header no longer matches its "
+                         f"{HEADER_DIGEST}); delete {path.parent} and rerun cache_teacher")
     return manifest
 
 
+def header_digest(manifest: dict) -> str:
+    """sha256 of the manifest's header: the manifest without ``complete``, the digest itself, and what
+    ``finalize_manifest`` adds to each family (``shards`` and the totals summed from them, which
+    share no name with a header key)."""
+    def header_of(entry: dict) -> dict:
+        shards = entry.get("shards")
+        added = {"shards", *(key for shard in shards.values() for key in shard)} if isinstance(shards, dict) else set()
+        return {key: value for key, value in entry.items() if key not in added}
+
+    header = header_of({key: value for key, value in manifest.items() if key not in ("complete", HEADER_DIGEST)})
+    for family in FAMILIES:
+        if family != TOPK and isinstance(header.get(family), dict):
+            header[family] = header_of(header[family])
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+
+
 HEADER_CHECKS = ("teacher_fingerprint", "tokenizer_sha256", "data_fingerprint", "params_hash")
+HEADER_DIGEST = "header_sha256"
 IDENTITY = "cache"
-"""The sidecar key holding the ``HEADER_CHECKS`` of the cache its shard was written for."""
+"""The sidecar key holding the ``HEADER_CHECKS`` and ``HEADER_DIGEST`` of the cache its shard was written for."""
 
 
 def cache_identity(manifest: dict) -> dict:
-    """What identifies a cache: teacher, tokenizer, data and params (``HEADER_CHECKS``)."""
-    return {key: manifest.get(key) for key in HEADER_CHECKS}
+    """What identifies a cache: teacher, tokenizer, data and params (``HEADER_CHECKS``), and its whole
+    header (``HEADER_DIGEST``)."""
+    return {key: manifest.get(key) for key in (*HEADER_CHECKS, HEADER_DIGEST)}
 
 
 def header_mismatch(existing: dict, current: dict) -> str | None:
@@ -246,7 +274,8 @@ def ensure_manifest(directory: Path, header: dict) -> None:
             raise CacheError(f"{path}: this cache was built with {mismatch}; delete {directory} or point the "
                              "stage at another directory")
         return
-    write_json_atomic(path, {"format": FORMAT, "version": VERSION, **header, "complete": False})
+    manifest = {"format": FORMAT, "version": VERSION, **header}
+    write_json_atomic(path, {**manifest, HEADER_DIGEST: header_digest(manifest), "complete": False})
 
 
 def completed_shards(directory: Path, num_shards: int, family: str = TOPK) -> dict[int, dict]:

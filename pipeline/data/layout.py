@@ -51,7 +51,26 @@ class Layout:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in dataclasses.astuple(layout)) \
                 or min(layout.prompt_length, layout.gen_length) < 1:
             raise DataError(f"{path}: damaged (lengths must be positive integers); rerun the prepare_data stage")
+        for split, length in split_sequence_lengths(directory).items():
+            if length != layout.length:
+                raise DataError(f"{path}: says prompt_length {layout.prompt_length} + gen_length {layout.gen_length} = "
+                                f"{layout.length} tokens, but {split}/ holds sequences of {length}; rerun the "
+                                "prepare_data stage")
         return layout
+
+
+def split_sequence_lengths(data_dir: Path) -> dict[str, int]:
+    """The sequence length of each split ``prepare_data`` saved under ``data_dir`` (from its
+    ``dataset_info.json``; splits without one are left to ``load_split`` to refuse)."""
+    lengths = {}
+    for info in sorted(Path(data_dir).glob("*/dataset_info.json")):
+        try:
+            length = json.loads(info.read_text())["features"]["input_ids"]["length"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            continue
+        if isinstance(length, int) and length > 0:  # -1: a sequence of any length (not prepare_data's)
+            lengths[info.parent.name] = length
+    return lengths
 
 
 def load_split(data_dir: Path, name: str):

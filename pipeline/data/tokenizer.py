@@ -44,7 +44,17 @@ def load_tokenizer(checkpoint: str | Path) -> PreTrainedTokenizerBase:
         raise CheckpointError(f"{checkpoint}: no tokenizer.json")
     if (checkpoint / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(checkpoint))
-    return PreTrainedTokenizerFast(tokenizer_file=str(checkpoint / "tokenizer.json"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(checkpoint / "tokenizer.json"))
+    # Special tokens are named in tokenizer_config.json; without it the unknown token would go unnamed
+    # and ``unknown_characters`` would let unknown characters through. The model section names it too.
+    model = read_json(checkpoint / "tokenizer.json").get("model")
+    if isinstance(model, dict) and tokenizer.unk_token is None:
+        unk = model.get("unk_token")
+        if unk is None and isinstance(model.get("unk_id"), int):  # Unigram: an index into its vocab
+            unk = model["vocab"][model["unk_id"]][0]
+        if isinstance(unk, str):
+            tokenizer.unk_token = unk
+    return tokenizer
 
 
 def encode_prompts(

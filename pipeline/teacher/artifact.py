@@ -33,9 +33,15 @@ class TeacherRecord:
     builtin: bool
     architecture: str = "llada"
     """``llada`` or ``llada_moe`` (``pipeline.models.registry``); records written before LLaDA-MoE: llada."""
+    fingerprint_full: bool = False
+    """Whether ``fingerprint`` covers every byte of the weights (``teacher.fingerprint: full``) or the
+    sampled slices (``checkpoint_fingerprint``)."""
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / RECORD).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        data = dataclasses.asdict(self)
+        if not self.fingerprint_full:  # a sampled fingerprint's record keeps its earlier bytes
+            del data["fingerprint_full"]
+        (Path(directory) / RECORD).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> "TeacherRecord":
@@ -61,9 +67,10 @@ def checkpoint_dir(directory: Path, record: TeacherRecord) -> Path:
     return Path(directory) if record.checkpoint == "." else resolve_checkpoint(record.checkpoint)
 
 
-def validate_checkpoint(path: Path, mask_token_id: int | None = None) -> TeacherRecord:
+def validate_checkpoint(path: Path, mask_token_id: int | None = None, full_fingerprint: bool = False) -> TeacherRecord:
     """Check that ``path`` is a usable LLaDA or LLaDA-MoE checkpoint: config, weights (every header and
-    shape, without loading them), tokenizer, mask id."""
+    shape, without loading them), tokenizer, mask id; record it with its fingerprint (of every byte
+    with ``full_fingerprint``)."""
     architecture = model_class(path)
     config = architecture.config_class.from_file(path / "config.json")
     check_weight_files(resolve_weight_files(path), meta_shapes(lambda: architecture(config)))
@@ -79,11 +86,12 @@ def validate_checkpoint(path: Path, mask_token_id: int | None = None) -> Teacher
         raise CheckpointError(f"{path}: mask_token_id {mask} collides with EOS/BOS")
     return TeacherRecord(
         checkpoint=str(path),
-        fingerprint=checkpoint_fingerprint(path),
+        fingerprint=checkpoint_fingerprint(path, full=full_fingerprint),
         mask_token_id=mask,
         tokenizer_sha256=tokenizer_hash(path),
         builtin=False,
         architecture=config.architecture,
+        fingerprint_full=full_fingerprint,
     )
 
 
@@ -93,7 +101,7 @@ def load_teacher(directory: str | Path, dtype=None, device=None) -> tuple[MaskPr
     directory = Path(directory)
     record = TeacherRecord.load(directory)
     path = checkpoint_dir(directory, record)
-    found = checkpoint_fingerprint(path)
+    found = checkpoint_fingerprint(path, full=record.fingerprint_full)
     if found != record.fingerprint:
         raise CheckpointError(
             f"{directory / RECORD}: checkpoint {path} has fingerprint {found}, recorded {record.fingerprint}; "

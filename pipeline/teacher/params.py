@@ -72,5 +72,13 @@ class TeacherParams:
     """Local directory or Hugging Face id of a LLaDA checkpoint; null pretrains the built-in teacher."""
     mask_token_id: int | None = None
     """Override the checkpoint's ``mask_token_id`` (LLaDA-8B: 126336; LLaDA-MoE: 156895)."""
+    fingerprint: str = "sampled"
+    """How later stages recognize the teacher's weights: ``sampled`` (the safetensors headers and sixteen
+    1 MiB slices of each weight file: fast at any size, blind to a flipped byte between the slices) or
+    ``full`` (every byte, read by every stage that loads the teacher)."""
     model: TeacherModelParams = dataclasses.field(default_factory=TeacherModelParams)
     train: TeacherTrainParams = dataclasses.field(default_factory=TeacherTrainParams)
+
+    def __post_init__(self) -> None:
+        require(self.fingerprint in ("sampled", "full"), "fingerprint",
+                f"must be sampled or full, got {self.fingerprint!r}")

@@ -202,7 +202,8 @@ def pretrain_teacher(params, data_dir: Path, out_dir: Path, metrics_dir: Path) -
         generation = {"eos_token_id": layout.pad_token_id, "pad_token_id": layout.pad_token_id,
                       "gen_length": layout.gen_length}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        TeacherRecord(checkpoint=".", fingerprint=checkpoint_fingerprint(tmp), mask_token_id=config.mask_token_id,
-                      tokenizer_sha256=tokenizer_hash(tmp), builtin=True).save(tmp)
+        full = params.fingerprint == "full"
+        TeacherRecord(checkpoint=".", fingerprint=checkpoint_fingerprint(tmp, full=full), mask_token_id=config.mask_token_id,
+                      tokenizer_sha256=tokenizer_hash(tmp), builtin=True, fingerprint_full=full).save(tmp)
     return {"steps": trainer.global_step, "minutes": round(minutes, 2), "parameters": sum(p.numel() for p in model.parameters()),
             "val_accuracy": accuracy.history[-1], "curve": accuracy.history}
