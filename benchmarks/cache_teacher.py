@@ -67,7 +67,7 @@ def time_rollouts(model, train, layout, params) -> tuple[float, float, int]:
     sampler = rollout_fill.sampler_settings(params, layout, model.config.mask_token_id)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        rollout_fill.fill_rollout_shard(model, train, 0, layout, params, sampler, Path(tmp))
+        rollout_fill.fill_rollout_block(model, train, range(1), {0}, layout, params, sampler, Path(tmp))
         fill_seconds = time.perf_counter() - started
         with pa.memory_map(str(Path(tmp) / shard_name(0, ROLLOUTS))) as source:
             reader = pa.ipc.open_file(source)  # concat copies out of the memory map

@@ -170,6 +170,45 @@ def test_independent_of_the_process_split_and_the_batch(workdir, tmp_path):
     assert stats["rollouts"] == 90 and 0 < stats["bytes_per_rollout_disk"] < 1000
 
 
+def test_small_shards_share_forward_batches_and_any_split_or_rerun_gives_the_same_bytes(workdir, tmp_path, monkeypatch):
+    """One-example shards used to cost one forward (top-k) or one sampler run per temperature (rollouts)
+    each: stage one with many small shards was 7x slower. Consecutive shards now share batches (blocks
+    of batch_size // shard size shards), blocks are what processes split, and a rerun samples a block
+    whole: the bytes are those of one process, uninterrupted."""
+    from pipeline.cache import fill as topk_fill
+    from pipeline.cache import fill_rollouts
+
+    calls = {"forward": 0, "sampler": 0}
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(topk_fill, "teacher_topk", counting("forward", topk_fill.teacher_topk))
+    monkeypatch.setattr(fill_rollouts, "sample_trajectory", counting("sampler", fill_rollouts.sample_trajectory))
+    small = from_mapping(CacheParams, {**SMALL, "max_examples": 40, "rows_per_shard": 1, "batch_size": 8,
+                                       "rollouts": {**ROLLOUTS_SMALL, "rollouts_per_shard": 3, "batch_size": 12}},
+                         "cache")  # 40 top-k shards in blocks of 8; 30 rollout shards in blocks of 4
+    fill(workdir, tmp_path / "one", params=small)
+    assert calls == {"forward": 5, "sampler": 2 * 8}  # per block: a greedy and a sampled batch
+    for i in range(3):
+        fill(workdir, tmp_path / "split", shard_index=i, num_shards=3, params=small)
+    assert rollout_digests(tmp_path / "split") == rollout_digests(tmp_path / "one")
+    topk = lambda d: {k: v["sha256"] for k, v in json.loads((d / "manifest.json").read_text())["shards"].items()}  # noqa: E731
+    assert topk(tmp_path / "split") == topk(tmp_path / "one") and len(topk(tmp_path / "one")) == 40
+    for name in ("rollouts-00005", "shard-00013"):  # one shard from the middle of a block of each family
+        (tmp_path / "split" / f"{name}.json").unlink()
+    again = fill(workdir, tmp_path / "split", params=small)
+    assert again["shards_written"] == 1 and again["rollout_shards_written"] == 1 and again["complete"]
+    assert rollout_digests(tmp_path / "split") == rollout_digests(tmp_path / "one")
+    assert topk(tmp_path / "split") == topk(tmp_path / "one")
+    per_shard = from_mapping(CacheParams, {**small.content(), "batch_size": 1}, "cache")  # a forward per shard
+    fill(workdir, tmp_path / "per_shard", params=per_shard)
+    assert topk(tmp_path / "per_shard") == topk(tmp_path / "one")  # the top-k rows do not depend on their batch
+
+
 def test_greedy_rollouts_are_the_evaluations_greedy_decoding(workdir, tmp_path):
     fill(workdir, tmp_path / "cache")
     rollouts = open_rollouts(tmp_path / "cache")

@@ -5,12 +5,14 @@ The cache is cut into shards of ``rows_per_shard`` rows; shard j holds examples
 ``[j * E, (j + 1) * E)`` (E = rows_per_shard // samples_per_example), each with
 ``samples_per_example`` draws, and its randomness comes from a generator seeded by (seed, j) only.
 So a shard's content does not depend on which process writes it or on how many processes share the
-work: ``--shard-index i --num-shards n`` takes the shards j with j % n == i, and any split fills the
-same cache.
+work: ``--shard-index i --num-shards n`` takes the blocks b with b % n == i, block b being the
+``shards_per_block`` consecutive shards computed together (one shard at the default sizes), and any
+split fills the same cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -94,42 +96,67 @@ def teacher_topk(
     return map_row_chunks(topk_rows, (rows,), model.config.embedding_size, chunk_bytes)
 
 
-def fill_shard(
-    model: MaskPredictor, dataset, shard: int, layout: Layout, params: CacheParams, out_dir: Path, progress=None
-) -> dict:
-    """Write shard ``shard`` (all its rows) and return its sidecar info."""
+def shards_per_block(params: CacheParams) -> int:
+    """Consecutive shards computed together: as many as one forward batch holds (1 at the default sizes),
+    so that small shards cost what large ones do."""
+    return max(1, params.batch_size // (examples_per_shard(params) * params.samples_per_example))
+
+
+def fill_block(
+    model: MaskPredictor, dataset, block: range, todo: set[int], layout: Layout, params: CacheParams, out_dir: Path,
+    progress=None,
+) -> None:
+    """Compute the consecutive shards ``block`` together (each shard's noise from its own generator;
+    the teacher's forward batches run over all their rows) and write those in ``todo``."""
     device = next(model.parameters()).device
-    per_shard = examples_per_shard(params)
-    first = shard * per_shard
-    last = min(first + per_shard, len(dataset))
-    rows = dataset[first:last]
-    x0 = torch.as_tensor(np.asarray(rows["input_ids"]), dtype=torch.long)
-    attention = torch.as_tensor(np.asarray(rows["attention_mask"]), dtype=torch.long)
-    S = params.samples_per_example
-    example_index = torch.arange(first, last).repeat_interleave(S)  # (N,) example-major
-    sample_index = torch.arange(S).repeat(last - first)
-    x0, attention = x0.repeat_interleave(S, dim=0), attention.repeat_interleave(S, dim=0)
-    t, x_t, masked = draw_noisy_inputs(x0, layout, params, model.config.mask_token_id, shard_generator(params.seed, shard))
+    per_shard, S = examples_per_shard(params), params.samples_per_example
+    parts = []
+    for shard in block:
+        first, last = shard * per_shard, min((shard + 1) * per_shard, len(dataset))
+        rows = dataset[first:last]
+        x0 = torch.as_tensor(np.asarray(rows["input_ids"]), dtype=torch.long).repeat_interleave(S, dim=0)
+        attention = torch.as_tensor(np.asarray(rows["attention_mask"]), dtype=torch.long).repeat_interleave(S, dim=0)
+        t, x_t, masked = draw_noisy_inputs(x0, layout, params, model.config.mask_token_id,
+                                           shard_generator(params.seed, shard))
+        example_index = torch.arange(first, last).repeat_interleave(S)  # (N,) example-major
+        parts.append((example_index, torch.arange(S).repeat(last - first), t, x_t, attention, x0, masked))
+    example_index, sample_index, t, x_t, attention, x0, masked = (torch.cat(column) for column in zip(*parts))
+    bounds = np.cumsum([0] + [len(part[0]) for part in parts])  # shard i holds rows [bounds[i], bounds[i + 1])
     schema = cache_schema(layout.length, params.top_k)
-    with ShardWriter(out_dir, shard, schema, params.record_batch_rows) as writer:
+    with contextlib.ExitStack() as stack:
+        writers = {i: stack.enter_context(ShardWriter(out_dir, shard, schema, params.record_batch_rows))
+                   for i, shard in enumerate(block) if shard in todo}
         for start in range(0, len(t), params.batch_size):
             part = slice(start, start + params.batch_size)
             ids, logprobs = teacher_topk(model, x_t[part].to(device), attention[part].to(device),
                                          masked[part].to(device), layout, params.top_k, params.cfg_scale)
             if torch.isnan(logprobs).any():
-                raise CacheError(f"{out_dir}: shard {shard}: the teacher's log-probs are NaN (a diverged teacher?); "
+                raise CacheError(f"{out_dir}: shard {block[0]}: the teacher's log-probs are NaN (a diverged teacher?); "
                                  "rerun the teacher stage")
             positions = masked[part].nonzero()[:, 1]  # row-major, like the boolean gather above
-            writer.write(CacheRows(
+            rows = CacheRows(
                 example_index=example_index[part].numpy(), sample_index=sample_index[part].numpy().astype(np.int32),
                 t=t[part].numpy().astype(np.float32), input_ids=x_t[part].numpy(),
                 attention_mask=attention[part].numpy(), x0=x0[part].numpy(),
                 num_masked=masked[part].sum(dim=1).numpy(), masked_positions=positions.numpy(),
                 topk_ids=ids.cpu().numpy(), topk_logprobs=logprobs.cpu().numpy(),
-            ))
+            )
+            stop = start + len(rows)
+            for i, writer in writers.items():  # each shard's share of this batch
+                lo, hi = max(bounds[i], start), min(bounds[i + 1], stop)
+                if lo < hi:
+                    writer.write(rows.slice(lo - start, hi - start))
             if progress is not None:
-                progress.update(len(t[part]))
-        return writer.close()
+                progress.update(sum(max(0, min(bounds[i + 1], stop) - max(bounds[i], start)) for i in writers))
+        for writer in writers.values():
+            writer.close()
+
+
+def shard_blocks(todo: list[int], block: int, total: int) -> list[tuple[range, set[int]]]:
+    """The blocks of ``block`` consecutive shards (of ``total``) that hold a shard of ``todo``, each
+    with its shards to write."""
+    starts = sorted({j // block * block for j in todo})
+    return [(range(b, min(b + block, total)), {j for j in todo if b <= j < b + block}) for b in starts]
 
 
 def fill_cache(
@@ -155,24 +182,28 @@ def fill_cache(
     ensure_manifest(out_dir, manifest)
     rollout_total = rollouts["num_shards"] if rollouts else 0
 
-    todo = pending_shards(out_dir, total, TOPK, shard_index, num_shards)
+    block = shards_per_block(params)
+    todo = pending_shards(out_dir, total, TOPK, shard_index, num_shards, block)
     rows = shard_rows(todo, examples_per_shard(params), len(dataset), params.samples_per_example)
     started = time.perf_counter()
     with tqdm(total=rows, unit="row", desc=f"top-k shards {shard_index}/{num_shards}", smoothing=0.1) as progress:
-        for j in todo:
-            fill_shard(model, dataset, j, layout, params, out_dir, progress)
+        for shards, pending in shard_blocks(todo, block, total):
+            fill_block(model, dataset, shards, pending, layout, params, out_dir, progress)
     seconds = time.perf_counter() - started
 
-    rollout_todo = pending_shards(out_dir, rollout_total, ROLLOUTS, shard_index, num_shards)
+    rollout_block = rollout_fill.shards_per_block(params.rollouts)
+    rollout_todo = pending_shards(out_dir, rollout_total, ROLLOUTS, shard_index, num_shards, rollout_block)
     count = shard_rows(rollout_todo, rollout_fill.examples_per_shard(params.rollouts), rollouts["examples"],
                        params.rollouts.per_example) if rollouts else 0
     started = time.perf_counter()
     with tqdm(total=count, unit="rollout", desc=f"rollout shards {shard_index}/{num_shards}", smoothing=0.1,
               disable=not rollout_todo) as progress:
-        for j in rollout_todo:
-            rollout_fill.fill_rollout_shard(model, dataset, j, layout, params, rollouts["sampler"], out_dir, progress)
+        for shards, pending in shard_blocks(rollout_todo, rollout_block, rollout_total):
+            rollout_fill.fill_rollout_block(model, dataset, shards, pending, layout, params, rollouts["sampler"],
+                                            out_dir, progress)
     rollout_seconds = time.perf_counter() - started
-    mine = len(my_shards(total, shard_index, num_shards)) + len(my_shards(rollout_total, shard_index, num_shards))
+    mine = (len(my_shards(total, shard_index, num_shards, block))
+            + len(my_shards(rollout_total, shard_index, num_shards, rollout_block)))
     return {"shards_total": total + rollout_total, "shards_written": len(todo), "rows_written": rows,
             "seconds": round(seconds, 2), "rollout_shards_written": len(rollout_todo), "rollouts_written": count,
             "rollout_seconds": round(rollout_seconds, 2),

@@ -2,10 +2,11 @@
 ``pipeline.cache.rollouts``).
 
 A rollout's noise is a pure function of its seed, and its seed a function of (cache.seed, example,
-rollout), or of (cache.seed, field) under ``shared`` noise; shard j's rollouts are sampled in
-batches of ``cache.rollouts.batch_size`` in a fixed order. So a shard's bytes depend only on (params,
-shard index): any split of the shards over processes, and any rerun after a kill, writes the same
-bytes.
+rollout), or of (cache.seed, field) under ``shared`` noise; the rollouts of block b (the
+``shards_per_block`` consecutive shards sampled together, one shard at the default sizes) are sampled
+in batches of ``cache.rollouts.batch_size`` in a fixed order, and a rerun samples a block whole even
+when only some of its shards are missing. So a shard's bytes depend only on (params, shard index): any
+split of the blocks over processes, and any rerun after a kill, writes the same bytes.
 """
 
 from __future__ import annotations
@@ -88,17 +89,24 @@ def rollout_plan(first: int, last: int, params: CacheParams) -> RolloutRows:
                        empty, empty.astype(np.int16))
 
 
+def shards_per_block(params: RolloutParams) -> int:
+    """Consecutive rollout shards sampled together: as many as one sampler batch holds (1 at the
+    default sizes). A function of params alone, since the batch a rollout is sampled in is part of what
+    it is (bf16 logits depend on the batch)."""
+    return max(1, params.batch_size // (examples_per_shard(params) * max(params.per_example, 1)))
+
+
 @torch.inference_mode()
-def fill_rollout_shard(model: MaskPredictor, dataset, shard: int, layout: Layout, params: CacheParams, sampler: dict,
-                       out_dir, progress=None) -> dict:
-    """Sample and write rollout shard ``shard``; return its sidecar info. Greedy and sampled rollouts
-    go through the sampler in separate batches (one temperature per batch), then are written
-    example-major."""
+def fill_rollout_block(model: MaskPredictor, dataset, block: range, todo: set[int], layout: Layout,
+                       params: CacheParams, sampler: dict, out_dir, progress=None) -> None:
+    """Sample the consecutive rollout shards ``block`` together (one plan over their examples) and
+    write those in ``todo``. Greedy and sampled rollouts go through the sampler in separate batches
+    (one temperature per batch); each shard is written example-major."""
     r = params.rollouts
     device = next(model.parameters()).device
     per_shard = examples_per_shard(r)
-    first = shard * per_shard
-    last = min(first + per_shard, rollout_examples(params, len(dataset)))
+    examples = rollout_examples(params, len(dataset))
+    first, last = block[0] * per_shard, min((block[-1] + 1) * per_shard, examples)
     plan = rollout_plan(first, last, params)
     rows = dataset[first:last]
     P, G = layout.prompt_length, layout.gen_length
@@ -109,6 +117,11 @@ def fill_rollout_shard(model: MaskPredictor, dataset, shard: int, layout: Layout
     if r.top_k:
         top_ids = np.zeros((len(plan), G, r.top_k), dtype=np.int32)
         top_logprobs = np.zeros((len(plan), G, r.top_k), dtype=np.float16)
+    shard_rows = {shard: slice((shard * per_shard - first) * r.per_example,
+                               (min((shard + 1) * per_shard, examples) - first) * r.per_example) for shard in todo}
+    wanted = np.zeros(len(plan), dtype=bool)  # the rows of the shards to write (the progress bar counts them)
+    for rows_of_shard in shard_rows.values():
+        wanted[rows_of_shard] = True
     predictor = sampler_network(model)
     seeds = torch.from_numpy(plan.seed.view(np.int64))
     for temperature in sorted(set(plan.temperature.tolist())):
@@ -128,10 +141,11 @@ def fill_rollout_shard(model: MaskPredictor, dataset, shard: int, layout: Layout
                 top_ids[part] = trajectory.reveal_topk_ids.cpu().numpy()
                 top_logprobs[part] = trajectory.reveal_topk_logprobs.cpu().numpy().astype(np.float16)
             if progress is not None:
-                progress.update(len(part))
+                progress.update(int(wanted[part].sum()))
     written = RolloutRows(plan.example_index, plan.rollout_index, plan.temperature, plan.seed, plan.field, prompts,
                           prompt_mask, tokens, reveal, top_ids if r.top_k else None, top_logprobs if r.top_k else None)
     schema = rollout_schema(P, G, r.top_k)
-    with ShardWriter(out_dir, shard, schema, params.record_batch_rows, family=ROLLOUTS) as writer:
-        writer.write(written)
-        return writer.close()
+    for shard in sorted(todo):
+        with ShardWriter(out_dir, shard, schema, params.record_batch_rows, family=ROLLOUTS) as writer:
+            writer.write(written.slice(shard_rows[shard].start, shard_rows[shard].stop))
+            writer.close()

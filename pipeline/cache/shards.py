@@ -130,19 +130,21 @@ class ShardWriter:
             self.abort()
 
 
-def my_shards(total: int, shard_index: int, num_shards: int) -> list[int]:
-    """The shards of a family process ``shard_index`` of ``num_shards`` fills: j % num_shards == shard_index."""
-    return [j for j in range(total) if j % num_shards == shard_index]
+def my_shards(total: int, shard_index: int, num_shards: int, block: int = 1) -> list[int]:
+    """The shards of a family process ``shard_index`` of ``num_shards`` fills: those of the blocks of
+    ``block`` consecutive shards (computed together) numbered b with b % num_shards == shard_index."""
+    return [j for j in range(total) if j // block % num_shards == shard_index]
 
 
-def pending_shards(directory: Path, total: int, family: str, shard_index: int, num_shards: int) -> list[int]:
+def pending_shards(directory: Path, total: int, family: str, shard_index: int, num_shards: int,
+                   block: int = 1) -> list[int]:
     """This process's shards of ``family`` that have no sidecar yet, or whose bytes no longer match
     their sidecar (damaged: deleted, to be written again); the temporary files a killed run left for
     them (never complete; their writer's process is gone) are deleted. A sidecar written for another cache (other params,
     data or teacher, e.g. under a deleted manifest) is refused."""
     done = completed_shards(directory, total, family)
     identity = cache_identity(read_manifest(directory))
-    mine = my_shards(total, shard_index, num_shards)
+    mine = my_shards(total, shard_index, num_shards, block)
     for index in [j for j in mine if j in done]:
         check_sidecar_identity(Path(directory) / sidecar_name(index, family), done[index], identity)
         if not shard_matches_sidecar(Path(directory) / shard_name(index, family), done[index]):
