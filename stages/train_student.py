@@ -24,6 +24,8 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/student"),
                         help="Lightning checkpoints (soft prompt and optimizer state), one directory per run "
                              "(a hash of the params that determine it)")
+    parser.add_argument("--logs", type=Path, default=Path("logs/student"),
+                        help="where a student.logger besides DVCLive writes (csv, tensorboard, wandb)")
     parser.add_argument("--resume", type=Path, nargs="?", const=Resume,
                         help="continue this run (the same params) from its last checkpoint, when it has one; or "
                              "from the checkpoint PATH, which must be this run's")
@@ -36,7 +38,7 @@ def main() -> None:
     params = load_section(StudentParams, "student")
     cache_params = load_section(CacheParams, "cache")  # to refuse a cache built with other params
     summary = train_student(params, args.teacher, args.cache, args.data, args.out, args.metrics, args.checkpoints,
-                            args.resume, cache_params)
+                            args.resume, cache_params, args.logs)
     if summary is None:  # not global rank 0: rank 0 writes the student and the metrics
         return
     args.metrics.mkdir(parents=True, exist_ok=True)

@@ -123,3 +123,19 @@ def make_workdir(path: Path, train_per_task: int = 30, gen_length: int = 7, **mo
     TeacherRecord(checkpoint=".", fingerprint=checkpoint_fingerprint(teacher), mask_token_id=2,
                   tokenizer_sha256=tokenizer_hash(teacher), builtin=True).save(teacher)
     return path
+
+
+def make_cached_workdir(path: Path, cache: dict, train_per_task: int) -> Path:
+    """``make_workdir`` plus a stage-one cache (``artifacts/cache``) built with ``cache`` params."""
+    from pipeline.cache.fill import cache_header, fill_cache, load_train_split
+    from pipeline.cache.params import CacheParams
+    from pipeline.data.layout import Layout
+    from pipeline.teacher.artifact import load_teacher
+
+    work = make_workdir(path, train_per_task=train_per_task)
+    params = CacheParams(**cache)
+    model, _, record = load_teacher(work / "artifacts" / "teacher")
+    layout = Layout.load(work / "data")
+    fill_cache(model, load_train_split(work / "data", None), layout, params, work / "artifacts" / "cache",
+               cache_header(record, layout, params, work / "data", model))
+    return work

@@ -1,7 +1,9 @@
 """Helper for test_distillation: train a few steps on a prepared workdir with N CPU processes and
 save each rank's soft prompt, with the MeanFlow objective (``meanflow``), the rollout objective and
 a latent (``rollouts``), the rollout objective on a code book with soft-EM selection (``posterior``), or
-the policy objective with a latent (``policy``), or distribution matching with its auxiliary (``matching``). Run as a script (Lightning's DDP relaunches it for every rank).
+the policy objective with a latent (``policy``), or distribution matching with its auxiliary (``matching``). Run as a script
+(Lightning's DDP relaunches it for every rank), or under torchrun (``devices`` auto, ``num_nodes``), with the
+stage's Trainer options (``pipeline.student.launch.trainer_options``).
 
 The optimizer is plain SGD, not the stage's AdamW: what is compared is how DDP shards the batch and
 averages gradients. Adam divides each gradient by its own running scale, so a gradient that is zero
@@ -18,6 +20,7 @@ from safetensors.torch import save_file
 from pipeline.cache.loader import TeacherCacheDataModule
 from pipeline.data.layout import Layout
 from pipeline.student.distillation import StudentDistillation
+from pipeline.student.launch import trainer_options
 from pipeline.student.model import Student
 from pipeline.student.params import StudentParams
 from pipeline.student.soft_prompt import SoftPromptConfig
@@ -29,7 +32,8 @@ class SGDDistillation(StudentDistillation):
         return torch.optim.SGD(self.trainable_parameters(), lr=self.params.lr)
 
 
-def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int, objective: str) -> None:
+def main(workdir: Path, out: Path, devices: int | str, batch_size: int, steps: int, objective: str,
+         num_nodes: int = 1, accumulate: int = 1) -> None:
     L.seed_everything(0)
     base, _, _ = load_teacher(workdir / "artifacts" / "teacher")
     rollouts = objective != "meanflow"
@@ -40,15 +44,17 @@ def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int, ob
                "matching": dict(rollout_weight=0.0, matching_weight=1.0, matching_warmup_steps=1)}[objective]
     prompt = SoftPromptConfig(prompt_length=2, hidden_size=8, latent_dim=4 if rollouts else 0,
                               codebook_size=5 if objective == "posterior" else 0)
+    several = devices == "auto" or devices > 1 or num_nodes > 1
     params = StudentParams(soft_prompt=prompt, batch_size=batch_size, max_steps=steps, warmup_steps=1, lr=0.5,
-                           latent_draws=3, **{"meanflow_weight": 0.0, "rollout_weight": 1.0, **options})
+                           latent_draws=3, devices=devices, num_nodes=num_nodes, strategy="ddp" if several else "auto",
+                           accumulate_grad_batches=accumulate,
+                           **{"meanflow_weight": 0.0, "rollout_weight": 1.0, **options})
     student = Student(base, config=params.soft_prompt)
     layout = Layout.load(workdir / "data")
     module = SGDDistillation(student, params, layout.gen_length, rollout_steps=layout.gen_length if rollouts else None,
                              eos_id=layout.pad_token_id)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, gradient_clip_val=1.0)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, **trainer_options(params, on_gpu=False))  # the stage's options
     data = TeacherCacheDataModule(workdir / "artifacts" / "cache", batch_size, shuffle=False, meanflow=not rollouts,
                                   rollouts="all" if rollouts else None)
     trainer.fit(module, datamodule=data)
@@ -57,4 +63,6 @@ def main(workdir: Path, out: Path, devices: int, batch_size: int, steps: int, ob
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    devices = sys.argv[3] if sys.argv[3] == "auto" else int(sys.argv[3])
+    main(Path(sys.argv[1]), Path(sys.argv[2]), devices, int(sys.argv[4]), int(sys.argv[5]), sys.argv[6],
+         *map(int, sys.argv[7:9]))  # num_nodes, accumulate

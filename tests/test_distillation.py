@@ -14,7 +14,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.cache.fill import cache_header, fill_cache, load_train_split
 from pipeline.cache.loader import CacheMiniBatches, TeacherCacheDataModule
 from pipeline.cache.params import CacheParams
 from pipeline.cache.topk import open_cache
@@ -26,7 +25,7 @@ from pipeline.student.model import Student
 from pipeline.student.params import StudentParams
 from pipeline.student.soft_prompt import SoftPromptConfig
 from pipeline.teacher.artifact import load_teacher
-from tests.conftest import make_workdir
+from tests.conftest import make_cached_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,13 +36,7 @@ CACHE = dict(samples_per_example=2, top_k=6, rows_per_shard=64, record_batch_row
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    work = make_workdir(tmp_path_factory.mktemp("distill"), train_per_task=16)
-    params = CacheParams(**CACHE)
-    model, _, record = load_teacher(work / "artifacts" / "teacher")
-    layout = Layout.load(work / "data")
-    fill_cache(model, load_train_split(work / "data", None), layout, params, work / "artifacts" / "cache",
-               cache_header(record, layout, params, work / "data", model))
-    return work
+    return make_cached_workdir(tmp_path_factory.mktemp("distill"), CACHE, train_per_task=16)
 
 
 def make_module(workdir, **overrides):

@@ -260,15 +260,16 @@ def check_cache_matches_teacher(cache_dir: Path, record) -> None:
 
 
 def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, data_dir: Path, out_dir: Path,
-                  metrics_dir: Path, checkpoint_dir: Path, resume=None, cache_params=None) -> dict:
+                  metrics_dir: Path, checkpoint_dir: Path, resume=None, cache_params=None,
+                  logs_dir: Path = Path("logs/student")) -> dict:
     """Distil a student from the cache and save it (soft prompt + base pointer) to ``out_dir``, with
     checkpoints in this run's directory under ``checkpoint_dir`` (``pipeline.student.run``; ``resume``:
     a checkpoint of this run, or ``Resume`` for its last one). With ``cache_params`` (params.yaml's
-    ``cache``), a cache built with others is refused. Returns a summary on global rank 0, None on the
+    ``cache``), a cache built with others is refused. A ``student.logger`` besides DVCLive writes into
+    ``logs_dir``. Returns a summary on global rank 0, None on the
     other ranks."""
     import time
 
-    from dvclive.lightning import DVCLiveLogger
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -277,12 +278,15 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     from pipeline.data.layout import Layout, load_split
     from pipeline.generation.accuracy import GenerationAccuracy
     from pipeline.generation.decode import default_step_counts
+    from pipeline.student import launch
     from pipeline.student import run as student_run
     from pipeline.teacher.artifact import load_teacher
 
     L.seed_everything(params.seed, workers=True)
     # Every input is checked before an output is touched (the logger clears metrics_dir / "training").
-    student_run.check_strategy(params.strategy)
+    on_gpu = torch.cuda.is_available()
+    options = launch.trainer_options(params, on_gpu)  # refuses a world the params do not describe
+    launch.check_logger(params.logger)
     base, tokenizer, record = load_teacher(teacher_dir)
     check_cache_matches_teacher(cache_dir, record)
     layout = Layout.load(data_dir)
@@ -315,21 +319,15 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     accuracy = GenerationAccuracy(load_split(data_dir, "val"), tokenizer, {layout.pad_token_id},
                                   layout, every_n_steps=params.eval_every, steps=1, model_of=lambda m: m.student,
                                   more_steps=tuple(default_step_counts(layout.gen_length)))
-    on_gpu = torch.cuda.is_available()
     trainer = L.Trainer(
         max_steps=params.max_steps,
         max_time=time_limit(params.max_minutes),
-        accelerator="auto",
-        devices=params.devices,
-        strategy=params.strategy,
-        precision=params.precision or ("bf16-mixed" if on_gpu else "32-true"),
-        logger=DVCLiveLogger(dir=str(metrics_dir / "training"), save_dvc_exp=False, dvcyaml=False),
+        logger=launch.loggers(params.logger, metrics_dir / "training", logs_dir),
         callbacks=[accuracy, student_run.RecordRunIdentity(identity),
                    ModelCheckpoint(dirpath=str(run_dir), save_last=True, every_n_train_steps=params.eval_every,
                                    enable_version_counter=False)],
-        log_every_n_steps=10,
-        gradient_clip_val=1.0,
         plugins=[student_run.AtomicCheckpointIO()],
+        **options,
     )
     started = time.perf_counter()
     with writing(metrics_dir / "training"):  # the logger's files (checkpoints name their own)

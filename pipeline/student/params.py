@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from pipeline.core.params import require, require_at_least, require_seed, require_time_cap
+from pipeline.student.launch import LOGGERS, STRATEGIES
 from pipeline.student.soft_prompt import SoftPromptConfig
 
 
@@ -86,16 +87,33 @@ class StudentParams:
     publishes no student; the run's checkpoints stay, so raising the cap and ``--resume`` finish it."""
     eval_every: int = 100
     """Steps between one-step validation accuracy measurements."""
-    devices: int = 1
+    devices: int | Literal["auto"] = 1
+    """Processes (GPUs) per node; ``auto``: what the launcher (torchrun, srun) started per node. Checked
+    against the launcher's world (``pipeline.student.launch``)."""
+    num_nodes: int = 1
+    """Nodes; more than one needs a launcher on every node (torchrun --nnodes, srun --nodes)."""
     strategy: str = "auto"
-    """Lightning strategy (``ddp`` for several GPUs)."""
+    """Lightning strategy: ``auto`` or ``ddp`` (several processes; ``pipeline.student.launch.STRATEGIES``)."""
+    accumulate_grad_batches: int = 1
+    """Batches whose gradients are summed before each optimizer step (a step then sees this many times
+    ``batch_size`` rows per device)."""
+    logger: str = "dvclive"
+    """``dvclive`` (into ``metrics/student/training``, what ``dvc plots`` reads, always written), or also
+    ``csv``, ``tensorboard`` or ``wandb`` into ``logs/student`` (the last two need their package)."""
+    log_every_n_steps: int = 10
     precision: str | None = None
     """Lightning precision (one of ``PRECISIONS``); default bf16-mixed on GPU, 32-true on CPU."""
     num_workers: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require_at_least(self, 1, "batch_size", "max_steps", "eval_every", "devices", "latent_draws", "trained_draws")
+        require_at_least(self, 1, "batch_size", "max_steps", "eval_every", "latent_draws", "trained_draws", "num_nodes",
+                         "accumulate_grad_batches", "log_every_n_steps")
+        require(self.devices == "auto" or self.devices >= 1, "devices", f"must be >= 1 or auto, got {self.devices!r}")
+        require(self.strategy in STRATEGIES, "strategy", f"{self.strategy!r} is not supported: only "
+                f"{' and '.join(STRATEGIES)} are tested with the student's objectives (FSDP and DeepSpeed would need "
+                "their own tests; torch.func.jvp is reported to break under FSDP2)")
+        require(self.logger in LOGGERS, "logger", f"{self.logger!r} is not one of {', '.join(LOGGERS)}")
         require_at_least(self, 2, "policy_samples")
         require_seed(self)
         require_at_least(self, 0, "meanflow_weight", "rollout_weight", "policy_weight", "matching_weight",

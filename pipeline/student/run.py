@@ -20,7 +20,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from pipeline.cache.params import CacheParams
-from pipeline.core.errors import CacheError, CheckpointError, ParamsError
+from pipeline.core.errors import CacheError, CheckpointError
 from pipeline.core.files import writing
 from pipeline.core.params import differences, params_hash
 from pipeline.data.layout import Layout, split_fingerprint
@@ -28,7 +28,7 @@ from pipeline.student.params import StudentParams
 
 RUN_KEY = "run_identity"
 """The key of a Lightning checkpoint holding the identity of the run that wrote it."""
-SPEED_ONLY = ("max_minutes", "num_workers", "eval_every")
+SPEED_ONLY = ("max_minutes", "num_workers", "eval_every", "logger", "log_every_n_steps")
 """``student`` keys that change how fast or how often things happen, not the trained weights."""
 LAST = "last.ckpt"
 
@@ -153,16 +153,6 @@ def clear_run_directory(run_dir: Path) -> None:
     """A fresh run replaces the checkpoints an earlier run with the same identity left."""
     for stale in Path(run_dir).glob("*.ckpt"):
         stale.unlink(missing_ok=True)
-
-
-def check_strategy(strategy: str) -> None:
-    """Refuse a ``student.strategy`` Lightning does not know, before anything starts."""
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    known = ["auto", *StrategyRegistry.available_strategies()]
-    if strategy not in known:
-        raise ParamsError(f"params.yaml:student.strategy: {strategy!r} is not a Lightning strategy "
-                          f"(e.g. {', '.join(known[:8])})")
 
 
 class RecordRunIdentity(L.Callback):
