@@ -52,6 +52,10 @@ def parse_args(argv=None):
     local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))
     default_device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device)
+    parser.add_argument("--replace-other", action="store_true",
+                        help="a cache in --out built with other params, teacher or data (or damaged) is deleted and "
+                             "this one built, instead of refused (dvc.yaml passes it: the directory is DVC's "
+                             "output, which it keeps between runs so that a rerun resumes)")
     args = parser.parse_args(argv)
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard-index must be in [0, --num-shards={args.num_shards}), got {args.shard_index}")
@@ -72,7 +76,8 @@ def main() -> None:
     check_data_tokenizer(record, args.data)
     train = load_train_split(args.data, params.max_examples)
     header = cache_header(record, layout, params, args.data, model)
-    summary = fill_cache(model, train, layout, params, args.out, header, args.shard_index, args.num_shards)
+    summary = fill_cache(model, train, layout, params, args.out, header, args.shard_index, args.num_shards,
+                         args.replace_other)
     if summary["complete"]:
         metrics = {**cache_statistics(args.out), "seconds": summary["seconds"],
                    "total_seconds": round(summary["seconds"] + summary["rollout_seconds"], 2)}

@@ -1,9 +1,11 @@
 """Stage ``train_student`` (stage two): MeanFlow distillation of the soft prompt from
 ``artifacts/cache/``, saved to ``artifacts/student/`` (params: ``student``).
 
-    python stages/train_student.py                                  # what dvc repro runs (dvc.yaml passes the paths)
-    python stages/train_student.py --resume                         # continue this params' run, if it has a checkpoint
-    torchrun --nproc-per-node 8 stages/train_student.py             # with student.strategy=ddp, devices=8
+    python stages/train_student.py              # what dvc repro runs; continues this run if it has a checkpoint
+    python stages/train_student.py --fresh      # this run from step 0
+    torchrun --nproc-per-node 8 stages/train_student.py     # student.strategy=ddp, devices=auto (or 8)
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank $R --master-addr $HOST stages/train_student.py
+                                                # and student.num_nodes=2; srun --nodes 2 --ntasks-per-node 8 too
 """
 
 import json
@@ -26,9 +28,12 @@ def parse_args(argv=None):
                              "(a hash of the params that determine it)")
     parser.add_argument("--logs", type=Path, default=Path("logs/student"),
                         help="where a student.logger besides DVCLive writes (csv, tensorboard, wandb)")
-    parser.add_argument("--resume", type=Path, nargs="?", const=Resume,
-                        help="continue this run (the same params) from its last checkpoint, when it has one; or "
-                             "from the checkpoint PATH, which must be this run's")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", type=Path, nargs="?", const=Resume, default=Resume,
+                       help="continue this run (the same params, cache and code) from its last checkpoint, when it "
+                            "has one (the default); or from the checkpoint PATH, which must be this run's")
+    start.add_argument("--fresh", dest="resume", action="store_const", const=None,
+                       help="discard this run's checkpoints and train from step 0")
     return parser.parse_args(argv)
 
 

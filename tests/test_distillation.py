@@ -226,10 +226,30 @@ def test_a_time_cap_that_binds_fails_and_keeps_the_runs_checkpoints(workdir, tmp
                          capture_output=True, text=True, timeout=600)
     assert cut.returncode == 2 and "Traceback" not in cut.stderr, cut.stderr[-3000:]
     last = cut.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: student.max_minutes") and "of 400" in last and "--resume" in last
+    assert last.startswith("error: student.max_minutes") and "of 400" in last and "rerunning train_student" in last
     assert not (tmp_path / "s").exists()
     (run_dir,) = (tmp_path / "c").iterdir()
     assert (run_dir / "last.ckpt").is_file()
+
+
+def test_a_rerun_continues_the_interrupted_run_to_the_uninterrupted_result(workdir, tmp_path):
+    """The stage's default (what dvc repro runs): an interrupted run (here cut by a time cap after its
+    first step) is continued by the next run with the same params, cache and code, and ends with the
+    soft prompt and the whole validation curve of a run never interrupted (--fresh, elsewhere)."""
+    student = {**STAGE_STUDENT, "max_steps": 3}
+    cut = run_student_stage(workdir, tmp_path, {**student, "max_minutes": 1.0e-6})
+    assert cut.returncode == 2 and "student.max_minutes" in cut.stderr, cut.stderr[-3000:]
+    resumed = run_student_stage(workdir, tmp_path, student)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-3000:]
+    whole = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py"), "--out", str(tmp_path / "w"),
+                            "--metrics", str(tmp_path / "wm"), "--checkpoints", str(tmp_path / "wc"), "--fresh"],
+                           cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0 and "training afresh" in whole.stdout, whole.stderr[-3000:]
+    found, expected = (load_file(str(d / "soft_prompt.safetensors")) for d in (tmp_path / "s", tmp_path / "w"))
+    for key in expected:
+        assert torch.equal(found[key], expected[key]), key
+    curves = [json.loads((d / "accuracy_curve.json").read_text()) for d in (tmp_path / "m", tmp_path / "wm")]
+    assert [entry["step"] for entry in curves[0]] == [1, 2, 3] and curves[0] == curves[1]
 
 
 def test_train_student_stage_end_to_end(workdir, tmp_path):
@@ -342,7 +362,7 @@ def test_a_truncated_last_checkpoint_is_refused_on_resume(workdir, tmp_path):
     refused = run_student_stage(workdir, tmp_path, STAGE_STUDENT, "--resume")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     line = refused.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"error: --resume {last}: not a readable Lightning checkpoint") and "to train afresh" in line
+    assert line.startswith(f"error: --resume {last}: not a readable Lightning checkpoint") and "--fresh trains" in line
 
 
 def test_checkpoints_are_written_whole_or_not_at_all(tmp_path):
@@ -385,7 +405,7 @@ def test_a_failed_run_keeps_the_last_good_runs_record(workdir, tmp_path, case):
     old run. Each failure is a pipeline error naming the file or key (one ``error:`` line)."""
     import shutil
 
-    from pipeline.core.errors import CacheError, CheckpointError, ParamsError
+    from pipeline.core.errors import CacheError, CheckpointError
 
     record = tmp_path / "m" / "training" / "metrics.json"
     record.parent.mkdir(parents=True)
@@ -407,7 +427,7 @@ def test_a_failed_run_keeps_the_last_good_runs_record(workdir, tmp_path, case):
         kwargs = {"cache_params": CacheParams(**{**CACHE, "top_k": 8})}
         error, message = CacheError, r"built with other params than params.yaml \(cache.top_k: 6 -> 8\); rerun cache_teacher"
     else:
-        kwargs, error, message = {"strategy": "dpp"}, ParamsError, r"student.strategy: 'dpp' is not a Lightning strategy"
+        kwargs, error, message = {"strategy": "dpp"}, ValueError, r"strategy: 'dpp' is not supported"
     with pytest.raises(error, match=message):
         student_call(workdir, tmp_path, **kwargs)
     assert record.read_text() == "{}" and not (tmp_path / "s").exists()

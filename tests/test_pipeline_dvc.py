@@ -9,8 +9,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -46,19 +48,7 @@ def run(repo: Path, *args: str) -> str:
 
 
 def test_dvc_repro_and_exp_run_in_a_fresh_repository(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    params = merged(yaml.safe_load((ROOT / "params.yaml").read_text()), MICRO)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(repo, "git", "init", "-q")
-    run(repo, "dvc", "init", "-q")
-    run(repo, "dvc", "config", "core.analytics", "false")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "pipeline")
+    repo = fresh_repository(tmp_path / "repo", merged(yaml.safe_load((ROOT / "params.yaml").read_text()), MICRO))
 
     run(repo, "dvc", "repro")
 
@@ -104,6 +94,69 @@ def test_dvc_repro_and_exp_run_in_a_fresh_repository(tmp_path):
     assert json.loads((repo / "metrics" / "student" / "summary.json").read_text())["steps"] == 2
     shown = run(repo, "dvc", "exp", "show", "--json")
     assert '"max_steps": 2' in shown.replace(" ", "").replace('":', '": ')
+
+
+SLOW_SHARDS = """
+import os, time
+if os.environ.get("SLOW_SHARD_SECONDS"):  # a test hook: each stage-one shard takes this long to close
+    from pipeline.cache import shards
+    close = shards.ShardWriter.close
+    shards.ShardWriter.close = lambda self: time.sleep(float(os.environ["SLOW_SHARD_SECONDS"])) or close(self)
+"""
+
+
+def fresh_repository(path: Path, params: dict) -> Path:
+    """The repository's dvc.yaml, stages and package in a new git + DVC repository with ``params``."""
+    path.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, path / name)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(path, "git", "init", "-q")
+    run(path, "dvc", "init", "-q")
+    run(path, "dvc", "config", "core.analytics", "false")
+    run(path, "git", "add", "-A")
+    run(path, "git", "commit", "-qm", "pipeline")
+    return path
+
+
+def test_a_killed_dvc_repro_of_stage_one_resumes_to_the_uninterrupted_cache(tmp_path):
+    """dvc repro used to delete the cache before rerunning stage one (no persist), so a preempted run
+    started over. Now: SIGTERM to dvc repro mid-way, dvc repro again; the complete shards are kept
+    (the same files) and the cache equals one built without interruption, byte for byte."""
+    params = merged(yaml.safe_load((ROOT / "params.yaml").read_text()), MICRO)
+    params["cache"].update(rows_per_shard=8, rollouts={**params["cache"]["rollouts"], "per_example": 0})
+    repo = fresh_repository(tmp_path / "repo", params)
+    run(repo, "dvc", "repro", "teacher")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_SHARDS)
+    env = {**os.environ, "PYTHONPATH": str(hook), "SLOW_SHARD_SECONDS": "1", "DVC_NO_ANALYTICS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "cache_teacher"], cwd=repo, env=env,
+                               start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cache = repo / "artifacts" / "cache"
+    deadline = time.monotonic() + 300
+    while len(list(cache.glob("shard-*.json"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("shard-*.arrow")
+            if p.with_suffix(".json").is_file()}
+    total = json.loads((cache / "manifest.json").read_text())["num_shards"]
+    assert total == 12 and 3 <= len(kept) < total
+    run(repo, "dvc", "repro", "cache_teacher")
+    assert "Data and pipelines are up to date" in run(repo, "dvc", "status", "cache_teacher")
+    after = {name: ((cache / name).stat().st_ino, (cache / name).stat().st_mtime_ns) for name in kept}
+    assert after == kept  # written once, before the kill
+    run(repo, sys.executable, "stages/cache_teacher.py", "--out", str(tmp_path / "whole"), "--metrics",
+        str(tmp_path / "whole.json"))
+    names = sorted(p.name for p in cache.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "whole").iterdir()) and len(names) == 2 * 12 + 1
+    for name in names:
+        assert (cache / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
 def module_file(dotted: str) -> Path | None:
@@ -189,7 +242,8 @@ def test_stage_commands_pass_every_path_and_the_scripts_default_to_them():
     """dvc.yaml is where the paths are declared: each stage's command passes every path option of its
     script, with the script's default value (so ``python stages/x.py`` runs the same stage), and each
     path is a declared dependency or output (or a directory holding declared ones)."""
-    undeclared = {Path("checkpoints/student")}  # resume state, not a DVC output
+    undeclared = {Path("checkpoints/student"), Path("logs/student")}  # resume state and other loggers' files
+    dvc_only = {"cache_teacher": {"replace_other": True}}  # the output directory is DVC's (persist: true)
     for name, stage in dvc_stages().items():
         command = shlex.split(stage["cmd"])
         assert command[:2] == ["python", f"stages/{name}.py"], name
@@ -197,7 +251,7 @@ def test_stage_commands_pass_every_path_and_the_scripts_default_to_them():
         script = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(script)
         passed, defaults = vars(script.parse_args(command[2:])), vars(script.parse_args([]))
-        assert passed == defaults, name
+        assert passed == {**defaults, **dvc_only.get(name, {})}, name
         paths = {value for value in passed.values() if isinstance(value, Path)}
         assert {f"--{key.replace('_', '-')}" for key, value in passed.items() if isinstance(value, Path)} <= set(command)
         declared = [Path(next(iter(entry)) if isinstance(entry, dict) else entry)

@@ -34,13 +34,13 @@ def workdir(tmp_path_factory):
     return make_workdir(tmp_path_factory.mktemp("work"))
 
 
-def fill(workdir, out, shard_index=0, num_shards=1, **overrides):
+def fill(workdir, out, shard_index=0, num_shards=1, replace_other=False, **overrides):
     params = from_mapping(CacheParams, {**SMALL, **overrides}, "cache")
     model, _, record = load_teacher(workdir / "artifacts" / "teacher")
     layout = Layout.load(workdir / "data")
     train = load_train_split(workdir / "data", params.max_examples)
     header = cache_header(record, layout, params, workdir / "data", model)
-    return fill_cache(model, train, layout, params, out, header, shard_index, num_shards)
+    return fill_cache(model, train, layout, params, out, header, shard_index, num_shards, replace_other)
 
 
 def random_rows(n, length, k, seed):
@@ -138,6 +138,11 @@ def test_mismatched_params_or_teacher_are_refused(workdir, tmp_path):
     fill(workdir, tmp_path / "cache", max_examples=16)
     with pytest.raises(CacheError, match=r"params_hash .*\(cache.top_k: 5 -> 6\)"):  # names the key that differs
         fill(workdir, tmp_path / "cache", max_examples=16, top_k=6)
+    fill(workdir, tmp_path / "replaced", max_examples=16)
+    fill(workdir, tmp_path / "other", max_examples=16, top_k=6)  # what the replacement must equal
+    assert fill(workdir, tmp_path / "replaced", max_examples=16, top_k=6, replace_other=True)["complete"]
+    assert sorted(p.name for p in (tmp_path / "replaced").iterdir()) == sorted(p.name for p in (tmp_path / "other").iterdir())
+    assert shard_digests(tmp_path / "replaced") == shard_digests(tmp_path / "other")  # dvc.yaml's --replace-other
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     manifest["teacher_fingerprint"] = "0" * 16  # another teacher's manifest (with its own header digest)
     manifest["header_sha256"] = header_digest(manifest)

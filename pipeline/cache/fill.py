@@ -161,11 +161,12 @@ def shard_blocks(todo: list[int], block: int, total: int) -> list[tuple[range, s
 
 def fill_cache(
     model: MaskPredictor, dataset, layout: Layout, params: CacheParams, out_dir: Path, header: dict,
-    shard_index: int = 0, num_shards: int = 1,
+    shard_index: int = 0, num_shards: int = 1, replace_other: bool = False,
 ) -> dict:
-    """Fill this process's shards (j % num_shards == shard_index) of both families (top-k rows, then
-    rollouts) of the cache in ``out_dir``, skipping complete ones; finalize the manifest if the whole
-    cache is then complete."""
+    """Fill this process's shards (those of the blocks b with b % num_shards == shard_index) of both
+    families (top-k rows, then rollouts) of the cache in ``out_dir``, skipping complete ones; finalize
+    the manifest if the whole cache is then complete. A cache of other params, teacher or data already
+    there is refused, or with ``replace_other`` deleted first."""
     from tqdm import tqdm
 
     if not 0 <= shard_index < num_shards:
@@ -179,7 +180,7 @@ def fill_cache(
     rollouts = rollout_fill.manifest_entry(params, layout, model.config.mask_token_id, len(dataset))
     if rollouts is not None:
         manifest[ROLLOUTS] = rollouts
-    ensure_manifest(out_dir, manifest)
+    ensure_manifest(out_dir, manifest, replace_other)
     rollout_total = rollouts["num_shards"] if rollouts else 0
 
     block = shards_per_block(params)

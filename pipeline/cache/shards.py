@@ -264,18 +264,31 @@ def header_mismatch(existing: dict, current: dict) -> str | None:
     return None
 
 
-def ensure_manifest(directory: Path, header: dict) -> None:
+def ensure_manifest(directory: Path, header: dict, replace_other: bool = False) -> None:
     """Create the manifest header, or check that an existing one describes the same cache (same
-    teacher, tokenizer, data and params); refuse with a clear error otherwise."""
+    teacher, tokenizer, data and params); refuse with a clear error otherwise, or with
+    ``replace_other`` delete the other cache (its manifest, shards and sidecars) and start this one."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST
     if path.exists():
-        mismatch = header_mismatch(read_manifest(directory), header)
-        if mismatch is not None:
+        try:
+            mismatch = header_mismatch(read_manifest(directory), header)
+        except CacheError as err:  # damaged, edited, or written by an older stage one
+            if not replace_other:
+                raise
+            mismatch = str(err)
+        if mismatch is None:
+            return
+        if not replace_other:
             raise CacheError(f"{path}: this cache was built with {mismatch}; delete {directory} or point the "
                              "stage at another directory")
-        return
+        print(f"{directory}: replacing a cache built with {mismatch}", file=sys.stderr)
+        for family in FAMILIES:
+            for stale in [*directory.glob(f"{family}-*.arrow"), *directory.glob(f"{family}-*.json"),
+                          *directory.glob(f".{family}-*.tmp-*")]:
+                stale.unlink(missing_ok=True)
+        path.unlink()
     manifest = {"format": FORMAT, "version": VERSION, **header}
     write_json_atomic(path, {**manifest, HEADER_DIGEST: header_digest(manifest), "complete": False})
 

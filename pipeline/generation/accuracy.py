@@ -45,8 +45,15 @@ class GenerationAccuracy(L.Callback):
             entry.update({f"{task}_steps{n}": value for task, value in accuracy.items()})
             logged.update({f"val/accuracy_steps{n}/{task}": value for task, value in accuracy.items()})
         self.history.append(entry)
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(logged, step=trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+
+    def state_dict(self) -> dict:
+        """The history so far, kept in checkpoints: a resumed run reports the whole curve."""
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.is_global_zero and trainer.global_step % self.every_n_steps == 0:

@@ -322,7 +322,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     trainer = L.Trainer(
         max_steps=params.max_steps,
         max_time=time_limit(params.max_minutes),
-        logger=launch.loggers(params.logger, metrics_dir / "training", logs_dir),
+        logger=launch.loggers(params.logger, metrics_dir / "training", logs_dir, resume=ckpt_path is not None),
         callbacks=[accuracy, student_run.RecordRunIdentity(identity),
                    ModelCheckpoint(dirpath=str(run_dir), save_last=True, every_n_train_steps=params.eval_every,
                                    enable_version_counter=False)],
@@ -333,7 +333,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     with writing(metrics_dir / "training"):  # the logger's files (checkpoints name their own)
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
     check_not_cut(trainer.global_step, params.max_steps, params.max_minutes, "student.max_minutes",
-                  f"; its checkpoints are kept: train_student --resume continues it ({run_dir})")
+                  f"; its checkpoints are kept: rerunning train_student continues it ({run_dir})")
     if not trainer.is_global_zero:
         return None
     student.cpu().save_pretrained(out_dir)

@@ -76,12 +76,12 @@ def check_logger(logger: str) -> None:
                           f"pip install {package}")
 
 
-def loggers(logger: str, metrics_dir: Path, logs_dir: Path) -> list:
-    """DVCLive into ``metrics_dir`` (what dvc.yaml declares and ``dvc plots`` reads), always; and the
-    ``student.logger`` chosen besides it into ``logs_dir``."""
+def loggers(logger: str, metrics_dir: Path, logs_dir: Path, resume: bool = False) -> list:
+    """DVCLive into ``metrics_dir`` (what dvc.yaml declares and ``dvc plots`` reads; a resumed run
+    continues its files), always; and the ``student.logger`` chosen besides it into ``logs_dir``."""
     from dvclive.lightning import DVCLiveLogger
 
-    chosen = [DVCLiveLogger(dir=str(metrics_dir), save_dvc_exp=False, dvcyaml=False)]
+    chosen = [DVCLiveLogger(dir=str(metrics_dir), save_dvc_exp=False, dvcyaml=False, resume=resume)]
     if logger == "csv":
         from lightning.pytorch.loggers import CSVLogger
 

@@ -84,7 +84,7 @@ class StudentParams:
     max_steps: int = 1000
     max_minutes: float | None = None
     """Wall-clock cap (null: none). A cap that stops training before ``max_steps`` fails the stage and
-    publishes no student; the run's checkpoints stay, so raising the cap and ``--resume`` finish it."""
+    publishes no student; the run's checkpoints stay, so raising the cap and rerunning finish it."""
     eval_every: int = 100
     """Steps between one-step validation accuracy measurements."""
     devices: int | Literal["auto"] = 1

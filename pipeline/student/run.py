@@ -2,15 +2,16 @@
 publishing what belongs to another.
 
 A run is identified by what determines its result: the ``student`` params (less the speed-only
-keys) and the cache it trains on (teacher fingerprint, the cache's params hash and data
-fingerprint). Its Lightning checkpoints live in ``checkpoints/student/<run hash>/`` and record the
-identity, so ``--resume`` finds this run's ``last.ckpt`` and an explicit checkpoint of another run
-is refused, naming the keys that differ. Everything here runs before training touches an output.
+keys), the cache it trains on (teacher fingerprint, the cache's params hash and data fingerprint)
+and the code. Its Lightning checkpoints live in ``checkpoints/student/<run hash>/`` and record the
+identity, so a rerun (``dvc repro`` after a preemption, say) continues this run from its
+``last.ckpt``, and an explicit checkpoint of another run is refused, naming the keys that differ. Everything here runs before training touches an output.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -34,14 +35,27 @@ LAST = "last.ckpt"
 
 
 class Resume:
-    """``--resume`` without a path: this run's last checkpoint when there is one."""
+    """``--resume`` without a path (the stage's default): this run's last checkpoint when there is one."""
 
 
 def run_identity(params: StudentParams, manifest: dict) -> dict:
-    """What determines a run's result: the student params and the cache (``manifest``) it trains on."""
+    """What determines a run's result: the student params, the cache (``manifest``) it trains on, and
+    the code that trains it."""
     student = {k: v for k, v in dataclasses.asdict(params).items() if k not in SPEED_ONLY}
     return {"student": student, "teacher_fingerprint": manifest["teacher_fingerprint"],
-            "cache_params_hash": manifest["params_hash"], "cache_data_fingerprint": manifest["data_fingerprint"]}
+            "cache_params_hash": manifest["params_hash"], "cache_data_fingerprint": manifest["data_fingerprint"],
+            "code": code_fingerprint()}
+
+
+def code_fingerprint() -> str:
+    """sha256 of the ``pipeline`` package's sources: a run continued by other code would be neither
+    run, so resuming is only ever into the code that wrote the checkpoint."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def run_directory(root: Path, identity: dict) -> Path:
@@ -74,7 +88,7 @@ def resume_checkpoint(resume: Path | type[Resume] | None, run_dir: Path, identit
         path = run_dir / LAST
         if not path.is_file():
             return None
-        fresh = f"; delete it (or the run directory {run_dir}) to train afresh"
+        fresh = f"; --fresh trains this run afresh (or delete {run_dir})"
     else:
         path = Path(resume)
         if not path.is_file():
@@ -91,7 +105,7 @@ def resume_checkpoint(resume: Path | type[Resume] | None, run_dir: Path, identit
     found = checkpoint.get(RUN_KEY) if isinstance(checkpoint, dict) else None
     if found is None:
         raise CheckpointError(f"--resume {path}: records no run identity (not written by this version of "
-                              "train_student); train afresh without --resume")
+                              "train_student); train afresh with --fresh")
     changed = differences(found, identity, "")
     if changed:
         raise CheckpointError(f"--resume {path}: written by another run ({'; '.join(changed[:5])}); resume "
