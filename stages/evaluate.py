@@ -24,7 +24,7 @@ from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.data.layout import Layout, load_split
 from pipeline.data.tokenizer import stop_token_ids
-from pipeline.evaluation.grid import evaluate_settings, settings_for
+from pipeline.evaluation.grid import completions_to_decode, evaluate_settings, settings_for
 from pipeline.evaluation.params import EvaluateParams
 from pipeline.evaluation.report import curve_rows, plot_accuracy, results_markdown, summarize
 from pipeline.generation.decode import default_step_counts
@@ -75,13 +75,17 @@ def main() -> None:
                             params.noise_variants, student_latents=student.latent_dim > 0,
                             student_steps=student_steps)
 
-    bar = tqdm(total=len(settings), desc="evaluate", unit="setting", file=sys.stderr)
+    bar = tqdm(total=completions_to_decode(settings, len(rows), params.timing_repeats), desc="evaluate",
+               unit="completion", file=sys.stderr)
+    done = []
     def progress(result):  # noqa: E306
-        bar.set_postfix_str(f"{result['name']}: {result['accuracy']['mean']:.3f}")
-        bar.update()
+        done.append(f"{result['name']} {result['accuracy']['mean']:.3f}")
+    def on_batch(name, completions):  # noqa: E306
+        bar.set_postfix_str(f"setting {len(done) + 1}/{len(settings)} {name}" + (f"; last {done[-1]}" if done else ""))
+        bar.update(completions)
     results = evaluate_settings({"teacher": teacher.eval(), "student": student.eval()}, settings, rows, tokenizer,
                                 stops, layout, params.batch_size, params.seed, params.timing_repeats, progress,
-                                params.num_fields)
+                                params.num_fields, on_batch)
     bar.close()
 
     summary = {"split": args.split, "prompts": len(rows), "device": device, **summarize(results, G)}

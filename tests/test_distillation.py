@@ -255,7 +255,7 @@ def test_a_rerun_continues_the_interrupted_run_to_the_uninterrupted_result(workd
 def test_train_student_stage_end_to_end(workdir, tmp_path):
     params = {"student": {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 0}, "batch_size": 8,
                           "max_steps": 2, "eval_every": 1, "warmup_steps": 1, "meanflow_weight": 1.0,
-                          "rollout_weight": 0.0}, "cache": CACHE}
+                          "rollout_weight": 0.0, "log_every_n_steps": 1}, "cache": CACHE}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_student.py")], cwd=workdir,
                             capture_output=True, text=True, timeout=600)
@@ -264,6 +264,10 @@ def test_train_student_stage_end_to_end(workdir, tmp_path):
     assert student.soft_prompt_config.prompt_length == 2
     summary = json.loads((workdir / "metrics" / "student" / "summary.json").read_text())
     assert summary["steps"] == 2 and "mean" in summary["val_accuracy_one_step"]
+    plots = workdir / "metrics" / "student" / "training" / "plots" / "metrics"
+    for name in ("lr-AdamW", "perf/rows_per_second", "perf/tokens_per_second", "perf/peak_memory_gb"):
+        lines = (plots / f"{name}.tsv").read_text().splitlines()  # logged every log_every_n_steps (here 1)
+        assert len(lines) >= 2 and float(lines[-1].split("\t")[1]) > 0, name
     from pipeline.generate_cli import main as generate_main
 
     out = tmp_path / "out.jsonl"

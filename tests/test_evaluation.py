@@ -12,7 +12,7 @@ import yaml
 from pipeline.data.layout import Layout
 from pipeline.data.scoring import score_records
 from pipeline.data.tokenizer import decode_answer
-from pipeline.evaluation.grid import evaluate_settings, settings_for
+from pipeline.evaluation.grid import completions_to_decode, evaluate_settings, settings_for
 from pipeline.evaluation.report import summarize
 from pipeline.generation.decode import complete_split, default_step_counts
 from pipeline.generation.sampler import SamplerOptions, generate
@@ -198,8 +198,11 @@ def test_initial_student_scores_like_the_one_step_teacher(workdir):
     layout = Layout.load(workdir / "data")
     rows = datasets.load_from_disk(str(workdir / "data" / "test"))
     grid = settings_for([1, 2], 0.5, 1.0, 2, gen_length=layout.gen_length, student_steps=[1, 2])
+    batches = []
     results = evaluate_settings({"teacher": teacher, "student": student}, grid, rows, tokenizer, {0}, layout,
-                                batch_size=4, seed=0)
+                                batch_size=4, seed=0, on_batch=lambda name, n: batches.append((name, n)))
+    assert sum(n for _, n in batches) == completions_to_decode(grid, len(rows), timing_repeats=1)  # the bar's total
+    assert [name for name, _ in batches if _] == [s.name for s in grid for _ in range(-(-len(rows) * s.samples // 4))]
     by = {(r["model"], r["steps"], r["cfg_scale"], r["temperature"]): r for r in results}
     for key in [(n, w, temperature) for n in (1, 2) for w in (0.0, 0.5) for temperature in (0.0, 1.0)]:
         assert by[("student", *key)]["accuracy"] == by[("teacher", *key)]["accuracy"]

@@ -77,12 +77,13 @@ def settings_for(teacher_steps: list[int], cfg_scale: float, temperature: float,
 
 def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, stops: set[int], layout: Layout,
                       batch_size: int, seed: int, timing_repeats: int = 1, progress=None,
-                      num_fields: int = 4) -> list[dict]:
+                      num_fields: int = 4, on_batch=None) -> list[dict]:
     """One result row per setting: accuracy per task (and ``distinct_valid`` for many-answer tasks),
     forward passes and wall seconds per completion. ``models`` maps ``teacher``/``student`` to
     networks. One warm-up batch per (model, guidance, sampling) keeps one-off costs (allocations,
     kernel selection) out of the timings, and greedy settings (deterministic) are timed
-    ``timing_repeats`` times, keeping the fastest (the least disturbed)."""
+    ``timing_repeats`` times, keeping the fastest (the least disturbed). ``progress(result)`` follows
+    each setting, ``on_batch(setting_name, completions)`` each decoded batch."""
     warmup = rows.select(range(min(len(rows), batch_size)))
     for model, cfg_scale, temperature in sorted({(s.model, s.cfg_scale, s.temperature) for s in settings}):
         complete_split(models[model], warmup, tokenizer, stops, layout, steps=1, cfg_scale=cfg_scale,
@@ -96,6 +97,7 @@ def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, st
                 models[setting.model], rows, tokenizer, stops, layout, setting.steps, setting.block_length,
                 setting.cfg_scale, setting.temperature, setting.samples, batch_size,
                 torch.Generator(device=device).manual_seed(seed), setting.noise, seed, num_fields,
+                on_batch=None if on_batch is None else lambda n, name=setting.name: on_batch(name, n),
             )
             times.append(seconds)
         seconds = min(times)
@@ -111,3 +113,9 @@ def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, st
         if progress is not None:
             progress(results[-1])
     return results
+
+
+def completions_to_decode(settings: list[Setting], rows: int, timing_repeats: int) -> int:
+    """Completions ``evaluate_settings`` decodes in all (greedy settings are timed ``timing_repeats``
+    times), the warm-up batches aside: a progress bar's total."""
+    return sum(rows * s.samples * (timing_repeats if s.temperature == 0 else 1) for s in settings)

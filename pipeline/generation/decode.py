@@ -73,6 +73,7 @@ def complete_split(
     noise: str = "per_step",
     seed: int = 0,
     num_fields: int = 4,
+    on_batch=None,
 ) -> tuple[list[dict], float]:
     """Decode every row of a tokenized split (``input_ids``, ``attention_mask``, ``prompt``,
     ``answer``, and ``task`` for the built-in suite) ``samples`` times with ``model`` (a LLaDA or a
@@ -80,7 +81,8 @@ def complete_split(
     wall seconds spent in generation. Sampling noise: fresh draws from ``generator`` (``per_step``),
     or ``completion_noise(noise, seed, ...)``. A student is called with each step's interval; with a
     latent it decodes completion (row, i) given its latent from the student's prior (``completion_network``), or, greedy with
-    one completion, given its greedy anchor (``uses_anchor``)."""
+    one completion, given its greedy anchor (``uses_anchor``). ``on_batch(n)`` is called after each
+    batch with its number of completions (a progress bar)."""
     missing = {"input_ids", "attention_mask", "prompt", "answer"} - set(rows.column_names)
     if missing:
         raise DataError(f"the split to decode lacks the columns {sorted(missing)}")
@@ -109,6 +111,8 @@ def complete_split(
         seconds += time.perf_counter() - began
         for row, answer in zip(index.tolist(), answers):
             completions[row].append(decode_answer(tokenizer, answer, stops))
+        if on_batch is not None:
+            on_batch(len(index))
     records = [{"prompt": p, "answer": a, "completions": c}
                for p, a, c in zip(rows["prompt"], rows["answer"], completions)]
     if "task" in rows.column_names:

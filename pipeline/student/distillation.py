@@ -270,7 +270,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     other ranks."""
     import time
 
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
     from pipeline.cache.shards import read_manifest
@@ -279,6 +279,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     from pipeline.generation.accuracy import GenerationAccuracy
     from pipeline.generation.decode import default_step_counts
     from pipeline.student import launch
+    from pipeline.student.monitor import TrainingMonitor
     from pipeline.student import run as student_run
     from pipeline.teacher.artifact import load_teacher
 
@@ -323,7 +324,8 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
         max_steps=params.max_steps,
         max_time=time_limit(params.max_minutes),
         logger=launch.loggers(params.logger, metrics_dir / "training", logs_dir, resume=ckpt_path is not None),
-        callbacks=[accuracy, student_run.RecordRunIdentity(identity),
+        callbacks=[accuracy, student_run.RecordRunIdentity(identity), TrainingMonitor(),
+                   LearningRateMonitor(logging_interval="step"),
                    ModelCheckpoint(dirpath=str(run_dir), save_last=True, every_n_train_steps=params.eval_every,
                                    enable_version_counter=False)],
         plugins=[student_run.AtomicCheckpointIO()],
