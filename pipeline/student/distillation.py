@@ -279,8 +279,8 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     from pipeline.generation.accuracy import GenerationAccuracy
     from pipeline.generation.decode import default_step_counts
     from pipeline.student import launch
-    from pipeline.student.monitor import TrainingMonitor
     from pipeline.student import run as student_run
+    from pipeline.student.monitor import TrainingMonitor
     from pipeline.teacher.artifact import load_teacher
 
     L.seed_everything(params.seed, workers=True)
