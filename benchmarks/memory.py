@@ -9,6 +9,8 @@ masked positions), each of these is measured on the same batch:
 * ``cache_fill``: stage one's teacher top-k (k = 32) on the batch (``teacher_topk``);
 * ``train_no_grad_jvp`` / ``train_grad_jvp``: one MeanFlow training step (loss and backward) as
   ``StudentDistillation.meanflow_step`` runs it from the cached top-k, every row at r < t;
+  ``train_checkpointed``: the no-grad-JVP step with the trunk's activations recomputed in the backward
+  pass (``student.activation_checkpointing``; a label measured before it existed shows "-");
 * ``rollout_step``: one rollout-objective step (loss and backward), a latent student with K = 4
   draws scored, every masked answer position a target;
 * ``generation_step``: one sampler step that fills the M masked positions (``SamplerOptions.one_step``).
@@ -40,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, MASK_ID, D_MODEL, N_LAYERS, MLP = 126464, 126336, 256, 2, 768
 BATCHES, LENGTHS, FRACTIONS = (1, 4), (128, 256), (0.25, 0.5, 1.0)
-KINDS = ("full_logits", "cache_fill", "train_no_grad_jvp", "train_grad_jvp", "rollout_step", "generation_step")
+KINDS = ("full_logits", "cache_fill", "train_no_grad_jvp", "train_grad_jvp", "train_checkpointed", "rollout_step",
+         "generation_step")
 TOP_K, DRAWS, LATENT = 32, 4, 8
 GIB = 2**30
 
@@ -120,6 +123,13 @@ def measure_grid() -> list[dict]:
         module.meanflow_step(rows).loss.backward()
         module.student.zero_grad(set_to_none=True)
 
+    def checkpointed(step):
+        model.checkpoint_blocks = True
+        try:
+            step()
+        finally:
+            model.checkpoint_blocks = False
+
     def rollout_step(batch):
         G, answer = batch["G"], batch["masked"][:, -batch["G"]:]
         B = len(batch["t"])
@@ -136,6 +146,7 @@ def measure_grid() -> list[dict]:
                                              Layout(prompt_length=b["G"], gen_length=b["G"], pad_token_id=0), TOP_K, 0.0),
         "train_no_grad_jvp": lambda b: meanflow_step("no_grad", b),
         "train_grad_jvp": lambda b: meanflow_step("grad", b),
+        "train_checkpointed": lambda b: checkpointed(lambda: meanflow_step("no_grad", b)),
         "rollout_step": rollout_step,
         "generation_step": lambda b: generate(sampler_network(model), b["x0"][:, : -b["m"]],
                                               SamplerOptions.one_step(b["m"]), mask_id=MASK_ID),
@@ -148,7 +159,7 @@ def measure_grid() -> list[dict]:
                 for kind in KINDS:
                     if kind == "full_logits" and fraction != FRACTIONS[0]:
                         continue  # no masked positions involved: once per (B, T)
-                    grad = kind in ("train_no_grad_jvp", "train_grad_jvp", "rollout_step")
+                    grad = kind in ("train_no_grad_jvp", "train_grad_jvp", "train_checkpointed", "rollout_step")
                     with torch.enable_grad() if grad else torch.inference_mode():
                         peak = peak_above_current(lambda: operations[kind](batch))
                     results.append({"kind": kind, "B": B, "T": T, "fraction": fraction, "M": batch["M"],
@@ -210,7 +221,7 @@ def report(results: dict) -> str:
                 full = rows[labels[-1]][("full_logits", B, T, FRACTIONS[0])]["peak_bytes"]
                 M = rows[labels[-1]][("cache_fill", B, T, fraction)]["M"]
                 cells = [f"{rows[label][(kind, B, T, fraction)]['peak_bytes'] / 2**20:.0f}"
-                         for kind in KINDS[1:] for label in labels]
+                         if (kind, B, T, fraction) in rows[label] else "-" for kind in KINDS[1:] for label in labels]
                 lines.append(f"| {B} | {T} | {fraction:g} | {M} | {full / 2**20:.0f} | " + " | ".join(cells) + " |")
     lines += ["", "Fit peak = c0 + c_M M + c_BT B T (bytes), and LLaDA-8B's largest batch whose vocabulary-side "
               "memory fits 8 GiB at T = 768 (answer 384, a quarter masked; extrapolated, see largest_batch):", "",
@@ -220,6 +231,8 @@ def report(results: dict) -> str:
     for label in labels:
         for kind in KINDS:
             points = [p for p in results[label] if p["kind"] == kind]
+            if not points:  # measured before this kind existed
+                continue
             coefficients = fit(points)
             after = fit([p for p in results["after"] if p["kind"] == kind]) if "after" in results else coefficients
             quarter = [p["peak_bytes"] / rows[label][("full_logits", p["B"], p["T"], FRACTIONS[0])]["peak_bytes"]

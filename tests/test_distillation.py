@@ -459,3 +459,41 @@ def test_a_latent_into_answer_positions_of_another_length_is_refused(workdir, tm
     assert (f"error: student.soft_prompt.latent_answer_positions: {gen_length + 1}, but the data's answers have "
             f"{gen_length} tokens") in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("objective", ["meanflow", "rollouts"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(workdir, objective, monkeypatch):
+    """Trunk blocks recomputed in the backward pass (``student.activation_checkpointing``): the same loss
+    and soft-prompt gradients as with the activations kept (MeanFlow with the no-grad JVP; the rollout
+    objective with a latent and selection among 3 draws)."""
+    from pipeline.cache.loader import RolloutMiniBatches
+
+    latent = objective == "rollouts"
+    prompt = SoftPromptConfig(prompt_length=2, hidden_size=8, latent_dim=4 if latent else 0)
+    module, _ = make_module(workdir, soft_prompt=prompt,
+                            meanflow_weight=0.0 if latent else 1.0, rollout_weight=1.0 if latent else 0.0, latent_draws=3)
+    module.rollout_steps = 7  # the cache's sampler steps (gen_length)
+    with torch.no_grad():  # an open gate: the prefix, and so the soft prompt, is in every block's graph
+        module.student.soft_prompt.prompt_gate.fill_(0.1)
+    cache = workdir / "artifacts" / "cache"
+    batch = RolloutMiniBatches(cache, 8, "all")[0] if latent else CacheMiniBatches(cache, batch_size=8)[0]
+    results, calls = [], []
+    block_class = type(module.student.base.blocks[0])
+    forward = block_class.forward
+    monkeypatch.setattr(block_class, "forward", lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs))
+    for recompute in (False, True):
+        module.student.base.checkpoint_blocks = recompute
+        module.student.zero_grad(set_to_none=True)
+        calls.clear()
+        loss = (module.rollout_step(batch) if latent else module.meanflow_step(batch)).loss
+        forwards = len(calls)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in module.student.soft_prompt.named_parameters()
+                                        if p.grad is not None}, len(calls) - forwards))
+    (kept_loss, kept, kept_reruns), (recomputed_loss, recomputed, reruns) = results
+    assert kept_reruns == 0 and reruns >= 1  # the backward pass ran the block again
+    assert torch.equal(kept_loss, recomputed_loss) and kept.keys() == recomputed.keys() and kept
+    for name in kept:
+        assert torch.allclose(kept[name], recomputed[name], rtol=1e-6, atol=1e-9), name
+    with pytest.raises(ValueError, match="activation_checkpointing: needs jvp: no_grad"):
+        StudentParams(activation_checkpointing=True, jvp="grad")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from torch import nn
 
@@ -58,6 +59,9 @@ class MaskPredictor(nn.Module, abc.ABC):
         super().__init__()
         self.config = config
         self.source_path: Path | None = None
+        self.checkpoint_blocks = False
+        """Activation checkpointing: with gradients on, each block's activations are recomputed in the
+        backward pass instead of kept (``student.activation_checkpointing``)."""
 
     # ------------------------------------------------------------------ subclass parts
 
@@ -131,15 +135,11 @@ class MaskPredictor(nn.Module, abc.ABC):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         x, bias, prefix, rope = prepare_inputs(self.config, x, prefix, attention_mask)
         x = self.scale_inputs(x)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(
-                x,
-                rope,
-                bias,
-                None if prefix is None else prefix[:, i],
-                None if prefix_gate is None else prefix_gate[i],
-                attention,
-            )
+            inputs = (x, rope, bias, None if prefix is None else prefix[:, i],
+                      None if prefix_gate is None else prefix_gate[i], attention)
+            x = torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False) if recompute else block(*inputs)
         return self.final_norm(x)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -311,6 +311,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
         if ckpt_path is None:
             student_run.clear_run_directory(run_dir)
     student = Student(base, config=params.soft_prompt)
+    base.checkpoint_blocks = params.activation_checkpointing
     rollout_steps = None
     if params.rollout_weight > 0:
         from pipeline.cache.rollouts import open_rollouts

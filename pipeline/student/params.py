@@ -76,6 +76,9 @@ class StudentParams:
     jvp: Literal["no_grad", "grad"] = "no_grad"
     """``no_grad``: JVP without a graph, then an ordinary forward for the gradient (less memory);
     ``grad``: one grad-mode JVP whose primal is u."""
+    activation_checkpointing: bool = False
+    """Recompute each trunk block's activations in the backward pass instead of keeping them (less
+    memory, about one more forward of time); with ``jvp: no_grad`` only."""
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
@@ -113,6 +116,9 @@ class StudentParams:
         require(self.strategy in STRATEGIES, "strategy", f"{self.strategy!r} is not supported: only "
                 f"{' and '.join(STRATEGIES)} are tested with the student's objectives (FSDP and DeepSpeed would need "
                 "their own tests; torch.func.jvp is reported to break under FSDP2)")
+        require(not (self.activation_checkpointing and self.jvp == "grad"), "activation_checkpointing",
+                "needs jvp: no_grad (the grad-mode JVP differentiates through its own tangents, which a recomputed "
+                "block does not keep)")
         require(self.logger in LOGGERS, "logger", f"{self.logger!r} is not one of {', '.join(LOGGERS)}")
         require_at_least(self, 2, "policy_samples")
         require_seed(self)
