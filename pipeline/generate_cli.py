@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 
 from pipeline.core.cpu_numerics import pin_cpu_numerics
-from pipeline.core.errors import CheckpointError
+from pipeline.core.errors import CheckpointError, OutputError
+from pipeline.core.files import writing
 from pipeline.core.params import SEED_LIMIT
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
@@ -185,7 +186,8 @@ def run(args: argparse.Namespace) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
     try:
-        with partial.open("w") as out, tqdm(total=batches, desc="generate", unit="batch", file=sys.stderr) as bar:
+        with writing(args.out), partial.open("w") as out, tqdm(total=batches, desc="generate", unit="batch",
+                                                               file=sys.stderr) as bar:
             for chunk in chunks:
                 jobs = sorted(((i, draw, encoded[i]) for i in chunk for draw in range(args.samples)),
                               key=lambda j: len(j[2]))
@@ -227,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pin_cpu_numerics()  # the same arithmetic as the stages whose outputs this is compared with
     try:
         run(args)
-    except UsageError as err:
+    except (UsageError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

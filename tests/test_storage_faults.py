@@ -142,3 +142,20 @@ def test_train_student_under_a_full_disk_keeps_no_partial_checkpoint(workdir, tm
     assert not (tmp_path / "s").exists() and leftovers(tmp_path) == [] and not list((tmp_path / "ckpt").rglob("*.ckpt"))
     resumed = run(workdir, "train_student", *paths, "--resume")
     assert resumed.returncode == 0 and (tmp_path / "s" / "soft_prompt.safetensors").is_file(), resumed.stderr[-3000:]
+
+
+def test_the_generate_cli_under_a_full_disk(tmp_path):
+    """The output used to end in an ENOSPC traceback after generating everything."""
+    from tests.conftest import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "word:{i}"}}\n' for i in range(400)))
+    out = tmp_path / "out" / "completions.jsonl"
+    result = subprocess.run([sys.executable, "-m", "pipeline.generate_cli", "--model", str(model), "--prompts",
+                             str(prompts), "--out", str(out), "--gen-length", "4", "--steps", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=file_size_limit(LIMIT))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {out}: cannot write (File too large); nothing was "
+                                                      "published there: free space or choose a writable path, then rerun")
+    assert not out.exists() and leftovers(tmp_path) == []
