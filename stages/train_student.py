@@ -39,7 +39,7 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
-    require_writable(args.out, args.metrics, args.checkpoints)
+    require_writable(args.out, args.metrics, args.checkpoints, args.logs)
     params = load_section(StudentParams, "student")
     cache_params = load_section(CacheParams, "cache")  # to refuse a cache built with other params
     summary = train_student(params, args.teacher, args.cache, args.data, args.out, args.metrics, args.checkpoints,

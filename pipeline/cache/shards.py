@@ -77,7 +77,8 @@ class ShardWriter:
                 self.sink = pa.OSFile(str(self.tmp), "wb")
                 self.writer = pa.ipc.new_file(self.sink, schema, options=pa.ipc.IpcWriteOptions(compression="zstd"))
         except BaseException:
-            self.tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only file system refuses even this
+                self.tmp.unlink(missing_ok=True)
             raise
         self.pending: list[Rows] = []
         self.pending_rows = 0
@@ -120,7 +121,8 @@ class ShardWriter:
             self.writer.close()
         with contextlib.suppress(Exception):
             self.sink.close()
-        self.tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -3,6 +3,7 @@ disk or a read-only output reported as one line naming the path."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -47,7 +48,8 @@ def writing(path: str | Path) -> Iterator[None]:
         code = storage_errno(err)
         if code is None:
             raise
-        raise output_error(getattr(err, "filename", None) or path, code) from err
+        named = getattr(err, "filename", None)  # the file the error names, unless it is a temporary of ours
+        raise output_error(named if named and ".tmp-" not in Path(named).name else path, code) from err
 
 
 def require_writable(*paths: str | Path) -> None:
@@ -55,11 +57,11 @@ def require_writable(*paths: str | Path) -> None:
     Each path (an artifact written by a rename in its parent, or a directory written into) needs its
     nearest existing ancestor to be a writable directory, and itself to be writable if it exists."""
     for path in map(Path, paths):
-        ancestor = next(p for p in path.parents if p.exists())  # "." or "/" at the latest
+        ancestor = next((p for p in path.parents if p.exists()), Path("."))
         if not ancestor.is_dir():
             raise OutputError(f"{path}: cannot be created ({ancestor} is not a directory)")
-        for target in (ancestor, path):
-            if target.exists() and not os.access(target, os.W_OK):
+        for target in (ancestor, path):  # a file is replaced by a rename: its directory is what must be writable
+            if target.is_dir() and not os.access(target, os.W_OK):
                 raise output_error(path, errno.EROFS if read_only(target) else errno.EACCES)
 
 
@@ -86,7 +88,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             tmp.write_bytes(data)
             os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only file system refuses even this; the error above is the one
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -131,15 +134,17 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
         try:
             yield tmp
             if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
                 path.rename(old)
                 tmp.rename(path)
-                shutil.rmtree(old)
+                shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(path)
         except BaseException:
+            if old.exists() and not path.exists():  # moved aside, never replaced: put it back
+                old.rename(path)
             shutil.rmtree(tmp, ignore_errors=True)
             raise

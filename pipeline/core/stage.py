@@ -3,7 +3,9 @@ paths of the artifacts that pass between stages, as command-line options, and ex
 one line.
 
 ``dvc.yaml`` passes every path on each stage's command line; the defaults here are those same paths,
-so ``python stages/x.py`` and ``dvc repro x`` do the same thing (a test checks it). Expected errors
+so ``python stages/x.py`` and ``dvc repro x`` do the same thing (a test checks it), with one
+exception: ``dvc.yaml`` passes ``cache_teacher --replace-other``, because the cache directory is
+DVC's output (it persists between runs, and a cache of other params there is DVC's to replace). Expected errors
 (``pipeline.core.errors``), and a full disk or a read-only output, become one ``error:`` line on stderr
 and exit code 2; SIGTERM and Ctrl-C
 end the stage with one line and 128 + the signal's number (never 0: Lightning answers SIGTERM with

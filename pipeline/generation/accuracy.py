@@ -56,7 +56,9 @@ class GenerationAccuracy(L.Callback):
         self.history = list(state_dict["history"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.is_global_zero and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step  # with gradient accumulation, several batches end at one step: once
+        recorded = bool(self.history) and self.history[-1]["step"] == step
+        if trainer.is_global_zero and step % self.every_n_steps == 0 and not recorded:
             self.record(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):

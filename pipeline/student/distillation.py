@@ -298,7 +298,8 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     manifest = read_manifest(cache_dir)
     if cache_params is not None:
         student_run.check_cache_is_current(cache_dir, manifest, cache_params, layout, data_dir)
-    identity = student_run.run_identity(params, manifest)
+    # The world the run trains in: devices as resolved (auto under a launcher is a number of processes).
+    identity = student_run.run_identity(dataclasses.replace(params, devices=options["devices"]), manifest)
     run_dir = student_run.run_directory(checkpoint_dir, identity)
     ckpt_path = student_run.resume_checkpoint(resume, run_dir, identity)
     data = TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers, seed=params.seed,

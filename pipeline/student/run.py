@@ -10,6 +10,7 @@ identity, so a rerun (``dvc repro`` after a preemption, say) continues this run 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -159,7 +160,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     os.fsync(file.fileno())
                 os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only file system refuses even this
+                tmp.unlink(missing_ok=True)
             raise
 
 
