@@ -57,19 +57,9 @@ def resolve_devices(devices: int | str, num_nodes: int, env: Mapping[str, str] =
     return devices
 
 
-def check_strategy(strategy: str) -> None:
-    """Refuse a ``student.strategy`` outside ``STRATEGIES``, saying why."""
-    if strategy not in STRATEGIES:
-        raise ParamsError(f"params.yaml:student.strategy: {strategy!r} is not supported: only "
-                          f"{' and '.join(STRATEGIES)} are tested with the student's objectives (the frozen base is "
-                          "replicated, the soft prompt is small; FSDP and DeepSpeed would need their own tests, and "
-                          "torch.func.jvp is reported to break under FSDP2)")
-
-
 def check_logger(logger: str) -> None:
-    """Refuse an unknown ``student.logger``, or one whose package is not installed (with the hint)."""
-    if logger not in LOGGERS:
-        raise ParamsError(f"params.yaml:student.logger: {logger!r} is not one of {', '.join(LOGGERS)}")
+    """Refuse a ``student.logger`` (one of ``LOGGERS``: ``StudentParams`` checks that) whose package is
+    not installed, with the install hint."""
     package = LOGGERS[logger]
     if package is not None and importlib.util.find_spec(package) is None:
         raise ParamsError(f"params.yaml:student.logger: {logger} needs the {package} package: "
@@ -98,8 +88,8 @@ def loggers(logger: str, metrics_dir: Path, logs_dir: Path, resume: bool = False
 
 
 def trainer_options(params, on_gpu: bool, env: Mapping[str, str] = os.environ) -> dict:
-    """The Trainer's keyword arguments that ``student`` params set (``StudentParams``)."""
-    check_strategy(params.strategy)
+    """The Trainer's keyword arguments that ``student`` params set (``StudentParams``, which already
+    refuses a strategy outside ``STRATEGIES``)."""
     return {
         "accelerator": "auto",
         "devices": resolve_devices(params.devices, params.num_nodes, env),
