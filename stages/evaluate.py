@@ -9,6 +9,10 @@ step count) and, under
 
     python stages/evaluate.py --data data --teacher artifacts/teacher --student artifacts/student \\
         --metrics metrics/eval.json --report metrics/eval
+
+Under ``torchrun --nproc-per-node N`` (or ``srun``), each rank decodes a share of every setting's
+batches on its own device and rank 0 writes the merged results, equal to one process's (seconds per
+sample aside: device seconds summed over the ranks).
 """
 
 import dataclasses
@@ -21,6 +25,7 @@ from tqdm import tqdm
 from pipeline.core.errors import ParamsError
 from pipeline.core.files import atomic_write_text, require_writable, write_json
 from pipeline.core.params import load_section
+from pipeline.core.ranks import Ranks
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.data.layout import Layout, load_split
 from pipeline.data.tokenizer import stop_token_ids
@@ -44,7 +49,9 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
-    require_writable(args.metrics, args.report)
+    ranks = Ranks.from_launcher()
+    if ranks.rank == 0:
+        require_writable(args.metrics, args.report)
     params = load_section(EvaluateParams, "evaluate")
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
@@ -65,8 +72,9 @@ def main() -> None:
     except SamplerOptionError as err:
         raise ParamsError(f"params.yaml:evaluate.{keys[err.key]}: {err.message}") from err
     block_length = options.block_length
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ranks.join()
+    device = ranks.device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher, tokenizer, record = load_teacher(args.teacher, dtype=dtype, device=device)
     student = Student.from_pretrained(args.student, base=teacher).to(device)  # shares the teacher's weights
     stops = stop_token_ids(tokenizer, teacher.config, checkpoint_dir(args.teacher, record))
@@ -75,8 +83,9 @@ def main() -> None:
                             params.noise_variants, student_latents=student.latent_dim > 0,
                             student_steps=student_steps)
 
-    bar = tqdm(total=completions_to_decode(settings, len(rows), params.timing_repeats), desc="evaluate",
-               unit="completion", file=sys.stderr)
+    bar = tqdm(total=completions_to_decode(settings, len(rows), params.timing_repeats, params.batch_size, ranks),
+               desc="evaluate" if ranks.world == 1 else f"evaluate, rank 0 of {ranks.world}", unit="completion",
+               file=sys.stderr, disable=ranks.rank > 0)
     done = []
     def progress(result):  # noqa: E306
         done.append(f"{result['name']} {result['accuracy']['mean']:.3f}")
@@ -85,10 +94,14 @@ def main() -> None:
         bar.update(completions)
     results = evaluate_settings({"teacher": teacher.eval(), "student": student.eval()}, settings, rows, tokenizer,
                                 stops, layout, params.batch_size, params.seed, params.timing_repeats, progress,
-                                params.num_fields, on_batch)
+                                params.num_fields, on_batch, ranks)
     bar.close()
+    ranks.leave()
+    if ranks.rank > 0:
+        return
 
-    summary = {"split": args.split, "prompts": len(rows), "device": device, **summarize(results, G)}
+    summary = {"split": args.split, "prompts": len(rows), "device": device.type, "ranks": ranks.world,
+               **summarize(results, G)}
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.report.mkdir(parents=True, exist_ok=True)
     write_json(args.metrics, summary)

@@ -5,6 +5,7 @@ and in a stage subprocess can be compared bit for bit."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pipeline.core.cpu_numerics import pin_cpu_numerics
@@ -139,3 +140,10 @@ def make_cached_workdir(path: Path, cache: dict, train_per_task: int) -> Path:
     fill_cache(model, load_train_split(work / "data", None), layout, params, work / "artifacts" / "cache",
                cache_header(record, layout, params, work / "data", model))
     return work
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,6 +6,7 @@ import itertools
 import torch
 
 from pipeline.core import counter_random as cr
+from pipeline.generation.decode import batch_generator
 from pipeline.generation.noise import CounterNoise, completion_latents, completion_seeds, field_seeds
 
 ANY, NATURAL = "any integer", "an integer >= 0"
@@ -18,6 +19,7 @@ FAMILIES = {
         "shared field seed": (cr.FIELD_SEED, NATURAL),
         "completion latent": (cr.COMPLETION_LATENT, NATURAL, NATURAL, NATURAL),
         "completion code": (cr.COMPLETION_LATENT, NATURAL, NATURAL),
+        "decoded batch's generator": (cr.DECODE_BATCH, NATURAL),
     },
     "row noise seed": {
         "Gumbel field per step": (NATURAL, NATURAL, NATURAL),
@@ -67,6 +69,9 @@ def test_the_code_draws_from_the_stated_paths():
     assert torch.equal(field_seeds(seed, draw), cr.counter_hash(seed, cr.FIELD_SEED, draw))
     assert torch.equal(completion_latents(seed, example, draw, 3),
                        cr.counter_normal(3, seed, cr.COMPLETION_LATENT, example, draw))
+    batch_seed = int(cr.counter_hash(seed, cr.DECODE_BATCH, 5)) & (2**63 - 1)
+    assert torch.equal(torch.rand(4, generator=batch_generator(seed, 5, "cpu")),
+                       torch.rand(4, generator=torch.Generator().manual_seed(batch_seed)))
     seeds = torch.tensor([11, 12])
     where = torch.ones(2, 3, dtype=torch.bool)
     position, token = torch.arange(3).repeat(2)[:, None], torch.arange(5)[None, :]

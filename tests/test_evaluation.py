@@ -1,5 +1,7 @@
 """The evaluation: settings grid, scoring, decoding of a split, timing bookkeeping, the stage's errors."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +11,17 @@ import pytest
 import torch
 import yaml
 
+from pipeline.core.ranks import Ranks
 from pipeline.data.layout import Layout
 from pipeline.data.scoring import score_records
 from pipeline.data.tokenizer import decode_answer
 from pipeline.evaluation.grid import completions_to_decode, evaluate_settings, settings_for
 from pipeline.evaluation.report import summarize
-from pipeline.generation.decode import complete_split, default_step_counts
+from pipeline.generation.decode import complete_split, decode_completions, default_step_counts, records_of
 from pipeline.generation.sampler import SamplerOptions, generate
 from pipeline.student.model import Student
 from pipeline.teacher.artifact import load_teacher
-from tests.conftest import make_workdir
+from tests.conftest import free_port, make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +150,7 @@ def test_forward_passes_are_the_network_evaluations_per_completion(workdir, step
     (setting,) = [s for s in settings_for([steps], cfg_scale, 1.0, 3, layout.gen_length)
                   if s.model == "teacher" and s.temperature > 0 and s.cfg_scale == cfg_scale]
     complete_split(counting, rows, tokenizer, {0}, layout, setting.steps, cfg_scale=cfg_scale, temperature=1.0,
-                   samples=3, batch_size=5, generator=torch.Generator().manual_seed(0))
+                   samples=3, batch_size=5)
     assert counting.rows == setting.forward_passes * len(rows) * 3
 
 
@@ -180,9 +183,9 @@ def test_complete_split_decodes_every_row_like_generate(workdir):
     assert [r["completions"] for r in records] == [[decode_answer(tokenizer, a, {0})] for a in out[:, P:].tolist()]
 
     sampled = [complete_split(teacher, rows, tokenizer, {0}, layout, steps=1, temperature=1.0, samples=3,
-                              batch_size=batch, generator=torch.Generator().manual_seed(0))[0] for batch in (5, 5, 4)]
+                              batch_size=batch, seed=seed)[0] for batch, seed in ((5, 0), (5, 0), (4, 0), (5, 1))]
     assert all(len(r["completions"]) == 3 for r in sampled[0])
-    assert sampled[0] == sampled[1]  # the seed fixes the draws
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[3]  # the seed fixes the draws
     assert [r["task"] for r in sampled[2]] == rows["task"]
 
     external = rows.remove_columns("task")  # external data: scored by exact match to the answer
@@ -190,6 +193,62 @@ def test_complete_split_decodes_every_row_like_generate(workdir):
     assert "task" not in records[0] and set(score_records(records)) == {"exact_match", "mean"}
     with pytest.raises(ValueError, match="answer"):
         complete_split(teacher, rows.remove_columns("answer"), tokenizer, {0}, layout, steps=1)
+
+
+@pytest.mark.parametrize("noise", ["per_step", "fixed"])
+def test_processes_that_split_the_batches_decode_what_one_process_decodes(workdir, noise):
+    """Rank r of W decodes batches r, r + W, ...; each batch draws its per-step noise from its own
+    generator (``batch_generator(seed, b)``), so the union over ranks is one process's decoding."""
+    teacher, tokenizer, _ = load_teacher(workdir / "artifacts" / "teacher")
+    layout = Layout.load(workdir / "data")
+    rows = datasets.load_from_disk(str(workdir / "data" / "test"))
+    decode = lambda shard: decode_completions(teacher, rows, tokenizer, {0}, layout, steps=2, temperature=1.0,  # noqa: E731
+                                              samples=3, batch_size=4, noise=noise, seed=3, shard=shard)[0]
+    one = decode((0, 1))
+    assert len(one) == 3 * len(rows) and len({c[2] for c in one}) > 1
+    for world in (2, 3):
+        shares = [decode((rank, world)) for rank in range(world)]
+        assert all(shares) and sorted(c for share in shares for c in share) == sorted(one)
+        assert records_of(rows, [c for share in reversed(shares) for c in share]) == records_of(rows, one)
+    grid = settings_for([2], 0.0, 1.0, 3, gen_length=layout.gen_length)
+    assert sum(completions_to_decode(grid, len(rows), 2, batch_size=4, ranks=Ranks(rank, 3, rank))
+               for rank in range(3)) == completions_to_decode(grid, len(rows), 2)
+
+
+def test_the_stage_on_two_ranks_writes_what_one_process_writes(workdir, tmp_path):
+    """``torchrun --nproc-per-node 2 stages/evaluate.py``: each rank decodes a share of every
+    setting (greedy, sampled, coupled noise, a latent student's several latents), rank 0 merges and
+    writes; the metrics and the plot data equal one process's but for the timings."""
+    teacher, _, _ = load_teacher(workdir / "artifacts" / "teacher")
+    student = Student(teacher, prompt_length=2, hidden_size=8, latent_dim=3)
+    with torch.no_grad():
+        student.soft_prompt.prompt_gate.fill_(5.0)
+        for p in student.soft_prompt.prompt_mlp.parameters():
+            p.normal_(std=3.0, generator=torch.Generator().manual_seed(1))
+    student.save_pretrained(tmp_path / "student")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {
+        "teacher_steps": [1, 7], "student_steps": [1, 2], "samples": 2, "batch_size": 3, "timing_repeats": 1}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it
+
+    def evaluate(out, launcher=()):
+        result = subprocess.run([*launcher, str(ROOT / "stages" / "evaluate.py"), "--data", str(workdir / "data"),
+                                 "--teacher", str(workdir / "artifacts" / "teacher"), "--student", "student",
+                                 "--metrics", f"{out}/eval.json", "--report", f"{out}/eval"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        untimed = lambda value: ({k: untimed(v) for k, v in value.items() if "seconds" not in k and "speedup" not in k  # noqa: E731
+                                  and "cost" not in k and k != "ranks"} if isinstance(value, dict)
+                                 else [untimed(v) for v in value] if isinstance(value, list) else value)
+        return {path.name: untimed(json.loads(path.read_text())) for path in [tmp_path / out / "eval.json",
+                                                                              *(tmp_path / out / "eval").glob("*.json")]}
+
+    single = evaluate("single", [sys.executable])
+    ranks = evaluate("ranks", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", str(free_port())])
+    assert single == ranks and len(single) == 5
+    assert json.loads((tmp_path / "ranks" / "eval.json").read_text())["ranks"] == 2
+    names = set(single["eval.json"]["settings"])
+    assert "teacher_steps7_sampled_t1x2_shared_noise" in names and "student_steps1_greedyx2" in names
 
 
 def test_initial_student_scores_like_the_one_step_teacher(workdir):

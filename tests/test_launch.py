@@ -2,7 +2,6 @@
 describe the launcher's world, two nodes train what one process trains, gradient accumulation equals
 a larger batch, and the Trainer options, strategies and loggers the params allow."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,10 @@ from safetensors.torch import load_file
 
 from pipeline.core.errors import ParamsError
 from pipeline.core.params import from_mapping
+from pipeline.core.ranks import Ranks
 from pipeline.student import launch
 from pipeline.student.params import StudentParams
-from tests.conftest import make_cached_workdir
+from tests.conftest import free_port, make_cached_workdir
 from tests.test_distillation import CACHE, STAGE_STUDENT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,22 @@ def test_a_world_the_params_do_not_describe_is_refused(env, devices, num_nodes, 
         launch.resolve_devices(devices, num_nodes, env)
 
 
+@pytest.mark.parametrize("env,expected", [
+    ({}, Ranks()),
+    ({"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}, Ranks(3, 4, 1)),
+    ({"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, Ranks()),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
+     Ranks(2, 4, 0)),
+])
+def test_the_evaluation_takes_its_ranks_from_the_launcher(env, expected):
+    assert Ranks.from_launcher(env) == expected
+
+
+def test_srun_without_a_rendezvous_address_is_refused():
+    with pytest.raises(ParamsError, match=r"srun started SLURM_NTASKS=2 but MASTER_ADDR and MASTER_PORT are not set"):
+        Ranks.from_launcher({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("strategy", "fsdp", r"student.strategy: 'fsdp' is not supported: only auto and ddp are tested"),
     ("strategy", "deepspeed", r"'deepspeed' is not supported"),
@@ -79,12 +95,6 @@ def test_trainer_options_from_params():
     options = launch.trainer_options(params, on_gpu=False, env={})
     assert options["accumulate_grad_batches"] == 4 and options["log_every_n_steps"] == 3
     assert options["num_nodes"] == 1 and options["precision"] == "32-true"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ddp_distill(workdir, out, devices, batch, objective, num_nodes=1, accumulate=1, launcher=()):

@@ -5,7 +5,8 @@ during training uses too); ``pipeline.evaluation.report`` turns the results into
 plots.
 
 Every setting decodes the whole test split in batches of the same number of prompts on the same
-device, so its wall seconds per sample are comparable with the others'. Forward passes per sample:
+device, so its wall seconds per sample are comparable with the others'; over several processes each
+decodes a share of the batches and all get the merged results. Forward passes per sample:
 the sampler calls the network once per step, and CFG sends each row twice (conditional and
 unconditional), so it counts double (a test counts the calls).
 
@@ -17,11 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
+from pipeline.core.ranks import Ranks
 from pipeline.data.layout import Layout
 from pipeline.data.scoring import score_records
-from pipeline.generation.decode import complete_split
+from pipeline.generation.decode import decode_completions, records_of, shard_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,36 +77,40 @@ def settings_for(teacher_steps: list[int], cfg_scale: float, temperature: float,
 
 def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, stops: set[int], layout: Layout,
                       batch_size: int, seed: int, timing_repeats: int = 1, progress=None,
-                      num_fields: int = 4, on_batch=None) -> list[dict]:
+                      num_fields: int = 4, on_batch=None, ranks: Ranks = Ranks()) -> list[dict]:
     """One result row per setting: accuracy per task (and ``distinct_valid`` for many-answer tasks),
     forward passes and wall seconds per completion. ``models`` maps ``teacher``/``student`` to
     networks. One warm-up batch per (model, guidance, sampling) keeps one-off costs (allocations,
     kernel selection) out of the timings, and greedy settings (deterministic) are timed
     ``timing_repeats`` times, keeping the fastest (the least disturbed). ``progress(result)`` follows
-    each setting, ``on_batch(setting_name, completions)`` each decoded batch."""
+    each setting, ``on_batch(setting_name, completions)`` each decoded batch.
+
+    Over several ``ranks`` (one process each), each decodes its share of every setting's batches
+    (``shard_batches``) and every rank gets the merged results, equal to one process's but for the
+    seconds: the sum of the ranks' device seconds, per completion."""
     warmup = rows.select(range(min(len(rows), batch_size)))
     for model, cfg_scale, temperature in sorted({(s.model, s.cfg_scale, s.temperature) for s in settings}):
-        complete_split(models[model], warmup, tokenizer, stops, layout, steps=1, cfg_scale=cfg_scale,
-                       temperature=temperature)
+        decode_completions(models[model], warmup, tokenizer, stops, layout, steps=1, cfg_scale=cfg_scale,
+                           temperature=temperature)
     results = []
     for setting in settings:
-        device = next(models[setting.model].parameters()).device
         times = []
         for _ in range(timing_repeats if setting.temperature == 0 else 1):
-            records, seconds = complete_split(
+            completions, seconds = decode_completions(
                 models[setting.model], rows, tokenizer, stops, layout, setting.steps, setting.block_length,
-                setting.cfg_scale, setting.temperature, setting.samples, batch_size,
-                torch.Generator(device=device).manual_seed(seed), setting.noise, seed, num_fields,
+                setting.cfg_scale, setting.temperature, setting.samples, batch_size, setting.noise, seed,
+                num_fields, (ranks.rank, ranks.world),
                 on_batch=None if on_batch is None else lambda n, name=setting.name: on_batch(name, n),
             )
             times.append(seconds)
-        seconds = min(times)
+        shares = ranks.gather((completions, min(times)))
+        records = records_of(rows, [c for share, _ in shares for c in share])
         metrics = score_records(records)
         results.append({
             **dataclasses.asdict(setting),
             "name": setting.name,
             "forward_passes": setting.forward_passes,
-            "seconds_per_sample": seconds / (len(records) * setting.samples),
+            "seconds_per_sample": sum(seconds for _, seconds in shares) / (len(records) * setting.samples),
             "accuracy": {task: m["accuracy"] for task, m in metrics.items()},
             "distinct_valid": {task: m["distinct_valid"] for task, m in metrics.items() if "distinct_valid" in m},
         })
@@ -115,7 +119,11 @@ def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, st
     return results
 
 
-def completions_to_decode(settings: list[Setting], rows: int, timing_repeats: int) -> int:
-    """Completions ``evaluate_settings`` decodes in all (greedy settings are timed ``timing_repeats``
-    times), the warm-up batches aside: a progress bar's total."""
-    return sum(rows * s.samples * (timing_repeats if s.temperature == 0 else 1) for s in settings)
+def completions_to_decode(settings: list[Setting], rows: int, timing_repeats: int, batch_size: int = 1,
+                          ranks: Ranks = Ranks()) -> int:
+    """Completions ``evaluate_settings`` decodes in all on this rank (greedy settings are timed
+    ``timing_repeats`` times), the warm-up batches aside: a progress bar's total."""
+    def share(completions: int) -> int:
+        return sum(len(range(completions)[batch]) for batch in shard_batches(completions, batch_size,
+                                                                            (ranks.rank, ranks.world)))
+    return sum(share(rows * s.samples) * (timing_repeats if s.temperature == 0 else 1) for s in settings)

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from pipeline.core.counter_random import COMPLETION_LATENT
+from pipeline.core.counter_random import COMPLETION_LATENT, DECODE_BATCH, counter_hash
 from pipeline.core.errors import CheckpointError, DataError
 from pipeline.data.layout import Layout
 from pipeline.data.tokenizer import decode_answer
@@ -56,8 +56,29 @@ def default_step_counts(gen_length: int, num_blocks: int = 1) -> list[int]:
     return steps + [gen_length]
 
 
+def require_columns(rows, *names: str) -> None:
+    missing = set(names) - set(rows.column_names)
+    if missing:
+        raise DataError(f"the split to decode lacks the columns {sorted(missing)}")
+
+
+def batch_generator(seed: int, batch: int, device) -> torch.Generator:
+    """The ``per_step`` noise of batch ``batch`` of a decoded split: a generator seeded by
+    ``counter_hash(seed, DECODE_BATCH, batch)``, so a batch draws the same noise whichever process
+    decodes it (the draws still depend on the batch size and the device type)."""
+    return torch.Generator(device=device).manual_seed(int(counter_hash(seed, DECODE_BATCH, batch)) & (2**63 - 1))
+
+
+def shard_batches(completions: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> list[slice]:
+    """The batches of ``completions`` (in row-major (row, draw) order) that process ``shard = (rank,
+    world)`` decodes: every ``world``-th batch from the ``rank``-th, so the batches, and their noise,
+    are the same whatever the number of processes."""
+    rank, world = shard
+    return [slice(start, start + batch_size) for start in range(rank * batch_size, completions, world * batch_size)]
+
+
 @torch.inference_mode()
-def complete_split(
+def decode_completions(
     model,
     rows,
     tokenizer,
@@ -69,23 +90,21 @@ def complete_split(
     temperature: float = 0.0,
     samples: int = 1,
     batch_size: int = 256,
-    generator: torch.Generator | None = None,
     noise: str = "per_step",
     seed: int = 0,
     num_fields: int = 4,
+    shard: tuple[int, int] = (0, 1),
     on_batch=None,
-) -> tuple[list[dict], float]:
-    """Decode every row of a tokenized split (``input_ids``, ``attention_mask``, ``prompt``,
-    ``answer``, and ``task`` for the built-in suite) ``samples`` times with ``model`` (a LLaDA or a
-    Student); returns records ``{"prompt", "answer", "completions"[, "task"]}`` in row order and the
-    wall seconds spent in generation. Sampling noise: fresh draws from ``generator`` (``per_step``),
-    or ``completion_noise(noise, seed, ...)``. A student is called with each step's interval; with a
-    latent it decodes completion (row, i) given its latent from the student's prior (``completion_network``), or, greedy with
-    one completion, given its greedy anchor (``uses_anchor``). ``on_batch(n)`` is called after each
-    batch with its number of completions (a progress bar)."""
-    missing = {"input_ids", "attention_mask", "prompt", "answer"} - set(rows.column_names)
-    if missing:
-        raise DataError(f"the split to decode lacks the columns {sorted(missing)}")
+) -> tuple[list[tuple[int, int, str]], float]:
+    """Decode the rows of a tokenized split (``input_ids``, ``attention_mask``) ``samples`` times
+    each with ``model`` (a LLaDA or a Student): the completions ``(row, draw, text)`` of the batches
+    ``shard_batches`` gives process ``shard``, and the wall seconds spent in generation. Sampling
+    noise: ``per_step``, fresh draws from the batch's ``batch_generator(seed, b)``; or
+    ``completion_noise(noise, seed, ...)``, a function of (row, draw) alone. A student is called with
+    each step's interval; with a latent it decodes completion (row, draw) given its latent from the
+    student's prior (``completion_network``), or, greedy with one completion, given its greedy anchor
+    (``uses_anchor``). ``on_batch(n)`` is called after each batch with its number of completions."""
+    require_columns(rows, "input_ids", "attention_mask")
     device = next(model.parameters()).device
     mask_id = (model.base if hasattr(model, "base") else model).config.mask_token_id
     check_answer_length(model, layout.gen_length)
@@ -97,25 +116,42 @@ def complete_split(
     attention = torch.as_tensor(rows["attention_mask"])[:, :P].long()
     order = torch.arange(len(ids)).repeat_interleave(samples)  # (N * samples,)
     sample_index = torch.arange(samples).repeat(len(ids))
-    completions: list[list[str]] = [[] for _ in range(len(ids))]
-    seconds = 0.0
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        draws = sample_index[start : start + batch_size]
+    completions, seconds = [], 0.0
+    for batch in shard_batches(len(order), batch_size, shard):
+        index, draws = order[batch], sample_index[batch]
         coupled = None if noise == "per_step" else completion_noise(noise, seed, index, draws, num_fields)
+        generator = batch_generator(seed, batch.start // batch_size, device) if coupled is None else None
         predictor = completion_network(model, seed, index, draws, anchor)
         began = time.perf_counter()
         out = generate(predictor, ids[index].to(device), options, mask_id=mask_id,
                        attention_mask=attention[index].to(device), generator=generator, noise=coupled)
         answers = out[:, P:].tolist()  # the copy to the host waits for the device
         seconds += time.perf_counter() - began
-        for row, answer in zip(index.tolist(), answers):
-            completions[row].append(decode_answer(tokenizer, answer, stops))
+        completions += [(row, draw, decode_answer(tokenizer, answer, stops))
+                        for row, draw, answer in zip(index.tolist(), draws.tolist(), answers)]
         if on_batch is not None:
             on_batch(len(index))
-    records = [{"prompt": p, "answer": a, "completions": c}
-               for p, a, c in zip(rows["prompt"], rows["answer"], completions)]
+    return completions, seconds
+
+
+def records_of(rows, completions: list[tuple[int, int, str]]) -> list[dict]:
+    """Records ``{"prompt", "answer", "completions"[, "task"]}`` of every row of a split, in row order,
+    from completions ``(row, draw, text)`` in any order (each row's in draw order)."""
+    require_columns(rows, "prompt", "answer")
+    texts: list[list[str]] = [[] for _ in range(len(rows))]
+    for row, _, text in sorted(completions, key=lambda c: c[:2]):
+        texts[row].append(text)
+    records = [{"prompt": p, "answer": a, "completions": c} for p, a, c in zip(rows["prompt"], rows["answer"], texts)]
     if "task" in rows.column_names:
         for record, task in zip(records, rows["task"]):
             record["task"] = task
-    return records, seconds
+    return records
+
+
+def complete_split(model, rows, tokenizer, stops: set[int], layout: Layout, steps: int,
+                   **options) -> tuple[list[dict], float]:
+    """Every completion of a split in one process (``decode_completions``'s options), as
+    ``records_of`` records, and the wall seconds spent in generation."""
+    require_columns(rows, "input_ids", "attention_mask", "prompt", "answer")
+    completions, seconds = decode_completions(model, rows, tokenizer, stops, layout, steps, **options)
+    return records_of(rows, completions), seconds

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from pipeline.core.errors import ParamsError
+from pipeline.core.ranks import launcher_world
 
 STRATEGIES = ("auto", "ddp")
 """The strategies tested with every objective (tests/test_distillation.py): one process, and DDP over
@@ -22,17 +23,6 @@ processes on one or several nodes (gloo on CPU, NCCL on GPU)."""
 
 LOGGERS = {"dvclive": None, "csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
 """``student.logger`` values and the package each needs beyond the project's own."""
-
-
-def launcher_world(env: Mapping[str, str] = os.environ) -> tuple[int, str] | None:
-    """(processes the launcher started in all, how it says so), or None when the stage was started
-    directly (Lightning then starts any further processes itself). The same rules as Lightning's
-    ``TorchElasticEnvironment`` and ``SLURMEnvironment``, which then take the ranks from it."""
-    if "TORCHELASTIC_RUN_ID" in env:
-        return int(env["WORLD_SIZE"]), f"torchrun started WORLD_SIZE={env['WORLD_SIZE']}"
-    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        return int(env["SLURM_NTASKS"]), f"srun started SLURM_NTASKS={env['SLURM_NTASKS']}"
-    return None
 
 
 def resolve_devices(devices: int | str, num_nodes: int, env: Mapping[str, str] = os.environ) -> int | str:
