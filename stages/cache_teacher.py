@@ -30,7 +30,7 @@ from pipeline.core.files import require_writable, write_json
 from pipeline.core.params import load_section
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.data.layout import Layout
-from pipeline.data.scoring import score_rollouts
+from pipeline.data.scoring import configured_scorer, score_rollouts
 from pipeline.data.tokenizer import stop_token_ids
 from pipeline.models.checkpoint_check import first_non_finite
 from pipeline.teacher.artifact import check_data_tokenizer, checkpoint_dir, load_teacher
@@ -66,6 +66,7 @@ def main() -> None:
     args = parse_args()
     require_writable(args.out, args.metrics)
     params = load_section(CacheParams, "cache")
+    scorer = configured_scorer()  # the rollout report's judge
     on_gpu = args.device.startswith("cuda")
     model, tokenizer, record = load_teacher(args.teacher, dtype=torch.bfloat16 if on_gpu else torch.float32, device=args.device)
     broken = first_non_finite(model)
@@ -83,13 +84,13 @@ def main() -> None:
                    "total_seconds": round(summary["seconds"] + summary["rollout_seconds"], 2)}
         if params.rollouts.per_example:
             metrics["rollouts"] = rollout_metrics(args, summary, tokenizer, stop_token_ids(
-                tokenizer, model.config, checkpoint_dir(args.teacher, record)))
+                tokenizer, model.config, checkpoint_dir(args.teacher, record)), scorer)
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.metrics, metrics)
     print(json.dumps(summary, indent=2))
 
 
-def rollout_metrics(args, summary: dict, tokenizer, stops: set[int]) -> dict:
+def rollout_metrics(args, summary: dict, tokenizer, stops: set[int], scorer) -> dict:
     """Size, throughput (this process's) and the teacher's accuracy on its own rollouts."""
     stats = rollout_statistics(args.out)
     seconds = summary["rollout_seconds"]
@@ -98,7 +99,7 @@ def rollout_metrics(args, summary: dict, tokenizer, stops: set[int]) -> dict:
     return {**stats, "seconds": seconds,
             "rollouts_per_second": round(summary["rollouts_written"] / seconds, 1) if seconds else None,
             "forward_passes_per_rollout": stats["sampler"]["steps"] * (2 if stats["sampler"]["cfg_scale"] > 0 else 1),
-            "accuracy": score_rollouts(rollouts, train, tokenizer, stops)}
+            "accuracy": score_rollouts(rollouts, train, tokenizer, stops, scorer)}
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ split, with and without CFG, greedy and sampled (params: ``evaluate``).
 
 Writes ``metrics/eval.json`` (every setting's accuracy per task, distinct valid completions, forward
 passes and wall seconds per sample; the student's speedup, and student minus teacher per task at each
-step count) and, under
-``metrics/eval/``, the plot data (``*.json``), ``accuracy_vs_forward_passes.png`` and ``results.md``
-(the tables the README quotes).
+step count) and, under ``metrics/eval/``, the plot data (``*.json``),
+``accuracy_vs_forward_passes.png``, ``results.md`` (the tables the README quotes) and
+``completions.jsonl`` (every completion of every setting with its judgment, for inspection).
+Completions are judged by ``evaluate.scorer``.
 
     python stages/evaluate.py --data data --teacher artifacts/teacher --student artifacts/student \\
         --metrics metrics/eval.json --report metrics/eval
@@ -28,10 +29,11 @@ from pipeline.core.params import load_section
 from pipeline.core.ranks import Ranks
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.data.layout import Layout, load_split
+from pipeline.data.scoring import parse_scorer
 from pipeline.data.tokenizer import stop_token_ids
 from pipeline.evaluation.grid import completions_to_decode, evaluate_settings, settings_for
 from pipeline.evaluation.params import EvaluateParams
-from pipeline.evaluation.report import curve_rows, plot_accuracy, results_markdown, summarize
+from pipeline.evaluation.report import completion_lines, curve_rows, plot_accuracy, results_markdown, summarize
 from pipeline.generation.decode import default_step_counts
 from pipeline.generation.sampler import SamplerOptionError, SamplerOptions
 from pipeline.student.model import Student
@@ -53,6 +55,7 @@ def main() -> None:
     if ranks.rank == 0:
         require_writable(args.metrics, args.report)
     params = load_section(EvaluateParams, "evaluate")
+    scorer = parse_scorer(params.scorer or "builtin")
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     layout = Layout.load(args.data)
@@ -86,21 +89,22 @@ def main() -> None:
     bar = tqdm(total=completions_to_decode(settings, len(rows), params.timing_repeats, params.batch_size, ranks),
                desc="evaluate" if ranks.world == 1 else f"evaluate, rank 0 of {ranks.world}", unit="completion",
                file=sys.stderr, disable=ranks.rank > 0)
-    done = []
-    def progress(result):  # noqa: E306
+    done, inspection = [], []
+    def progress(result, records):  # noqa: E306
         done.append(f"{result['name']} {result['accuracy']['mean']:.3f}")
+        inspection.extend(completion_lines(result["name"], records, scorer))
     def on_batch(name, completions):  # noqa: E306
         bar.set_postfix_str(f"setting {len(done) + 1}/{len(settings)} {name}" + (f"; last {done[-1]}" if done else ""))
         bar.update(completions)
     results = evaluate_settings({"teacher": teacher.eval(), "student": student.eval()}, settings, rows, tokenizer,
                                 stops, layout, params.batch_size, params.seed, params.timing_repeats, progress,
-                                params.num_fields, on_batch, ranks)
+                                params.num_fields, on_batch, ranks, scorer)
     bar.close()
     ranks.leave()
     if ranks.rank > 0:
         return
 
-    summary = {"split": args.split, "prompts": len(rows), "device": device.type, "ranks": ranks.world,
+    summary = {"split": args.split, "prompts": len(rows), "scorer": scorer.name, "device": device.type, "ranks": ranks.world,
                **summarize(results, G)}
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.report.mkdir(parents=True, exist_ok=True)
@@ -110,6 +114,7 @@ def main() -> None:
     plot_accuracy(results, args.report / "accuracy_vs_forward_passes.png")
     tables = results_markdown(results, summary, params.temperature, params.samples, G)
     atomic_write_text(args.report / "results.md", tables)
+    atomic_write_text(args.report / "completions.jsonl", "".join(inspection))
     print(tables)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline.cache.params import CacheParams
 from pipeline.core.files import require_writable, write_json
 from pipeline.core.params import load_section
+from pipeline.data.scoring import configured_scorer
 from pipeline.core.stage import run_stage, stage_parser
 from pipeline.student.distillation import train_student
 from pipeline.student.params import StudentParams
@@ -43,7 +44,7 @@ def main() -> None:
     params = load_section(StudentParams, "student")
     cache_params = load_section(CacheParams, "cache")  # to refuse a cache built with other params
     summary = train_student(params, args.teacher, args.cache, args.data, args.out, args.metrics, args.checkpoints,
-                            args.resume, cache_params, args.logs)
+                            args.resume, cache_params, args.logs, configured_scorer())
     if summary is None:  # not global rank 0: rank 0 writes the student and the metrics
         return
     args.metrics.mkdir(parents=True, exist_ok=True)

@@ -248,6 +248,13 @@ def test_the_stage_on_two_ranks_writes_what_one_process_writes(workdir, tmp_path
     assert single == ranks and len(single) == 5
     assert json.loads((tmp_path / "ranks" / "eval.json").read_text())["ranks"] == 2
     names = set(single["eval.json"]["settings"])
+    lines = (tmp_path / "single" / "eval" / "completions.jsonl").read_text()
+    assert lines == (tmp_path / "ranks" / "eval" / "completions.jsonl").read_text()
+    greedy = [json.loads(line) for line in lines.splitlines() if '"teacher_steps7_greedy"' in line]
+    for task, accuracy in single["eval.json"]["settings"]["teacher_steps7_greedy"]["accuracy"].items():
+        if task != "mean":  # the judgments written for inspection are the ones the accuracy counts
+            judged = [ok for line in greedy if line["task"] == task for ok in line["correct"]]
+            assert accuracy == pytest.approx(sum(judged) / len(judged), abs=1e-4)
     assert "teacher_steps7_sampled_t1x2_shared_noise" in names and "student_steps1_greedyx2" in names
 
 

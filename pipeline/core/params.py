@@ -107,8 +107,8 @@ def from_mapping(cls: type[T], data: Any, where: str) -> T:
         raise ParamsError(f"{where}.{err}") from err
 
 
-def load_section(cls: type[T], section: str, path: str | Path = PARAMS_FILE) -> T:
-    """Section ``section`` of the params file at ``path`` as dataclass ``cls``."""
+def read_params(path: str | Path = PARAMS_FILE) -> dict:
+    """The params file's sections (a mapping of the known section names)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
@@ -123,9 +123,23 @@ def load_section(cls: type[T], section: str, path: str | Path = PARAMS_FILE) -> 
     unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
         raise ParamsError(f"{path}:{unknown[0]}: unknown section (known sections: {', '.join(SECTIONS)})")
+    return data
+
+
+def load_section(cls: type[T], section: str, path: str | Path = PARAMS_FILE) -> T:
+    """Section ``section`` of the params file at ``path`` as dataclass ``cls``."""
+    data = read_params(path)
     if section not in data:
-        raise ParamsError(f"{path}: no '{section}' section")
-    return from_mapping(cls, data[section], f"{path}:{section}")
+        raise ParamsError(f"{Path(path)}: no '{section}' section")
+    return from_mapping(cls, data[section], f"{Path(path)}:{section}")
+
+
+def load_key(section: str, key: str, path: str | Path = PARAMS_FILE) -> Any:
+    """One key of a section another stage owns (None when absent), for the few settings stages
+    share (``evaluate.scorer``: every stage that judges completions); dvc.yaml lists it under each
+    stage that reads it. The owner's dataclass checks the whole section."""
+    values = read_params(path).get(section) or {}
+    return values.get(key) if isinstance(values, dict) else None
 
 
 def require(condition: bool, key: str, message: str) -> None:

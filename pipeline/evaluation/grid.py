@@ -10,8 +10,8 @@ decodes a share of the batches and all get the merged results. Forward passes pe
 the sampler calls the network once per step, and CFG sends each row twice (conditional and
 unconditional), so it counts double (a test counts the calls).
 
-Scoring is ``pipeline.data.scoring``: rows of the built-in task suite are judged by their task, rows of
-external data by exact match with the reference answer.
+Scoring is ``pipeline.data.scoring``'s scorer (``evaluate.scorer``; by default rows of the built-in
+task suite are judged by their task, rows of external data by exact match with the reference).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import dataclasses
 
 from pipeline.core.ranks import Ranks
 from pipeline.data.layout import Layout
-from pipeline.data.scoring import score_records
+from pipeline.data.scoring import Scorer, score_records
 from pipeline.generation.decode import decode_completions, records_of, shard_batches
 
 
@@ -77,13 +77,15 @@ def settings_for(teacher_steps: list[int], cfg_scale: float, temperature: float,
 
 def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, stops: set[int], layout: Layout,
                       batch_size: int, seed: int, timing_repeats: int = 1, progress=None,
-                      num_fields: int = 4, on_batch=None, ranks: Ranks = Ranks()) -> list[dict]:
+                      num_fields: int = 4, on_batch=None, ranks: Ranks = Ranks(),
+                      scorer: Scorer | None = None) -> list[dict]:
     """One result row per setting: accuracy per task (and ``distinct_valid`` for many-answer tasks),
     forward passes and wall seconds per completion. ``models`` maps ``teacher``/``student`` to
     networks. One warm-up batch per (model, guidance, sampling) keeps one-off costs (allocations,
     kernel selection) out of the timings, and greedy settings (deterministic) are timed
-    ``timing_repeats`` times, keeping the fastest (the least disturbed). ``progress(result)`` follows
-    each setting, ``on_batch(setting_name, completions)`` each decoded batch.
+    ``timing_repeats`` times, keeping the fastest (the least disturbed). Completions are judged by
+    ``scorer`` (default ``builtin``). ``progress(result, records)`` follows each setting (its records
+    for inspection), ``on_batch(setting_name, completions)`` each decoded batch.
 
     Over several ``ranks`` (one process each), each decodes its share of every setting's batches
     (``shard_batches``) and every rank gets the merged results, equal to one process's but for the
@@ -105,7 +107,7 @@ def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, st
             times.append(seconds)
         shares = ranks.gather((completions, min(times)))
         records = records_of(rows, [c for share, _ in shares for c in share])
-        metrics = score_records(records)
+        metrics = score_records(records, scorer)
         results.append({
             **dataclasses.asdict(setting),
             "name": setting.name,
@@ -115,7 +117,7 @@ def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, st
             "distinct_valid": {task: m["distinct_valid"] for task, m in metrics.items() if "distinct_valid" in m},
         })
         if progress is not None:
-            progress(results[-1])
+            progress(results[-1], records)
     return results
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from pipeline.core.params import require, require_at_least, require_seed
+from pipeline.data.scoring import parse_scorer
 
 
 @dataclasses.dataclass
@@ -40,6 +41,11 @@ class EvaluateParams:
     fresh noise at every step (``per_step``)."""
     num_fields: int = 4
     """Fields of the ``shared`` noise variant."""
+    scorer: str | None = None
+    """How a completion is judged (``pipeline.data.scoring``): ``builtin`` (the task suite by task,
+    other rows by exact match), ``exact``, ``gsm8k`` (lm-eval's strict match), ``gsm8k_flexible``,
+    ``math_boxed``, ``regex:<pattern>``; null: ``builtin``. Validation during training and stage
+    one's rollout report judge with it too."""
     seed: int = 0
     num_threads: int = 0
     """CPU threads for torch; 0: torch's default."""
@@ -47,6 +53,11 @@ class EvaluateParams:
     def __post_init__(self) -> None:
         require_at_least(self, 1, "samples", "batch_size", "timing_repeats", "num_fields")
         require_seed(self)
+        if self.scorer is not None:
+            try:
+                parse_scorer(self.scorer)
+            except ValueError as err:
+                raise ValueError(f"scorer: {err}") from err
         require_at_least(self, 0, "cfg_scale", "num_threads")
         require(self.temperature > 0, "temperature", "must be > 0 (greedy settings are always included)")
         if self.block_length is not None:

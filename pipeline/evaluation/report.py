@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 from pipeline.core.files import atomic_write_bytes
+from pipeline.data.scoring import Scorer
 
 
 def summarize(results: list[dict], gen_length: int) -> dict:
@@ -135,3 +137,11 @@ def results_markdown(results: list[dict], summary: dict, temperature: float, sam
             f"One-step student speedup over the teacher at {gen_length} steps: "
             f"{summary.get('student_speedup_vs_teacher_gen_length')}x; one student pass costs "
             f"{summary.get('student_pass_cost_vs_teacher_pass')}x one teacher pass ({summary['device']})\n")
+
+
+def completion_lines(setting: str, records: list[dict], scorer: Scorer) -> list[str]:
+    """JSONL lines of ``completions.jsonl``: per prompt of a setting, its reference, every completion
+    and the scorer's judgment of each (what to read when a number looks wrong)."""
+    return [json.dumps({"setting": setting, "prompt": r["prompt"], "reference": r["answer"],
+                        **({"task": r["task"]} if "task" in r else {}), "completions": r["completions"],
+                        "correct": scorer.judgments(r)}) + "\n" for r in records]

@@ -10,22 +10,24 @@ from __future__ import annotations
 import lightning as L
 
 from pipeline.data.layout import Layout
-from pipeline.data.scoring import score_records
+from pipeline.data.scoring import Scorer, score_records
 from pipeline.generation.decode import complete_split
 
 
 class GenerationAccuracy(L.Callback):
     """Every ``every_n_steps`` (and at the end), greedy-decode the validation prompts with ``steps``
-    steps and log task accuracy under ``val/accuracy/{task}``, and with each of ``more_steps`` under
+    steps, judge them with ``scorer`` (default ``builtin``) and log task accuracy under ``val/accuracy/{task}``, and with each of ``more_steps`` under
     ``val/accuracy_steps{n}/{task}`` (history keys ``{task}_steps{n}``). ``model_of(pl_module)`` picks
     the network to decode with."""
 
     def __init__(self, val_split, tokenizer, stops: set[int], layout: Layout, every_n_steps: int, steps: int,
-                 model_of=lambda module: module.model, batch_size: int = 256, more_steps: tuple[int, ...] = ()):
+                 model_of=lambda module: module.model, batch_size: int = 256, more_steps: tuple[int, ...] = (),
+                 scorer: Scorer | None = None):
         self.rows = val_split
         self.tokenizer, self.stops, self.layout = tokenizer, stops, layout
         self.every_n_steps, self.steps, self.model_of, self.batch_size = every_n_steps, steps, model_of, batch_size
         self.more_steps = tuple(n for n in more_steps if n != steps)
+        self.scorer = scorer
         self.history: list[dict] = []
 
     def evaluate(self, model, steps: int | None = None) -> dict:
@@ -34,7 +36,7 @@ class GenerationAccuracy(L.Callback):
         records, _ = complete_split(model, self.rows, self.tokenizer, self.stops, self.layout,
                                     steps=steps or self.steps, batch_size=self.batch_size)
         model.train(was_training)
-        return score_records(records)
+        return score_records(records, self.scorer)
 
     def record(self, trainer, pl_module) -> None:
         model = self.model_of(pl_module)

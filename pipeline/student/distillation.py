@@ -24,6 +24,7 @@ from pipeline.core.counter_random import (MATCHING_LATENT, MATCHING_MASK, MATCHI
 from pipeline.core.errors import ParamsError, TrainingError
 from pipeline.core.files import writing
 from pipeline.core.lr_schedule import warmup_cosine
+from pipeline.data.scoring import Scorer, score_records
 from pipeline.student.matching_objective import MatchingLoss, distribution_matching_loss
 from pipeline.student.meanflow import MeanFlowLoss, MeanFlowOptions, TeacherRows, meanflow_loss, sample_r
 from pipeline.student.model import Student
@@ -261,12 +262,12 @@ def check_cache_matches_teacher(cache_dir: Path, record) -> None:
 
 def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, data_dir: Path, out_dir: Path,
                   metrics_dir: Path, checkpoint_dir: Path, resume=None, cache_params=None,
-                  logs_dir: Path = Path("logs/student")) -> dict:
+                  logs_dir: Path = Path("logs/student"), scorer: Scorer | None = None) -> dict:
     """Distil a student from the cache and save it (soft prompt + base pointer) to ``out_dir``, with
     checkpoints in this run's directory under ``checkpoint_dir`` (``pipeline.student.run``; ``resume``:
     a checkpoint of this run, or ``Resume`` for its last one). With ``cache_params`` (params.yaml's
     ``cache``), a cache built with others is refused. A ``student.logger`` besides DVCLive writes into
-    ``logs_dir``. Returns a summary on global rank 0, None on the
+    ``logs_dir``. Validation completions are judged by ``scorer`` (default ``builtin``). Returns a summary on global rank 0, None on the
     other ranks."""
     import time
 
@@ -321,7 +322,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     module = StudentDistillation(student, params, layout.gen_length, rollout_steps, eos_id=layout.pad_token_id)
     accuracy = GenerationAccuracy(load_split(data_dir, "val"), tokenizer, {layout.pad_token_id},
                                   layout, every_n_steps=params.eval_every, steps=1, model_of=lambda m: m.student,
-                                  more_steps=tuple(default_step_counts(layout.gen_length)))
+                                  more_steps=tuple(default_step_counts(layout.gen_length)), scorer=scorer)
     trainer = L.Trainer(
         max_steps=params.max_steps,
         max_time=time_limit(params.max_minutes),
@@ -341,22 +342,21 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     if not trainer.is_global_zero:
         return None
     student.cpu().save_pretrained(out_dir)
-    latents = latent_validation(student, accuracy.rows, tokenizer, layout) if student.latent_dim else None
+    latents = latent_validation(student, accuracy.rows, tokenizer, layout, scorer=scorer) if student.latent_dim else None
     return {"steps": trainer.global_step, "minutes": round((time.perf_counter() - started) / 60, 2),
             "trainable_parameters": sum(p.numel() for p in student.soft_prompt.parameters()),
             "val_accuracy_one_step": accuracy.history[-1] if accuracy.history else None,
             "val_one_step_4_latents": latents, "diagnostics": module.diagnostics(), "curve": accuracy.history}
 
 
-def latent_validation(student: Student, rows, tokenizer, layout, samples: int = 4) -> dict:
+def latent_validation(student: Student, rows, tokenizer, layout, samples: int = 4, scorer: Scorer | None = None) -> dict:
     """One step, greedy given each of ``samples`` latents per validation prompt: accuracy over all
     completions and distinct valid completions per prompt, per task."""
-    from pipeline.data.scoring import score_records
     from pipeline.generation.decode import complete_split
 
     records, _ = complete_split(student.eval(), rows, tokenizer, {layout.pad_token_id}, layout, steps=1,
                                 samples=samples)
-    metrics = score_records(records)
+    metrics = score_records(records, scorer)
     return {"accuracy": {task: round(m["accuracy"], 4) for task, m in metrics.items()},
             "distinct_valid": {task: round(m["distinct_valid"], 3) for task, m in metrics.items()
                                if "distinct_valid" in m}}
