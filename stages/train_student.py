@@ -14,8 +14,8 @@ from pathlib import Path
 from pipeline.cache.params import CacheParams
 from pipeline.core.files import require_writable, write_json
 from pipeline.core.params import load_section
-from pipeline.data.scoring import configured_scorer
 from pipeline.core.stage import run_stage, stage_parser
+from pipeline.data.scoring import configured_scorer
 from pipeline.student.distillation import train_student
 from pipeline.student.params import StudentParams
 from pipeline.student.run import Resume
