@@ -8,7 +8,8 @@ import torch
 
 from pipeline.data.layout import Layout, forward_mask, sample_mask_ratio
 from pipeline.data.params import DataParams
-from pipeline.data.prepare import DataError, encode_examples, prepare_data, read_jsonl_examples, split_by_prompt
+from pipeline.data.prepare import DataError, encode_examples, prepare_data
+from pipeline.data.sources import load_external, split_by_prompt
 from pipeline.data.tasks import ALPHABET
 from pipeline.data.tokenizer import BOS, EOS, MASK, build_char_tokenizer, decode_answer, load_tokenizer
 
@@ -34,7 +35,8 @@ def test_char_tokenizer_round_trip_through_transformers(tokenizer, tmp_path):
 
 def test_layout_pads_left_and_right(tokenizer):
     layout = Layout(prompt_length=12, gen_length=6, pad_token_id=0)
-    columns = encode_examples(tokenizer, [{"prompt": "word:3", "answer": "river"}], layout)
+    columns, dropped = encode_examples(tokenizer, [{"prompt": "word:3", "answer": "river"}], layout)
+    assert dropped == 0
     tokens = tokenizer.convert_ids_to_tokens(columns["input_ids"][0])
     assert tokens == [EOS] * 5 + [BOS, *"word:3"] + [*"river", EOS]
     assert columns["attention_mask"][0] == [0] * 5 + [1] * 13
@@ -43,8 +45,11 @@ def test_layout_pads_left_and_right(tokenizer):
 @pytest.mark.parametrize("field,value,message", [("prompt", "sort:abcdefgh", "prompt_length"), ("answer", "abcdef", "gen_length")])
 def test_too_long_examples_are_refused(tokenizer, field, value, message):
     example = {"prompt": "word:1", "answer": "plant", field: value}
-    with pytest.raises(DataError, match=f"example 0 .*{message}"):
+    with pytest.raises(DataError, match=f"example 0 .*{message}.*data.too_long: drop"):
         encode_examples(tokenizer, [example], LAYOUT, source="x.jsonl")
+    columns, dropped = encode_examples(tokenizer, [example, {"prompt": "word:1", "answer": "plant"}], LAYOUT,
+                                       too_long="drop")
+    assert dropped == 1 and columns["answer"] == ["plant"] and len(columns["input_ids"]) == 1
 
 
 def test_jsonl_source_end_to_end(tokenizer, tmp_path):
@@ -54,8 +59,9 @@ def test_jsonl_source_end_to_end(tokenizer, tmp_path):
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     params = DataParams(source=str(source), prompt_field="question", response_field="reply",
                         val_fraction=0.1, test_fraction=0.1, prompt_length=12, gen_length=4)
-    sizes = prepare_data(params, tokenizer, tmp_path / "data")
-    assert sum(sizes.values()) == 61 and sizes["test"] >= 6
+    counts = prepare_data(params, tokenizer, tmp_path / "data")
+    sizes = {name: c["rows"] for name, c in counts.items()}
+    assert sum(sizes.values()) == 61 and sizes["test"] >= 6 and not any(c["dropped_too_long"] for c in counts.values())
     splits = {name: datasets.load_from_disk(str(tmp_path / "data" / name)) for name in sizes}
     train_prompts = set(splits["train"]["prompt"])
     assert not train_prompts & set(splits["test"]["prompt"]) and not train_prompts & set(splits["val"]["prompt"])
@@ -72,14 +78,18 @@ def test_jsonl_source_end_to_end(tokenizer, tmp_path):
     assert len(lines) == sizes["test"] and "prompt" in json.loads(lines[0])
 
 
+def jsonl_examples(path):
+    return load_external(DataParams(source=str(path), val_fraction=0.3, test_fraction=0.3))
+
+
 def test_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(DataError, match="bad.jsonl:2: expected an object with a string field 'response'"):
-        read_jsonl_examples(path, "prompt", "response")
+        jsonl_examples(path)
     path.write_text("")
     with pytest.raises(DataError, match="empty"):
-        read_jsonl_examples(path, "prompt", "response")
+        jsonl_examples(path)
 
 
 def test_jsonl_lines_end_at_newlines_only_and_bad_utf8_names_the_line(tmp_path):
@@ -89,10 +99,10 @@ def test_jsonl_lines_end_at_newlines_only_and_bad_utf8_names_the_line(tmp_path):
     prompts = ["a\u2028b", "c\u0085d", "e\x0cf"]
     path.write_bytes("".join(json.dumps({"prompt": p, "response": "x"}, ensure_ascii=False) + "\r\n"
                              for p in prompts).encode())
-    assert [e["prompt"] for e in read_jsonl_examples(path, "prompt", "response")] == prompts
+    assert sorted(e["prompt"] for split in jsonl_examples(path).values() for e in split) == sorted(prompts)
     path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
     with pytest.raises(DataError, match="data.jsonl:2: not valid UTF-8"):
-        read_jsonl_examples(path, "prompt", "response")
+        jsonl_examples(path)
 
 
 def test_split_by_prompt_needs_enough_prompts():

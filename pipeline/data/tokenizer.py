@@ -58,17 +58,22 @@ def load_tokenizer(checkpoint: str | Path) -> PreTrainedTokenizerBase:
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], chat: bool | None = None
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], chat: bool | None = None, system: str | None = None
 ) -> list[list[int]]:
     """Token ids of each prompt. ``chat=None`` applies the tokenizer's chat template when it has one
-    (LLaDA-8B-Instruct); the template already holds BOS, so no special tokens are added then."""
+    (LLaDA-8B-Instruct); the template already holds BOS, so no special tokens are added then.
+    ``system``: a system message before each prompt (needs the chat template)."""
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     if chat and not getattr(tokenizer, "chat_template", None):
         raise CheckpointError("the tokenizer has no chat template")
+    if system is not None and not chat:
+        raise CheckpointError("a system prompt needs the tokenizer's chat template")
     if chat:
+        head = [{"role": "system", "content": system}] if system is not None else []
         texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            tokenizer.apply_chat_template([*head, {"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=False)
             for p in prompts
         ]
         return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
