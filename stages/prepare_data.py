@@ -38,6 +38,7 @@ def main() -> None:
 
         tokenizer = load_tokenizer(resolve_checkpoint(teacher.checkpoint))
     counts = prepare_data(params, tokenizer, args.out)
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.metrics, counts)
     print(f"wrote {args.out}/: " + ", ".join(f"{name} {c['rows']} rows" + (
         f" ({c['dropped_too_long']} dropped as too long)" if c["dropped_too_long"] else "") for name, c in counts.items()))

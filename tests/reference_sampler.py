@@ -1,7 +1,15 @@
-"""The official LLaDA-MoE ``generate`` (the public reference inference code), kept as the oracle for ``pipeline.generation.sampler``.
+"""The official LLaDA-MoE ``generate`` (the public reference inference code), kept as the oracle for
+``pipeline.generation.sampler``, with the two EOS options of LLaDA-8B's ``generate.py`` (otherwise the
+same code): ``logits_eos_inf`` and ``confidence_eos_eot_inf``, as written there, including its chained
+assignment that puts EOS's -inf into ``logits_with_noise`` (the logits themselves at temperature 0 only).
 
 Changed only where needed to run here: ``model(x)`` returns logits directly, the batch is one
-sequence, and ``torch.rand`` may take a generator.
+sequence, ``torch.rand`` may take a generator, the EOS and EOT ids (hard-coded there as LLaDA-8B's
+126081 and 126348) are arguments, and the positions a step commits are the first ``k`` of a stable
+descending sort of the confidences rather than ``torch.topk``'s: the two agree unless confidences tie
+at the cut, where topk's choice is unspecified (on CPU neither the first nor the last positions).
+Random logits never tie; ``confidence_eos_eot_inf`` ties every EOS/EOT prediction at 0, and the
+batched sampler breaks such ties by position, as the stable sort does.
 """
 
 import numpy as np
@@ -30,7 +38,8 @@ def get_num_transfer_tokens(mask_index, steps):
 
 @torch.no_grad()
 def generate(model, prompt, steps=128, gen_length=128, block_length=128, temperature=0.0,
-             cfg_scale=0.0, remasking="low_confidence", mask_id=156895):
+             cfg_scale=0.0, remasking="low_confidence", mask_id=156895, logits_eos_inf=False,
+             confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348):
     x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
     x[:, : prompt.shape[1]] = prompt.clone()
     prompt_index = x != mask_id
@@ -55,8 +64,12 @@ def generate(model, prompt, steps=128, gen_length=128, block_length=128, tempera
                 logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
             else:
                 logits = model(x)
+            if logits_eos_inf:
+                logits[:, :, eos_id] = -torch.inf
             logits_with_noise = add_gumbel_noise(logits, temperature=temperature)
             x0 = torch.argmax(logits_with_noise, dim=-1)
+            if confidence_eos_eot_inf:
+                logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
             if remasking == "low_confidence":
                 p = F.softmax(logits, dim=-1)
                 x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
@@ -69,7 +82,8 @@ def generate(model, prompt, steps=128, gen_length=128, block_length=128, tempera
             confidence = torch.where(mask_index, x0_p, -np.inf)
             transfer_index = torch.zeros_like(x0, dtype=torch.bool, device=x0.device)
             for j in range(confidence.shape[0]):
-                _, select_index = torch.topk(confidence[j], k=num_transfer_tokens[j, i])
+                order = torch.sort(confidence[j], descending=True, stable=True).indices
+                select_index = order[: num_transfer_tokens[j, i]]
                 transfer_index[j, select_index] = True
             x[transfer_index] = x0[transfer_index]
     return x

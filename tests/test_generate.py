@@ -56,6 +56,97 @@ def test_matches_reference_sampler_greedy(steps, gen_length, block_length, cfg_s
             assert torch.equal(batched[row : row + 1], expected)
 
 
+EOS, EOT = 0, 1
+
+
+def eos_biased(logits, bias=1.5):
+    """A random model's logits pushed towards EOS and EOT, so that both are often predicted."""
+    logits[..., [EOS, EOT]] += bias
+    return logits
+
+
+@pytest.mark.parametrize("eos_options", [dict(logits_eos_inf=True), dict(confidence_eos_eot_inf=True),
+                                         dict(logits_eos_inf=True, confidence_eos_eot_inf=True)])
+@pytest.mark.parametrize("steps,gen_length,block_length,cfg_scale",
+                         [(8, 8, 4, 0.0), (6, 12, 4, 0.0), (6, 12, 4, 1.5), (12, 12, 12, 0.0)])
+def test_eos_options_match_reference_sampler(eos_options, steps, gen_length, block_length, cfg_scale):
+    """LLaDA's logits_eos_inf and confidence_eos_eot_inf, given the tokenizer's EOS and EOT ids, decode
+    as LLaDA's generate.py does, on a model that often predicts both."""
+    model = tiny_llada(seed=2)
+    predictor = sampler_network(model)
+    biased = SamplerNetwork(hidden=predictor.hidden, head=lambda rows: eos_biased(predictor.head(rows)))
+    prompts = torch.randint(2, MASK, (4, 5), generator=torch.Generator().manual_seed(3))
+    options = dict(steps=steps, gen_length=gen_length, block_length=block_length, cfg_scale=cfg_scale)
+
+    def never_mask(x):
+        logits = eos_biased(model(x))
+        logits[..., MASK] = -1e9
+        return logits
+
+    with torch.no_grad():
+        batched = generate(biased, prompts, SamplerOptions(**options, **eos_options), mask_id=MASK, eos_id=EOS,
+                           eot_id=EOT)
+        plain = generate(biased, prompts, SamplerOptions(**options), mask_id=MASK)
+        assert not torch.equal(batched, plain)  # the option changes the answers of this model
+        if eos_options.get("logits_eos_inf"):
+            assert (plain[:, 5:] == EOS).any() and not (batched[:, 5:] == EOS).any()
+        for row in range(len(prompts)):
+            expected = reference_sampler.generate(never_mask, prompts[row : row + 1], mask_id=MASK, eos_id=EOS,
+                                                  eot_id=EOT, **options, **eos_options)
+            assert torch.equal(batched[row : row + 1], expected)
+
+
+def position_logits(*preferred):
+    """A model whose logits at answer position p (after a one-token prompt) are ``preferred[p] = (token,
+    logit)`` against 0 for every other token, whatever the input."""
+    table = torch.zeros(1 + len(preferred), V)
+    for position, (token, logit) in enumerate(preferred, start=1):
+        table[position, token] = logit
+    table[:, MASK] = -1e9
+
+    def model(ids, attention_mask=None):
+        return table.expand(ids.shape[0], -1, -1).clone()
+
+    return model
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5])
+def test_confidence_eos_eot_inf_commits_eos_and_eot_last(temperature):
+    """EOS and EOT predictions are committed after every other position, however confident, at any
+    temperature (LLaDA's own code demotes EOS at temperature 0 only; see sample_trajectory)."""
+    model = position_logits((EOS, 12.0), (EOT, 11.0), (5, 9.0), (6, 8.0))
+    prompt = torch.full((1, 1), 7)
+
+    def reveal(eot_id=EOT, **eos_options):
+        options = SamplerOptions(steps=4, gen_length=4, temperature=temperature, **eos_options)
+        trajectory = sample_trajectory(model, prompt, options, mask_id=MASK, eos_id=EOS, eot_id=eot_id,
+                                       generator=torch.Generator().manual_seed(0))
+        assert trajectory.sequences[0, 1:].tolist() == [EOS, EOT, 5, 6]
+        return trajectory.reveal_step[0].tolist()
+
+    assert reveal() == [0, 1, 2, 3]  # by confidence
+    assert reveal(confidence_eos_eot_inf=True) == [2, 3, 0, 1]
+    assert reveal(eot_id=None, confidence_eos_eot_inf=True) == [3, 0, 1, 2]  # a tokenizer without an EOT token
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logits_eos_inf_never_generates_eos(temperature):
+    model = position_logits(*[(EOS, 20.0)] * 6)
+    options = dict(steps=3, gen_length=6, temperature=temperature)
+    prompt = torch.full((3, 1), 7)
+    assert (generate(model, prompt, SamplerOptions(**options), mask_id=MASK)[:, 1:] == EOS).all()
+    out = generate(model, prompt, SamplerOptions(**options, logits_eos_inf=True), mask_id=MASK, eos_id=EOS,
+                   generator=torch.Generator().manual_seed(0))
+    assert not (out[:, 1:] == EOS).any() and not (out == MASK).any()
+
+
+def test_eos_options_need_the_eos_id():
+    for option in ("logits_eos_inf", "confidence_eos_eot_inf"):
+        with pytest.raises(ValueError, match=f"{option} needs the EOS token id"):
+            generate(ScriptedModel(), torch.zeros(1, 2, dtype=torch.long), SamplerOptions.one_step(4, **{option: True}),
+                     mask_id=MASK, eot_id=EOT)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_gumbel_sampling_follows_tempered_softmax(temperature):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 0.2, 0.1, 1.5, -0.5, 0.3, 9.0])  # [MASK] = 9.0
@@ -157,6 +248,9 @@ def test_left_padding_matches_unpadded():
     (dict(steps=1, gen_length=8, temperature=float("inf")), "temperature", "finite"),
     (dict(steps=1, gen_length=8, cfg_scale=float("nan")), "cfg_scale", "finite"),
     (dict(steps=1, gen_length=8, remasking="top"), "remasking", "'low_confidence' or 'random'"),
+    (dict(steps=1, gen_length=8, remasking="random", confidence_eos_eot_inf=True), "confidence_eos_eot_inf",
+     "low-confidence score only"),
+    (dict(steps=1, gen_length=8, logits_eos_inf="yes"), "logits_eos_inf", "true or false"),
 ])
 def test_sampler_options_are_checked_once_naming_the_option(options, key, message):
     with pytest.raises(SamplerOptionError, match=f"^{key}: .*{message}".replace("(", r"\(").replace(")", r"\)")) as err:

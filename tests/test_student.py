@@ -2,6 +2,7 @@
 differentiable in (inputs_embeds, t), and saved without the base."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +290,67 @@ def test_a_latent_into_the_answer_positions_starts_at_the_base_and_round_trips(t
         check_answer_length(loaded, 7)
     with pytest.raises(ValueError, match="latent_answer_positions: needs a latent"):
         SoftPromptConfig(latent_dim=0, latent_answer_positions=4)
+
+
+def test_a_copied_student_finds_its_base_or_says_how_to_give_it(tiny_checkpoint, tmp_path, monkeypatch):
+    """The base is recorded as given (relative to the working directory), with its absolute path;
+    a student copied elsewhere, loaded from another directory, still finds it; with the base moved
+    away, the error names what was tried and --base; base= overrides."""
+    import shutil
+
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    student = Student(LLaDA.from_pretrained("teacher"), prompt_length=2)
+    student.save_pretrained("student", trained_for={"prompt_length": 14, "gen_length": 7, "block_length": 7})
+    meta = json.loads((tmp_path / "student" / "student_config.json").read_text())
+    assert meta["base"] == "teacher" and meta["base_absolute"] == str(tiny_checkpoint.resolve())
+    assert meta["trained_for"] == {"prompt_length": 14, "gen_length": 7, "block_length": 7}
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "student", elsewhere / "copy")
+    monkeypatch.chdir(elsewhere)
+    loaded = Student.from_pretrained("copy")
+    assert loaded.base.source_path.resolve() == tiny_checkpoint.resolve() and loaded.trained_for["gen_length"] == 7
+    shutil.move(str(tiny_checkpoint), str(tmp_path / "moved"))
+    with pytest.raises(CheckpointError, match=r"copy: the student's base checkpoint is not found \(tried teacher, "
+                                              r".*teacher\); pass the base directory: --base DIR"):
+        Student.from_pretrained("copy")
+    assert Student.from_pretrained("copy", base=tmp_path / "moved").soft_prompt_config.prompt_length == 2
+
+
+def test_a_hub_base_is_recorded_with_its_revision(tiny_checkpoint, tmp_path, monkeypatch):
+    from pipeline.student import model as student_model
+    from pipeline.student.distillation import teacher_reference
+    from pipeline.teacher.artifact import TeacherRecord
+
+    record = TeacherRecord(checkpoint="GSAI-ML/LLaDA-8B-Instruct", fingerprint="f", mask_token_id=2,
+                           tokenizer_sha256="t", builtin=False)
+    snapshot = tmp_path / "hub" / "models--GSAI-ML--LLaDA-8B-Instruct" / "snapshots" / "0a1b2c"
+    assert teacher_reference(tmp_path / "artifacts" / "teacher", record, snapshot) == (
+        "GSAI-ML/LLaDA-8B-Instruct", "0a1b2c")
+    builtin = TeacherRecord(checkpoint=".", fingerprint="f", mask_token_id=2, tokenizer_sha256="t", builtin=True)
+    assert teacher_reference(Path("artifacts/teacher"), builtin, snapshot) == ("artifacts/teacher", None)
+
+    Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2).save_pretrained(
+        tmp_path / "s", base="GSAI-ML/LLaDA-8B-Instruct", base_revision="0a1b2c")
+    asked = []
+    monkeypatch.setattr(student_model, "resolve_checkpoint", lambda name, revision=None: asked.append(
+        (name, revision)) or tiny_checkpoint)
+    assert Student.base_path_of(tmp_path / "s") == tiny_checkpoint
+    assert asked == [("GSAI-ML/LLaDA-8B-Instruct", "0a1b2c")]  # the revision trained on, not the newest
+
+
+def test_decoding_another_length_than_trained_warns_once(tiny_checkpoint, tmp_path):
+    import warnings
+
+    from pipeline.generation.decode import check_answer_length
+
+    Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2).save_pretrained(
+        tmp_path / "s", trained_for={"prompt_length": 14, "gen_length": 8, "block_length": 4})
+    student = Student.from_pretrained(tmp_path / "s")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_answer_length(student, 8, 4)
+        check_answer_length(student, 8)  # one block: one-step decoding, always in range
+        assert not caught
+        check_answer_length(student, 16, 4)
+        check_answer_length(student, 32, 8)
+    assert len(caught) == 1 and "trained for gen_length 8; decoding with gen_length 16" in str(caught[0].message)

@@ -5,6 +5,7 @@ during training both decode through here."""
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -22,14 +23,26 @@ def uses_anchor(model, temperature: float, samples: int) -> bool:
     return getattr(model, "has_anchor", False) and temperature == 0 and samples == 1
 
 
-def check_answer_length(model, gen_length: int) -> None:
+def check_answer_length(model, gen_length: int, block_length: int | None = None) -> None:
     """A student whose latent enters the answer positions' inputs decodes answers of the length it
-    was built for only (``SoftPromptConfig.latent_answer_positions``)."""
+    was built for only (``SoftPromptConfig.latent_answer_positions``); any other student decoding
+    another answer length or block length than it was trained for (``Student.trained_for``) warns,
+    once per student: it runs, but outside what it learned."""
     config = getattr(model, "soft_prompt_config", None)
     G = config.latent_answer_positions if config is not None else 0
     if G and G != gen_length:
         raise CheckpointError(f"this student's latent enters {G} answer positions (latent_answer_positions); "
                               f"it cannot decode answers of {gen_length} tokens (use --gen-length {G})")
+    trained = getattr(model, "trained_for", None) or {}
+    asked = {"gen_length": gen_length}
+    if block_length not in (None, gen_length):  # one block (one step, or the whole answer) is always in range
+        asked["block_length"] = block_length
+    differs = {key: value for key, value in asked.items() if key in trained and trained[key] != value}
+    if differs and not getattr(model, "warned_length", False):
+        model.warned_length = True
+        warnings.warn("this student was trained for " + ", ".join(f"{k} {trained[k]}" for k in differs)
+                      + "; decoding with " + ", ".join(f"{k} {v}" for k, v in differs.items())
+                      + " is outside what it learned", UserWarning, stacklevel=2)
 
 
 def completion_network(model, seed: int, index: torch.Tensor, draws: torch.Tensor, anchor: bool) -> SamplerNetwork:
@@ -107,7 +120,7 @@ def decode_completions(
     require_columns(rows, "input_ids", "attention_mask")
     device = next(model.parameters()).device
     mask_id = (model.base if hasattr(model, "base") else model).config.mask_token_id
-    check_answer_length(model, layout.gen_length)
+    check_answer_length(model, layout.gen_length, block_length)
     anchor = uses_anchor(model, temperature, samples)
     P, G = layout.prompt_length, layout.gen_length
     options = SamplerOptions(gen_length=G, steps=steps, block_length=block_length, temperature=temperature,

@@ -7,6 +7,8 @@ steps, and each step commits the scheduled number of masked tokens of the curren
 the most confident predictions (``low_confidence``) or random ones (``random``); the others stay
 masked. ``temperature > 0`` samples with Gumbel noise in float64. ``cfg_scale = w > 0`` runs the
 unconditional branch (prompt replaced by mask tokens) and uses ``un + (w + 1) * (cond - un)``.
+LLaDA-8B's ``generate.py`` adds two EOS options (its Appendix B.4; LLaDA-8B-Instruct's published
+results use them): ``logits_eos_inf`` and ``confidence_eos_eot_inf`` (``SamplerOptions``).
 """
 
 from __future__ import annotations
@@ -158,6 +160,18 @@ class SamplerOptions:
     """Unsupervised classifier-free guidance w: ``un + (w + 1)(cond - un)``; 0: none."""
     remasking: Remasking = "low_confidence"
     """Which predictions a step commits: the most confident ones, or random ones."""
+    logits_eos_inf: bool = False
+    """LLaDA's ``logits_eos_inf``: the EOS logit is -inf before tokens are chosen, so no EOS is ever
+    generated and the answer fills all ``gen_length`` positions (LLaDA-8B-Instruct on HumanEval).
+    Needs the sampler's ``eos_id``."""
+    confidence_eos_eot_inf: bool = False
+    """LLaDA's ``confidence_eos_eot_inf``: a position predicted to be EOS or end-of-turn is scored
+    with those two logits at -inf, i.e. confidence 0, so it is committed after every other masked
+    position of its block (the other positions' confidences are renormalised without those two tokens,
+    as in LLaDA). An instruct model trained on EOS-padded answers otherwise commits the padding
+    first and answers too briefly (LLaDA-8B-Instruct on GSM8K, MATH, GPQA, MBPP). Needs ``eos_id``
+    (``eot_id`` when the tokenizer has one); ``low_confidence`` remasking only (LLaDA's random
+    remasking ignores it)."""
 
     def __post_init__(self) -> None:
         if self.block_length is None:
@@ -175,6 +189,12 @@ class SamplerOptions:
                 raise SamplerOptionError(key, f"must be a finite number >= 0, got {getattr(self, key)!r}")
         if self.remasking not in ("low_confidence", "random"):
             raise SamplerOptionError("remasking", f"must be 'low_confidence' or 'random', got {self.remasking!r}")
+        for key in ("logits_eos_inf", "confidence_eos_eot_inf"):
+            if not isinstance(getattr(self, key), bool):
+                raise SamplerOptionError(key, f"must be true or false, got {getattr(self, key)!r}")
+        if self.confidence_eos_eot_inf and self.remasking != "low_confidence":
+            raise SamplerOptionError("confidence_eos_eot_inf", "changes the low-confidence score only; with "
+                                     f"remasking {self.remasking!r} it would do nothing")
 
     @classmethod
     def one_step(cls, gen_length: int, **options) -> "SamplerOptions":
@@ -191,12 +211,24 @@ class SamplerOptions:
 
 
 def generate(model: SamplerNetwork, prompt: torch.Tensor, options: SamplerOptions, *, mask_id: int,
-             attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             noise: Noise | None = None) -> torch.Tensor:
+             eos_id: int | None = None, eot_id: int | None = None, attention_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, noise: Noise | None = None) -> torch.Tensor:
     """Fill ``options.gen_length`` masked positions after ``prompt`` (B, Lp); returns (B, Lp +
     gen_length). As ``sample_trajectory``."""
-    return sample_trajectory(model, prompt, options, mask_id=mask_id, attention_mask=attention_mask,
-                             generator=generator, noise=noise).sequences
+    return sample_trajectory(model, prompt, options, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
+                             attention_mask=attention_mask, generator=generator, noise=noise).sequences
+
+
+def eos_options_ids(options: SamplerOptions, eos_id: int | None, eot_id: int | None) -> tuple[list[int], list[int]]:
+    """The token ids whose logit ``options`` sets to -inf (``logits_eos_inf``), and those whose
+    confidence it zeroes (``confidence_eos_eot_inf``). The ids are the tokenizer's, not LLaDA-8B's
+    numbers (which LLaDA's ``generate.py`` hard-codes), so every model has them right."""
+    if (options.logits_eos_inf or options.confidence_eos_eot_inf) and eos_id is None:
+        option = "logits_eos_inf" if options.logits_eos_inf else "confidence_eos_eot_inf"
+        raise ValueError(f"{option} needs the EOS token id (eos_id)")
+    banned = [eos_id] if options.logits_eos_inf else []
+    demoted = [i for i in dict.fromkeys((eos_id, eot_id)) if i is not None] if options.confidence_eos_eot_inf else []
+    return banned, demoted
 
 
 @torch.no_grad()
@@ -206,6 +238,8 @@ def sample_trajectory(
     options: SamplerOptions,
     *,
     mask_id: int,
+    eos_id: int | None = None,
+    eot_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     noise: Noise | None = None,
@@ -215,7 +249,10 @@ def sample_trajectory(
 
     ``attention_mask`` (B, Lp) marks real prompt tokens (left padding is 0); the answer is always
     attended. ``mask_id`` is the model's mask token (LLaDA-8B 126336, LLaDA-MoE 156895, the built-in
-    teacher's own). ``SamplerOptions.one_step`` is one-step generation. Randomness
+    teacher's own). ``eos_id`` and ``eot_id`` are the tokenizer's end-of-text and end-of-turn
+    tokens (LLaDA-8B 126081 and 126348, ``<|eot_id|>``), needed by the EOS options only: ``eos_id``
+    by both, ``eot_id`` by ``confidence_eos_eot_inf`` when the tokenizer has such a token.
+    ``SamplerOptions.one_step`` is one-step generation. Randomness
     (Gumbel noise at ``temperature > 0``, ``random`` remasking) comes from ``noise``, by default
     fresh draws from ``generator`` at every step.
 
@@ -224,7 +261,11 @@ def sample_trajectory(
     in later blocks; a trained LLaDA does not do this, a random one does), and noise is drawn only
     for the current block, never for the whole (B, T, V) logits (10 GB in float64 for LLaDA-8B at
     B = 32): with temperature > 0 the draws differ from the reference's, not their distribution.
-    Otherwise the output equals the reference's exactly (tested).
+    Otherwise the output equals the reference's exactly (tested). One more, with
+    ``confidence_eos_eot_inf`` at ``temperature > 0``: LLaDA's code zeroes the EOT confidence but
+    writes EOS's -inf into its noisy copy of the logits, which is no longer used (at temperature 0
+    that copy is the logits themselves); here EOS is demoted at every temperature, as LLaDA documents.
+    ``record_top_k`` records the network's distribution, before any of these edits.
 
     Memory: the trunk runs on the whole sequence, the head only on the current block's masked
     positions (M, V) (CFG stacks the unconditional rows under them); ``CounterNoise`` draws for
@@ -235,6 +276,7 @@ def sample_trajectory(
     gen_length, block_length, num_blocks = options.gen_length, options.block_length, options.num_blocks
     temperature, cfg_scale, remasking = options.temperature, options.cfg_scale, options.remasking
     noise = noise if noise is not None else GeneratorNoise(generator)
+    banned, demoted = eos_options_ids(options, eos_id, eot_id)
     model = as_sampler_network(model)
     steps_per_block = options.steps_per_block
     B, Lp = prompt.shape
@@ -267,12 +309,16 @@ def sample_trajectory(
             if record_top_k:
                 top_logprobs, top_ids = torch.log_softmax(upcast(logits), dim=-1).topk(record_top_k, dim=-1)
             logits[..., mask_id] = -torch.inf  # committing [MASK] would be a wasted no-op
+            if banned:  # logits_eos_inf
+                logits[..., banned] = -torch.inf
             if temperature > 0:
                 uniforms = noise.gumbel_uniforms(mask_index, logits.shape[-1], step, offset)  # (M, V)
                 x0_masked = torch.argmax(gumbel_perturbed(logits, temperature, uniforms), dim=-1)  # (M,)
             else:
                 x0_masked = torch.argmax(logits, dim=-1)
             if remasking == "low_confidence":
+                if demoted:  # confidence_eos_eot_inf: tokens chosen, EOS and EOT now score 0 (LLaDA's -inf logits)
+                    logits[..., demoted] = -torch.inf
                 # fp32 at least: bf16 probabilities tie often and would make the ranking arbitrary.
                 p = F.softmax(upcast(logits), dim=-1)
                 x0_p = torch.gather(p, -1, x0_masked[:, None]).squeeze(-1)  # (M,)

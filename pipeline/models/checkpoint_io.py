@@ -112,19 +112,30 @@ def checkpoint_fingerprint(path: str | Path, full: bool = False, window: int = 1
     return digest.hexdigest()[:16]
 
 
-def resolve_checkpoint(name: str | Path) -> Path:
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name``, not a path (``./x``, ``/x``, ``~/x``)."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
+def hub_revision(path: Path) -> str | None:
+    """The commit of a hub snapshot directory (``.../snapshots/<commit>``), else None."""
+    return path.name if path.parent.name == "snapshots" else None
+
+
+def resolve_checkpoint(name: str | Path, revision: str | None = None) -> Path:
     """A local checkpoint directory, or a Hugging Face id downloaded (config, tokenizer, weights)
-    into the local hub cache. A name that is neither is a clear error."""
+    into the local hub cache, at ``revision`` (a branch, tag or commit; None: the default branch).
+    A name that is neither is a clear error."""
     path = Path(name)
     if path.is_dir():
         return path
     text = str(name)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if looks_like_hub_id(text):
         try:
             from huggingface_hub import snapshot_download
 
             patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-            return Path(snapshot_download(text, allow_patterns=patterns))
+            return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
         except Exception as err:  # network, auth, missing repo: one message naming the id
             raise CheckpointError(f"{text}: not a local directory, and the hub download failed ({err})") from err
     raise CheckpointError(f"{text}: checkpoint directory not found")

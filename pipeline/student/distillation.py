@@ -274,6 +274,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
+    from pipeline.cache.rollouts import open_rollouts
     from pipeline.cache.shards import read_manifest
     from pipeline.core.time_cap import check_not_cut, time_limit
     from pipeline.data.layout import Layout, load_split
@@ -316,8 +317,6 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     base.checkpoint_blocks = params.activation_checkpointing
     rollout_steps = None
     if params.rollout_weight > 0:
-        from pipeline.cache.rollouts import open_rollouts
-
         rollout_steps = open_rollouts(cache_dir, verify=False).sampler["steps"]
     module = StudentDistillation(student, params, layout.gen_length, rollout_steps, eos_id=layout.pad_token_id)
     accuracy = GenerationAccuracy(load_split(data_dir, "val"), tokenizer, {layout.pad_token_id},
@@ -341,12 +340,26 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
                   f"; its checkpoints are kept: rerunning train_student continues it ({run_dir})")
     if not trainer.is_global_zero:
         return None
-    student.cpu().save_pretrained(out_dir)
+    rollout_sampler = open_rollouts(cache_dir, verify=False).sampler if params.rollout_weight > 0 else {}
+    student.cpu().save_pretrained(out_dir, *teacher_reference(teacher_dir, record, base.source_path), trained_for={
+        "prompt_length": layout.prompt_length, "gen_length": layout.gen_length,
+        "block_length": rollout_sampler.get("block_length") or layout.gen_length})
     latents = latent_validation(student, accuracy.rows, tokenizer, layout, scorer=scorer) if student.latent_dim else None
     return {"steps": trainer.global_step, "minutes": round((time.perf_counter() - started) / 60, 2),
             "trainable_parameters": sum(p.numel() for p in student.soft_prompt.parameters()),
             "val_accuracy_one_step": accuracy.history[-1] if accuracy.history else None,
             "val_one_step_4_latents": latents, "diagnostics": module.diagnostics(), "curve": accuracy.history}
+
+
+def teacher_reference(teacher_dir: Path, record, base_dir: Path) -> tuple[str, str | None]:
+    """How a saved student names its base, as the user gave it: the teacher directory of a built-in
+    teacher, or the checkpoint (path or hub id) ``teacher.checkpoint`` named, with the hub revision
+    it was downloaded at."""
+    from pipeline.models.checkpoint_io import hub_revision, looks_like_hub_id
+
+    if record.checkpoint == ".":
+        return str(teacher_dir), None
+    return record.checkpoint, hub_revision(Path(base_dir)) if looks_like_hub_id(record.checkpoint) else None
 
 
 def latent_validation(student: Student, rows, tokenizer, layout, samples: int = 4, scorer: Scorer | None = None) -> dict:

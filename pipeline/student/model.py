@@ -1,8 +1,9 @@
 """The student: a frozen LLaDA plus a trainable soft prompt conditioned on the interval (r, t).
 
 ``student(x_t, r, t)`` is the average velocity u (logits). The base model is shared, never copied:
-the teacher is ``student.base`` without a prefix. Saved students hold only the soft prompt and the
-base checkpoint's path and fingerprint.
+the teacher is ``student.base`` without a prefix. Saved students hold only the soft prompt, what finds
+the base checkpoint again (as given, hub id and revision, absolute path) with its fingerprint, and
+the layout the student was trained for.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from pipeline.core.errors import CheckpointError
 from pipeline.core.files import atomic_directory, file_sha256
-from pipeline.models.checkpoint_io import checkpoint_fingerprint, read_json, resolve_checkpoint
+from pipeline.models.checkpoint_io import checkpoint_fingerprint, looks_like_hub_id, read_json, resolve_checkpoint
 from pipeline.models.layers import Attention
 from pipeline.models.mask_predictor import MaskPredictor
 from pipeline.models.registry import load_model
@@ -54,6 +55,9 @@ class Student(nn.Module):
         dtype = next(base.parameters()).dtype
         device = next(base.parameters()).device
         self.soft_prompt.to(device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+        self.trained_for: dict[str, int] = {}
+        """The layout the student was trained for (``prompt_length``, ``gen_length``, ``block_length``),
+        as saved; decoding another length warns (``pipeline.generation.decode.check_answer_length``)."""
 
     @property
     def soft_prompt_config(self) -> SoftPromptConfig:
@@ -125,10 +129,13 @@ class Student(nn.Module):
     def soft_prompt_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.soft_prompt.state_dict().items()}
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the soft prompt (with its sha256, checked on load) and a pointer to the base checkpoint
-        (path relative to ``path`` when both live on one tree, and fingerprint). The frozen base is
-        never copied."""
+    def save_pretrained(self, path: str | Path, base: str | None = None, base_revision: str | None = None,
+                        trained_for: dict[str, int] | None = None) -> None:
+        """Write the soft prompt (with its sha256, checked on load) and what finds the base checkpoint
+        again: ``base`` as the user gave it (a path relative to the working directory, an absolute
+        path or a hub id; default: the path the base was loaded from) with the hub ``base_revision``,
+        the base's absolute path, and its fingerprint; and the layout it was ``trained_for``
+        (``prompt_length``, ``gen_length``, ``block_length``). The frozen base is never copied."""
         path = Path(path)
         source = self.base.source_path
         if source is None:
@@ -137,8 +144,12 @@ class Student(nn.Module):
         meta = {
             "format": FORMAT,
             "soft_prompt": dataclasses.asdict(self.soft_prompt_config),
-            "base_path": os.path.relpath(source.resolve(), path.resolve()),
+            "base": str(source) if base is None else base,
+            **({"base_revision": base_revision} if base_revision else {}),
+            "base_absolute": str(source.resolve()),
+            "base_path": os.path.relpath(source.resolve(), path.resolve()),  # what earlier versions read
             "base_fingerprint": checkpoint_fingerprint(source),
+            **({"trained_for": dict(trained_for)} if trained_for else {}),
         }
         with atomic_directory(path) as tmp:
             save_file(self.soft_prompt_state_dict(), str(tmp / SOFT_PROMPT_WEIGHTS), metadata={"format": "pt"})
@@ -151,11 +162,34 @@ class Student(nn.Module):
 
     @staticmethod
     def base_path_of(path: str | Path) -> Path:
-        """The base checkpoint directory a saved student points to."""
+        """The base checkpoint directory a saved student points to: its ``base`` as given (relative to
+        the working directory), a hub id at its recorded revision, the base's absolute path at save
+        time, or (students saved before these existed) the path relative to the student."""
         meta = read_json(Path(path) / STUDENT_CONFIG)
-        if not isinstance(meta.get("base_path"), str):
-            raise CheckpointError(f"{Path(path) / STUDENT_CONFIG}: damaged (no base_path); save the student again")
-        return (Path(path) / meta["base_path"]).resolve()
+        given, tried = meta.get("base"), []
+        if isinstance(given, str):
+            if Path(given).is_dir():
+                return Path(given)
+            tried.append(given)
+            if looks_like_hub_id(given):
+                return resolve_checkpoint(given, revision=meta.get("base_revision"))
+        for key, where in (("base_absolute", None), ("base_path", Path(path))):
+            value = meta.get(key)
+            if isinstance(value, str):
+                candidate = (where / value).resolve() if where is not None else Path(value)
+                if candidate.is_dir():
+                    return candidate
+                tried.append(str(candidate))
+        if not tried:
+            raise CheckpointError(f"{Path(path) / STUDENT_CONFIG}: damaged (no base); save the student again")
+        raise CheckpointError(f"{path}: the student's base checkpoint is not found (tried {', '.join(tried)}); "
+                              "pass the base directory: --base DIR, or Student.from_pretrained(path, base=DIR)")
+
+    @staticmethod
+    def trained_for_of(path: str | Path) -> dict[str, int]:
+        """The layout a saved student was trained for (empty for students saved before it was recorded)."""
+        value = read_json(Path(path) / STUDENT_CONFIG).get("trained_for")
+        return dict(value) if isinstance(value, dict) else {}
 
     @classmethod
     def from_pretrained(
@@ -171,7 +205,7 @@ class Student(nn.Module):
         meta = read_json(path / STUDENT_CONFIG)
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path / STUDENT_CONFIG}: not a {FORMAT} file")
-        missing = [key for key in ("soft_prompt", "base_path", "base_fingerprint") if key not in meta]
+        missing = [key for key in ("soft_prompt", "base_fingerprint") if key not in meta]
         if missing or not isinstance(meta["soft_prompt"], dict):
             raise CheckpointError(f"{path / STUDENT_CONFIG}: damaged (missing or malformed: "
                                   f"{', '.join(missing) or 'soft_prompt'}); save the student again")
@@ -192,6 +226,7 @@ class Student(nn.Module):
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{path / STUDENT_CONFIG}: {err}") from err
         student = cls(base, config=config)
+        student.trained_for = cls.trained_for_of(path)
         weights = path / SOFT_PROMPT_WEIGHTS
         if not weights.is_file():
             raise CheckpointError(f"{weights}: file not found")
