@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline.data.tasks import score
-from pipeline.generate_cli import generation_hints
+from pipeline.models.checkpoint_io import generation_hints
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,10 +33,11 @@ from pipeline.core.errors import CheckpointError, OutputError
 from pipeline.core.files import output_error, storage_errno
 from pipeline.core.params import SEED_LIMIT
 from pipeline.data.jsonl import numbered_records
-from pipeline.data.tokenizer import decode_answer, encode_prompts, load_tokenizer, stop_token_ids, unknown_characters
-from pipeline.generation.decode import check_answer_length, completion_network, uses_anchor
+from pipeline.data.tokenizer import (decode_answer, encode_prompts, eos_and_eot_ids, load_tokenizer, stop_token_ids,
+                                     unknown_characters)
+from pipeline.generation.decode import check_answer_length, completion_network, left_pad, uses_anchor
 from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, generate
-from pipeline.models.checkpoint_io import read_json, resolve_checkpoint
+from pipeline.models.checkpoint_io import generation_hints, resolve_checkpoint
 from pipeline.models.registry import load_model, model_class
 from pipeline.student.model import Student
 
@@ -44,8 +45,6 @@ CHUNK_BATCHES = 16
 """Batches decoded between two appends to the output."""
 STDIO = "-"
 """``--prompts -`` reads standard input, ``--out -`` writes standard output."""
-EOT_TOKEN = "<|eot_id|>"
-"""LLaDA-8B-Instruct's end of turn, which ``--confidence-eos-eot-inf`` demotes with EOS."""
 
 
 class UsageError(Exception):
@@ -309,30 +308,6 @@ def mask_token_id(override: int | None, config, tokenizer) -> int:
     return override
 
 
-def eos_and_eot_ids(tokenizer, config, checkpoint: Path) -> tuple[int | None, int | None]:
-    """The ids LLaDA's EOS options act on (LLaDA's code hard-codes LLaDA-8B's 126081 and 126348): EOS,
-    the tokenizer's end-of-text token (else the config's ``eos_token_id``, else the first of
-    ``generation_config.json``'s), and EOT, ``<|eot_id|>`` when the tokenizer has it, else None."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
-    if eos is None and (checkpoint / "generation_config.json").is_file():
-        value = read_json(checkpoint / "generation_config.json").get("eos_token_id")
-        eos = value[0] if isinstance(value, list) and value else value if isinstance(value, int) else None
-    eot = tokenizer.get_vocab().get(EOT_TOKEN)
-    return eos, eot
-
-
-def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) (B, W) with each row right-aligned."""
-    width = max(len(ids) for ids in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, tokens in enumerate(batch):
-        if tokens:
-            ids[row, width - len(tokens):] = torch.tensor(tokens)
-            mask[row, width - len(tokens):] = 1
-    return ids, mask
-
-
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
@@ -422,16 +397,6 @@ def run(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - started
     print(f"wrote {len(lines) - done} prompts x {args.samples} samples to {'<stdout>' if to_stdout else args.out} "
           f"in {elapsed:.1f}s ({steps} steps, gen length {gen_length})", file=sys.stderr)
-
-
-def generation_hints(checkpoint: Path) -> dict:
-    """Defaults a checkpoint may suggest in ``generation_config.json`` (e.g. our built-in teacher's
-    ``gen_length``); real LLaDA checkpoints suggest none."""
-    path = Path(checkpoint) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    data = read_json(path)
-    return {k: data[k] for k in ("gen_length",) if isinstance(data.get(k), int)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ FAMILIES = {
         "completion latent": (cr.COMPLETION_LATENT, NATURAL, NATURAL, NATURAL),
         "completion code": (cr.COMPLETION_LATENT, NATURAL, NATURAL),
         "decoded batch's generator": (cr.DECODE_BATCH, NATURAL),
+        "likelihood masks": (cr.LIKELIHOOD_MASK, ANY),
     },
     "row noise seed": {
         "Gumbel field per step": (NATURAL, NATURAL, NATURAL),

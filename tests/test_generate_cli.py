@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.generate_cli import EOT_TOKEN, main
+from pipeline.data.tokenizer import EOT_TOKEN
+from pipeline.generate_cli import main
 from pipeline.models.llada import LLaDA
 from pipeline.student.model import Student
 from tests.conftest import ALPHABET, make_checkpoint

@@ -14,6 +14,7 @@ numbers are the stream constants below, which keep paths of the same shape apart
       completion latent         (seed, COMPLETION_LATENT, example, draw, 2j | 2j + 1)
       completion code           (seed, COMPLETION_LATENT, example, draw)
       decoded batch's generator (seed, DECODE_BATCH, batch)  (the seed of a torch.Generator)
+      likelihood masks          (seed, LIKELIHOOD_MASK, digest of the token pair)  (a torch.Generator's seed)
     under a row's noise seed (one of the seeds above)
       Gumbel field, per step    (row seed, step >= 0, position, token id)
       Gumbel field, fixed       (row seed, position, token id)
@@ -41,7 +42,7 @@ from __future__ import annotations
 import torch
 
 # Streams under a run's seed.
-COMPLETION_SEED, FIELD_SEED, COMPLETION_LATENT, DECODE_BATCH = 1, 2, 3, 4
+COMPLETION_SEED, FIELD_SEED, COMPLETION_LATENT, DECODE_BATCH, LIKELIHOOD_MASK = 1, 2, 3, 4, 5
 # Under a row's noise seed, in the place of the step (steps count from 0).
 REMASK = -1
 # Under a training row's keys.

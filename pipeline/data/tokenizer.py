@@ -17,6 +17,8 @@ from pipeline.models.checkpoint_io import read_json
 
 # LLaDA's own names for its special tokens.
 EOS, BOS, MASK, UNK = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|unk|>"
+EOT_TOKEN = "<|eot_id|>"
+"""LLaDA-8B-Instruct's end of turn, which the sampler's ``confidence_eos_eot_inf`` demotes with EOS."""
 SPECIAL_TOKENS = (EOS, BOS, MASK, UNK)
 
 
@@ -105,3 +107,15 @@ def decode_answer(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], stops:
     """The answer text: tokens before the first stop id, special tokens removed."""
     end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
     return tokenizer.decode(list(ids[:end]), skip_special_tokens=True)
+
+
+def eos_and_eot_ids(tokenizer, config, checkpoint: Path) -> tuple[int | None, int | None]:
+    """The ids LLaDA's EOS options act on (LLaDA's code hard-codes LLaDA-8B's 126081 and 126348): EOS,
+    the tokenizer's end-of-text token (else the config's ``eos_token_id``, else the first of
+    ``generation_config.json``'s), and EOT, ``<|eot_id|>`` when the tokenizer has it, else None."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+    if eos is None and (checkpoint / "generation_config.json").is_file():
+        value = read_json(checkpoint / "generation_config.json").get("eos_token_id")
+        eos = value[0] if isinstance(value, list) and value else value if isinstance(value, int) else None
+    eot = tokenizer.get_vocab().get(EOT_TOKEN)
+    return eos, eot

@@ -59,6 +59,18 @@ def completion_network(model, seed: int, index: torch.Tensor, draws: torch.Tenso
     return sampler_network(model, model.soft_prompt.prior_latents(seed, COMPLETION_LATENT, index, draws).to(device))
 
 
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) (B, W) with each row right-aligned."""
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, tokens in enumerate(batch):
+        if tokens:
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            mask[row, width - len(tokens):] = 1
+    return ids, mask
+
+
 def default_step_counts(gen_length: int, num_blocks: int = 1) -> list[int]:
     """``num_blocks`` times 1, 2, 4, ... below ``gen_length``, then ``gen_length`` itself (the
     sampler needs a whole number of steps per block)."""

@@ -140,3 +140,12 @@ def resolve_checkpoint(name: str | Path, revision: str | None = None) -> Path:
             raise CheckpointError(f"{text}: not a local directory, and the hub download failed ({err})") from err
     raise CheckpointError(f"{text}: checkpoint directory not found")
 
+
+def generation_hints(checkpoint: Path) -> dict:
+    """Defaults a checkpoint may suggest in ``generation_config.json`` (e.g. our built-in teacher's
+    ``gen_length``); real LLaDA checkpoints suggest none."""
+    path = Path(checkpoint) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    return {k: data[k] for k in ("gen_length",) if isinstance(data.get(k), int)}
