@@ -31,7 +31,7 @@ from pipeline.core.stage import run_stage, stage_parser
 from pipeline.data.layout import Layout, load_split
 from pipeline.data.scoring import parse_scorer
 from pipeline.data.tokenizer import stop_token_ids
-from pipeline.evaluation.grid import completions_to_decode, evaluate_settings, settings_for
+from pipeline.evaluation.grid import completions_to_decode, evaluate_settings, forward_passes_per_prompt, settings_for
 from pipeline.evaluation.params import EvaluateParams
 from pipeline.evaluation.report import completion_lines, curve_rows, plot_accuracy, results_markdown, summarize
 from pipeline.generation.decode import default_step_counts
@@ -85,6 +85,10 @@ def main() -> None:
     settings = settings_for(steps, params.cfg_scale, params.temperature, params.samples, G, block_length,
                             params.noise_variants, student_latents=student.latent_dim > 0,
                             student_steps=student_steps)
+    passes = forward_passes_per_prompt(settings, params.timing_repeats)
+    if ranks.rank == 0:  # what the grid costs, before it is spent (LLaDA-8B: reduce the grid, README)
+        print(f"evaluate: {len(settings)} settings, {passes} forward passes per prompt x {len(rows)} prompts "
+              f"({args.split} split) = {passes * len(rows)}", file=sys.stderr)
 
     bar = tqdm(total=completions_to_decode(settings, len(rows), params.timing_repeats, params.batch_size, ranks),
                desc="evaluate" if ranks.world == 1 else f"evaluate, rank 0 of {ranks.world}", unit="completion",
@@ -104,8 +108,8 @@ def main() -> None:
     if ranks.rank > 0:
         return
 
-    summary = {"split": args.split, "prompts": len(rows), "scorer": scorer.name, "device": device.type, "ranks": ranks.world,
-               **summarize(results, G)}
+    summary = {"split": args.split, "prompts": len(rows), "scorer": scorer.name, "device": device.type,
+               "ranks": ranks.world, "forward_passes_per_prompt": passes, **summarize(results, G)}
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.report.mkdir(parents=True, exist_ok=True)
     write_json(args.metrics, summary)

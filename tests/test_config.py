@@ -121,3 +121,19 @@ def test_exponents_without_a_dot_are_floats(tmp_path):
 def test_lightning_precision_is_checked(tmp_path):
     with pytest.raises(ParamsError, match=r"student.precision: 'bf17' is not one of"):
         load_section(StudentParams, "student", write(tmp_path, {"student": {"precision": "bf17"}}))
+
+
+def test_the_readmes_real_checkpoint_params_are_valid():
+    """The README's LLaDA-8B-Instruct on GSM8K block is params a user pastes: every key must exist
+    and every value pass its section's checks."""
+    from pipeline.core.params import from_mapping
+
+    text = (ROOT_PARAMS.parent / "README.md").read_text()
+    start = text.index("```yaml", text.index("## Using a real LLaDA checkpoint")) + len("```yaml")
+    block = yaml.safe_load(text[start:text.index("```", start)])
+    sections = {"data": DataParams, "teacher": TeacherParams, "cache": CacheParams, "student": StudentParams,
+                "evaluate": EvaluateParams}
+    assert set(block) == set(sections)
+    for name, cls in sections.items():
+        from_mapping(cls, block[name], f"README:{name}")
+    assert block["cache"]["rollouts"]["block_length"] == block["evaluate"]["block_length"]  # the evaluated sampler

@@ -121,6 +121,12 @@ def evaluate_settings(models: dict, settings: list[Setting], rows, tokenizer, st
     return results
 
 
+def forward_passes_per_prompt(settings: list[Setting], timing_repeats: int) -> int:
+    """Network evaluations the grid spends on one test prompt: each setting's passes per completion
+    times its completions (greedy settings ``timing_repeats`` times), the warm-up aside."""
+    return sum(s.forward_passes * s.samples * (timing_repeats if s.temperature == 0 else 1) for s in settings)
+
+
 def completions_to_decode(settings: list[Setting], rows: int, timing_repeats: int, batch_size: int = 1,
                           ranks: Ranks = Ranks()) -> int:
     """Completions ``evaluate_settings`` decodes in all on this rank (greedy settings are timed
