@@ -134,9 +134,19 @@ def results_markdown(results: list[dict], summary: dict, temperature: float, sam
             f"shared), or the student greedy given {samples} latents (T 0)\n\n"
             f"{markdown_table(results, several=True)}\n\n"
             f"{difference_table(summary.get('student_minus_teacher_by_steps', {}))}"
-            f"One-step student speedup over the teacher at {gen_length} steps: "
-            f"{summary.get('student_speedup_vs_teacher_gen_length')}x; one student pass costs "
-            f"{summary.get('student_pass_cost_vs_teacher_pass')}x one teacher pass ({summary['device']})\n")
+            + timing_line(summary, gen_length))
+
+
+def timing_line(summary: dict, gen_length: int) -> str:
+    """The one-step student's speedup and pass cost, as far as the grid measured them (the cost needs
+    the teacher at one step, which a reduced grid may leave out)."""
+    parts = []
+    if summary.get("student_speedup_vs_teacher_gen_length") is not None:
+        parts.append(f"One-step student speedup over the teacher at {gen_length} steps: "
+                     f"{summary['student_speedup_vs_teacher_gen_length']}x")
+    if summary.get("student_pass_cost_vs_teacher_pass") is not None:
+        parts.append(f"one student pass costs {summary['student_pass_cost_vs_teacher_pass']}x one teacher pass")
+    return "; ".join(parts) + f" ({summary['device']})\n" if parts else ""
 
 
 def completion_lines(setting: str, records: list[dict], scorer: Scorer) -> list[str]:
