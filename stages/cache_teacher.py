@@ -85,9 +85,27 @@ def main() -> None:
         if params.rollouts.per_example:
             metrics["rollouts"] = rollout_metrics(args, summary, tokenizer, stop_token_ids(
                 tokenizer, model.config, checkpoint_dir(args.teacher, record)), scorer)
+        if summary["shards_written"] + summary["rollout_shards_written"] == 0:
+            keep_timings(metrics, args.metrics)
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.metrics, metrics)
     print(json.dumps(summary, indent=2))
+
+
+def keep_timings(metrics: dict, previous: Path) -> None:
+    """A rerun that found every shard complete (``dvc repro`` after another stage's change, or after
+    a kill at the very end) computed nothing: its seconds would be zeros, so the throughput of the
+    run that wrote the shards is kept from that run's metrics."""
+    try:
+        before = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return
+    for key in ("seconds", "total_seconds"):
+        if key in before:
+            metrics[key] = before[key]
+    for key in ("seconds", "rollouts_per_second"):
+        if key in before.get("rollouts", {}) and "rollouts" in metrics:
+            metrics["rollouts"][key] = before["rollouts"][key]
 
 
 def rollout_metrics(args, summary: dict, tokenizer, stops: set[int], scorer) -> dict:

@@ -254,3 +254,9 @@ def test_killed_run_resumes_to_the_same_rollouts(tmp_path):
     metrics = json.loads((work / "metrics" / "cache.json").read_text())["rollouts"]
     assert metrics["rollouts"] == 2400 and metrics["forward_passes_per_rollout"] == 7 and metrics["rollouts_per_second"] > 0
     assert set(metrics["accuracy"]) == {"greedy", "sampled"} and "distinct_valid" in metrics["accuracy"]["sampled"]["perm"]
+    # A rerun on the complete cache (dvc repro after another stage changed) computes nothing: it keeps
+    # the timings of the run that wrote the shards instead of reporting zeros.
+    before = json.loads((work / "metrics" / "cache.json").read_text())
+    assert subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600).returncode == 0
+    after = json.loads((work / "metrics" / "cache.json").read_text())
+    assert after == before and after["rollouts"]["seconds"] > 0
