@@ -392,9 +392,10 @@ def test_loglikelihood_rolling_sums_windows_over_long_texts(a_predictor):
                 for text in (short, long)]
     rolled_short, rolled_long = model.loglikelihood_rolling(requests)
     # a text that fits is one window given BOS: the loglikelihood of the text after an empty context
-    assert rolled_short == model.loglikelihood(loglikelihood_requests([("", short)]))[0][0]
+    # (to rounding: batched with other requests, the sums may run in another order on another CPU)
+    assert rolled_short == pytest.approx(model.loglikelihood(loglikelihood_requests([("", short)]))[0][0], rel=1e-6)
     assert torch.isfinite(torch.tensor(rolled_long)) and rolled_long < 0
-    assert model.loglikelihood_rolling(requests[1:]) == [rolled_long]
+    assert model.loglikelihood_rolling(requests[1:]) == [pytest.approx(rolled_long, rel=1e-6)]
 
 
 def test_a_latent_student_without_an_anchor_has_no_likelihood(teacher, work):

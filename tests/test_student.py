@@ -331,11 +331,28 @@ def test_a_hub_base_is_recorded_with_its_revision(tiny_checkpoint, tmp_path, mon
 
     Student(LLaDA.from_pretrained(tiny_checkpoint), prompt_length=2).save_pretrained(
         tmp_path / "s", base="GSAI-ML/LLaDA-8B-Instruct", base_revision="0a1b2c")
+    assert Student.base_path_of(tmp_path / "s") == tiny_checkpoint  # the local copy it was saved from
+    snapshot = tiny_checkpoint.rename(tmp_path / "downloaded")  # gone from here: the hub has it
     asked = []
     monkeypatch.setattr(student_model, "resolve_checkpoint", lambda name, revision=None: asked.append(
-        (name, revision)) or tiny_checkpoint)
-    assert Student.base_path_of(tmp_path / "s") == tiny_checkpoint
+        (name, revision)) or snapshot)
+    assert Student.base_path_of(tmp_path / "s") == snapshot
     assert asked == [("GSAI-ML/LLaDA-8B-Instruct", "0a1b2c")]  # the revision trained on, not the newest
+
+
+def test_another_checkpoint_at_the_given_path_is_passed_over(tmp_path, monkeypatch):
+    """The base is recorded as given, relative to the working directory: run from elsewhere, that
+    path may hold another checkpoint (another project's artifacts/teacher); its fingerprint differs,
+    so the absolute path recorded beside it is used."""
+    from tests.conftest import make_checkpoint
+
+    first = make_checkpoint(tmp_path / "a" / "artifacts" / "teacher", seed=0)
+    make_checkpoint(tmp_path / "b" / "artifacts" / "teacher", seed=1)
+    monkeypatch.chdir(tmp_path / "a")
+    Student(LLaDA.from_pretrained("artifacts/teacher"), prompt_length=2).save_pretrained(tmp_path / "s")
+    monkeypatch.chdir(tmp_path / "b")
+    assert Student.base_path_of(tmp_path / "s") == first.resolve()
+    assert Student.from_pretrained(tmp_path / "s").soft_prompt_config.prompt_length == 2
 
 
 def test_decoding_another_length_than_trained_warns_once(tiny_checkpoint, tmp_path):

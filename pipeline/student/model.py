@@ -162,28 +162,30 @@ class Student(nn.Module):
 
     @staticmethod
     def base_path_of(path: str | Path) -> Path:
-        """The base checkpoint directory a saved student points to: its ``base`` as given (relative to
-        the working directory), a hub id at its recorded revision, the base's absolute path at save
-        time, or (students saved before these existed) the path relative to the student."""
+        """The base checkpoint directory a saved student points to, the first of these whose
+        fingerprint is the recorded one: its ``base`` as given (relative to the working directory),
+        the base's absolute path at save time, the path relative to the student (students saved
+        before the others existed), or a hub id at its recorded revision. Run from another directory,
+        the given path may name another checkpoint; the fingerprint tells them apart."""
         meta = read_json(Path(path) / STUDENT_CONFIG)
-        given, tried = meta.get("base"), []
-        if isinstance(given, str):
-            if Path(given).is_dir():
-                return Path(given)
-            tried.append(given)
-            if looks_like_hub_id(given):
-                return resolve_checkpoint(given, revision=meta.get("base_revision"))
+        given = meta.get("base") if isinstance(meta.get("base"), str) else None
+        candidates = [Path(given)] if given else []
         for key, where in (("base_absolute", None), ("base_path", Path(path))):
-            value = meta.get(key)
-            if isinstance(value, str):
-                candidate = (where / value).resolve() if where is not None else Path(value)
-                if candidate.is_dir():
-                    return candidate
-                tried.append(str(candidate))
-        if not tried:
+            if isinstance(meta.get(key), str):
+                candidates.append((where / meta[key]).resolve() if where is not None else Path(meta[key]))
+        if not candidates:
             raise CheckpointError(f"{Path(path) / STUDENT_CONFIG}: damaged (no base); save the student again")
-        raise CheckpointError(f"{path}: the student's base checkpoint is not found (tried {', '.join(tried)}); "
-                              "pass the base directory: --base DIR, or Student.from_pretrained(path, base=DIR)")
+        found = [c for c in candidates if c.is_dir()]
+        for candidate in found:
+            if checkpoint_fingerprint(candidate) == meta.get("base_fingerprint"):
+                return candidate
+        if given and looks_like_hub_id(given) and not Path(given).exists():
+            return resolve_checkpoint(given, revision=meta.get("base_revision"))
+        if found:  # none has the recorded fingerprint: from_pretrained names the first and both fingerprints
+            return found[0]
+        raise CheckpointError(f"{path}: the student's base checkpoint is not found (tried "
+                              f"{', '.join(dict.fromkeys(map(str, candidates)))}); pass the base directory: "
+                              "--base DIR, or Student.from_pretrained(path, base=DIR)")
 
     @staticmethod
     def trained_for_of(path: str | Path) -> dict[str, int]:
