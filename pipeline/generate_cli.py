@@ -35,9 +35,9 @@ from pipeline.core.params import SEED_LIMIT
 from pipeline.data.jsonl import numbered_records
 from pipeline.data.tokenizer import (decode_answer, encode_prompts, eos_and_eot_ids, load_tokenizer, stop_token_ids,
                                      unknown_characters)
-from pipeline.generation.decode import check_answer_length, completion_network, left_pad, uses_anchor
+from pipeline.generation.decode import check_answer_length, completion_network, decoding_defaults, left_pad, uses_anchor
 from pipeline.generation.sampler import SamplerOptionError, SamplerOptions, generate
-from pipeline.models.checkpoint_io import generation_hints, resolve_checkpoint
+from pipeline.models.checkpoint_io import resolve_checkpoint
 from pipeline.models.registry import load_model, model_class
 from pipeline.student.model import Student
 
@@ -327,12 +327,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         # Defaults: the layout a student was trained for, else the checkpoint's hint, else 128 tokens.
         trained = Student.trained_for_of(args.model) if is_student else {}
-        hints = {**generation_hints(base_checkpoint(args.model, args.base)), **trained}
-        gen_length = args.gen_length if args.gen_length is not None else hints.get("gen_length", 128)
-        steps = args.steps if args.steps is not None else (1 if is_student else gen_length)
-        block_length = args.block_length if args.block_length is not None else (
-            trained.get("block_length", gen_length) if steps > 1 and gen_length == trained.get("gen_length")
-            else gen_length)
+        gen_length, steps, block_length = decoding_defaults(base_checkpoint(args.model, args.base), trained, is_student,
+                                                            args.gen_length, args.steps, args.block_length)
         options = sampler_options(args, gen_length, steps, block_length)
         dtype = getattr(torch, args.dtype) if args.dtype else (
             torch.bfloat16 if args.device.startswith("cuda") else torch.float32)

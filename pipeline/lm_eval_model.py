@@ -53,18 +53,16 @@ from pipeline.core.counter_random import LIKELIHOOD_MASK, counter_hash
 from pipeline.core.errors import CheckpointError, PipelineError
 from pipeline.core.params import SEED_LIMIT
 from pipeline.data.tokenizer import decode_answer, eos_and_eot_ids, load_tokenizer, stop_token_ids
-from pipeline.generation.decode import batch_generator, check_answer_length, completion_network, left_pad, uses_anchor
+from pipeline.generation.decode import (batch_generator, check_answer_length, completion_network, decoding_defaults,
+                                        left_pad, uses_anchor)
 from pipeline.generation.sampler import (SamplerOptionError, SamplerOptions, StepInterval, generate, guided_hidden,
                                          sampler_network)
-from pipeline.models.checkpoint_io import generation_hints, read_json, resolve_checkpoint
+from pipeline.models.checkpoint_io import read_json, resolve_checkpoint
 from pipeline.models.layers import upcast
 from pipeline.models.registry import load_model, model_class
 from pipeline.student.model import STUDENT_CONFIG, Student
 
 MODEL_NAME = "llada_mf"
-DEFAULT_GEN_LENGTH = 128
-"""As ``python -m pipeline.generate_cli``: a checkpoint's ``generation_config.json`` may suggest another
-(``generation_hints``)."""
 CHAT_MODES = {"auto": None, "on": True, "off": False, True: True, False: False}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HANDLED_GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature"}
@@ -237,13 +235,11 @@ class LLaDAMeanFlowLM(LM):
 
         # Defaults as generate_cli's: the layout a student was trained for, else the checkpoint's hint.
         trained = student_meta.get("trained_for") if isinstance(student_meta.get("trained_for"), dict) else {}
-        hints = {**generation_hints(base_dir), **trained}
-        gen_length = positive_int(options.get("gen_length", hints.get("gen_length", DEFAULT_GEN_LENGTH)), "gen_length")
+        asked = positive_int(options["gen_length"], "gen_length") if "gen_length" in options else None
         sampler = {k: v for k, v in options.items() if k in sampler_fields}
+        gen_length, sampler["steps"], sampler["block_length"] = decoding_defaults(
+            base_dir, trained, self.is_student, asked, sampler.get("steps"), sampler.get("block_length"))
         sampler["gen_length"] = gen_length
-        sampler.setdefault("steps", 1 if self.is_student else gen_length)
-        if "block_length" not in sampler and sampler["steps"] != 1 and gen_length == trained.get("gen_length"):
-            sampler["block_length"] = trained.get("block_length", gen_length)
         for key in ("temperature", "cfg_scale"):
             if key in sampler and not isinstance(sampler[key], bool) and isinstance(sampler[key], int):
                 sampler[key] = float(sampler[key])  # "temperature=0" arrives as an int

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,7 @@ from pipeline.data.layout import Layout
 from pipeline.data.tokenizer import decode_answer
 from pipeline.generation.noise import completion_noise
 from pipeline.generation.sampler import SamplerNetwork, SamplerOptions, generate, sampler_network
+from pipeline.models.checkpoint_io import generation_hints
 
 
 def uses_anchor(model, temperature: float, samples: int) -> bool:
@@ -69,6 +71,23 @@ def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
             ids[row, width - len(tokens):] = torch.tensor(tokens)
             mask[row, width - len(tokens):] = 1
     return ids, mask
+
+
+def decoding_defaults(checkpoint: Path, trained: dict, is_student: bool, gen_length: int | None = None,
+                      steps=None, block_length: int | None = None) -> tuple[int, object, int]:
+    """(gen_length, steps, block_length) the caller left unset, as the generate CLI and the lm-eval
+    model choose them: the answer length a student was trained for (``Student.trained_for``), else the
+    checkpoint's ``generation_config.json`` hint, else 128; one step for a student, ``gen_length``
+    for a checkpoint; at several steps the rollouts' blocks the student was trained with, else one
+    block."""
+    if gen_length is None:
+        gen_length = {**generation_hints(checkpoint), **trained}.get("gen_length", 128)
+    if steps is None:
+        steps = 1 if is_student else gen_length
+    if block_length is None:
+        block_length = (trained.get("block_length", gen_length)
+                        if steps != 1 and gen_length == trained.get("gen_length") else gen_length)
+    return gen_length, steps, block_length
 
 
 def default_step_counts(gen_length: int, num_blocks: int = 1) -> list[int]:
