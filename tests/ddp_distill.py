@@ -1,7 +1,8 @@
 """Helper for test_distillation: train a few steps on a prepared workdir with N CPU processes and
 save each rank's soft prompt, with the MeanFlow objective (``meanflow``), the rollout objective and
 a latent (``rollouts``), the rollout objective on a code book with soft-EM selection (``posterior``), or
-the policy objective with a latent (``policy``), or distribution matching with its auxiliary (``matching``). Run as a script
+the policy objective with a latent (``policy``), distribution matching with its auxiliary (``matching``), or the
+mean-field reverse KL with a latent and the greedy anchor (``mean_field``). Run as a script
 (Lightning's DDP relaunches it for every rank), or under torchrun (``devices`` auto, ``num_nodes``), with the
 stage's Trainer options (``pipeline.student.launch.trainer_options``).
 
@@ -41,7 +42,8 @@ def main(workdir: Path, out: Path, devices: int | str, batch_size: int, steps: i
                "rollouts": dict(),
                "posterior": dict(selection="posterior", selection_temperature=1.0, trained_draws=2),
                "policy": dict(rollout_weight=0.0, policy_weight=1.0, policy_samples=3),
-               "matching": dict(rollout_weight=0.0, matching_weight=1.0, matching_warmup_steps=1)}[objective]
+               "matching": dict(rollout_weight=0.0, matching_weight=1.0, matching_warmup_steps=1),
+               "mean_field": dict(rollout_weight=0.0, mean_field_weight=1.0, mean_field_samples=2)}[objective]
     prompt = SoftPromptConfig(prompt_length=2, hidden_size=8, latent_dim=4 if rollouts else 0,
                               codebook_size=5 if objective == "posterior" else 0)
     several = devices == "auto" or devices > 1 or num_nodes > 1

@@ -49,8 +49,10 @@ def write(tmp_path, data):
         ("student", StudentParams, {"selection_temperature": 0.5}, r"student.selection_temperature: applies to"),
         ("student", StudentParams, {"selection_temperature_start": 7.0}, r"selection_temperature_start: applies to"),
         ("student", StudentParams, {"policy_samples": 1}, r"student.policy_samples: must be >= 2"),
+        ("student", StudentParams, {"mean_field_samples": 0}, r"student.mean_field_samples: must be >= 1"),
+        ("student", StudentParams, {"mean_field_entropy_weight": -1.0}, r"student.mean_field_entropy_weight: must be >= 0"),
         ("student", StudentParams, {"matching_beta": 1.5}, r"student.matching_beta: must be in \[0, 1\]"),
-        ("student", StudentParams, {"rollout_weight": 0.0}, r"student.rollout_weight: meanflow_weight, rollout_weight, policy_weight and matching_weight are all 0"),
+        ("student", StudentParams, {"rollout_weight": 0.0}, r"student.rollout_weight: meanflow_weight, rollout_weight, policy_weight, matching_weight and mean_field_weight are all 0"),
         ("student", StudentParams, {"soft_prompt": {"latent_dim": 0, "codebook_size": 8}},
          r"student.soft_prompt.codebook_size: needs a latent"),
         # non-finite numbers used to pass and end in garbage or in a misleading "lower student.lr"

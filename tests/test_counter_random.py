@@ -43,6 +43,9 @@ FAMILIES = {
         "matching sample": (cr.MATCHING_SAMPLE, NATURAL),
         "matching t": (cr.MATCHING_MASK,),
         "matching order": (cr.MATCHING_MASK, NATURAL),
+        "mean-field latent": (cr.MEAN_FIELD_LATENT, NATURAL),
+        "mean-field code": (cr.MEAN_FIELD_LATENT,),
+        "mean-field contexts": (cr.MEAN_FIELD_SAMPLE, NATURAL, NATURAL),
     },
 }
 

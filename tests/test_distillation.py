@@ -152,12 +152,12 @@ def test_a_resumed_run_continues_the_data_order(workdir, tmp_path, stop):
         assert torch.equal(resumed.student.soft_prompt.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("objective", ["meanflow", "rollouts", "posterior", "policy", "matching"])
+@pytest.mark.parametrize("objective", ["meanflow", "rollouts", "posterior", "policy", "matching", "mean_field"])
 def test_ddp_on_two_processes_matches_one_process(workdir, tmp_path, objective):
     """Two gloo ranks with 4 rows each = one process with 8 rows: the same soft prompt after training,
     and identical on both ranks (rollouts: latent selection among 3 draws included; posterior: soft EM
     over 3 of 5 codes; policy: 3 samples per prompt, rewarded by the teacher; matching: the student
-    and its auxiliary)."""
+    and its auxiliary; mean_field: 2 contexts per prompt, anchor rows among them)."""
     script = ROOT / "tests" / "ddp_distill.py"
     for devices, batch, out in ((2, 4, tmp_path / "ddp"), (1, 8, tmp_path / "single")):
         result = subprocess.run([sys.executable, str(script), str(workdir), str(out), str(devices), str(batch), "3",
@@ -191,7 +191,7 @@ def test_train_student_stage_with_rollouts_and_a_latent(workdir, tmp_path):
 
 def test_train_student_stage_with_a_code_book_soft_em_policy_and_matching(workdir, tmp_path):
     """The mode-seeking objectives through the stage, with the latent into the answer positions: the
-    summary carries the code usage, policy and matching diagnostics, the saved student decodes with its
+    summary carries the code usage, policy, matching and mean-field diagnostics, the saved student decodes with its
     code book, and the run's checkpoint holds the two soft prompts but not the frozen base."""
     gen_length = Layout.load(workdir / "data").gen_length
     student = {"soft_prompt": {"prompt_length": 2, "hidden_size": 8, "latent_dim": 3, "codebook_size": 4,
@@ -199,7 +199,8 @@ def test_train_student_stage_with_a_code_book_soft_em_policy_and_matching(workdi
                "batch_size": 8, "max_steps": 2, "eval_every": 2, "warmup_steps": 1,
                "rollout_weight": 1.0, "latent_draws": 4, "selection": "posterior",
                "selection_temperature": 1.0, "selection_temperature_start": 5.0, "trained_draws": 2,
-               "policy_weight": 0.5, "policy_samples": 3, "matching_weight": 0.5, "matching_warmup_steps": 1}
+               "policy_weight": 0.5, "policy_samples": 3, "matching_weight": 0.5, "matching_warmup_steps": 1,
+               "mean_field_weight": 0.5, "mean_field_samples": 2}
     result = run_student_stage(workdir, tmp_path, student)
     assert result.returncode == 0, result.stderr[-3000:]
     config = Student.from_pretrained(tmp_path / "s").soft_prompt_config
@@ -209,6 +210,8 @@ def test_train_student_stage_with_a_code_book_soft_em_policy_and_matching(workdi
     assert diagnostics["policy_reward"] < 0 and 1 <= diagnostics["policy_length"] <= 7
     assert 1 <= diagnostics["policy_distinct"] <= 3 and diagnostics["policy_entropy"] > 0
     assert diagnostics["matching_kl"] >= 0 and diagnostics["matching_auxiliary_loss"] > 0
+    assert diagnostics["mean_field_conditional_kl"] >= 0 and diagnostics["mean_field_pll"] < 0
+    assert 1 <= diagnostics["mean_field_distinct"] <= 2 and diagnostics["mean_field_entropy"] > 0
     (checkpoint,) = (tmp_path / "c").glob("*/last.ckpt")
     keys = torch.load(checkpoint, weights_only=False)["state_dict"].keys()
     assert {k.split(".")[0] for k in keys} == {"student", "auxiliary"} and not any(".base." in k for k in keys)

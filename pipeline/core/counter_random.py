@@ -31,6 +31,8 @@ numbers are the stream constants below, which keep paths of the same shape apart
       matching latent           (..., MATCHING_LATENT, 2j | 2j + 1), or its code (..., MATCHING_LATENT)
       matching sample           (..., MATCHING_SAMPLE, position)
       matching re-mask          (..., MATCHING_MASK) for t, (..., MATCHING_MASK, position) for the order
+      mean-field latent         (..., MEAN_FIELD_LATENT, 2j | 2j + 1), or its code (..., MEAN_FIELD_LATENT)
+      mean-field contexts       (..., MEAN_FIELD_SAMPLE, sample, position)
     the student's code book (part of the network, so under no seed; CODEBOOK < 0)
       code c                    (CODEBOOK, c, 2j | 2j + 1)
 
@@ -47,7 +49,7 @@ COMPLETION_SEED, FIELD_SEED, COMPLETION_LATENT, DECODE_BATCH, LIKELIHOOD_MASK = 
 REMASK = -1
 # Under a training row's keys.
 (R_FIRST, R_SECOND, MEANFLOW_LATENT, ROLLOUT_STEPS, ROLLOUT_LATENT, POSTERIOR_DRAW, POLICY_LATENT, POLICY_SAMPLE,
- MATCHING_LATENT, MATCHING_SAMPLE, MATCHING_MASK) = range(1, 12)
+ MATCHING_LATENT, MATCHING_SAMPLE, MATCHING_MASK, MEAN_FIELD_LATENT, MEAN_FIELD_SAMPLE) = range(1, 14)
 # The code book's first key: negative, so no run seed (>= 0) can give its keys.
 CODEBOOK = -2
 

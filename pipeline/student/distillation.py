@@ -18,14 +18,16 @@ import lightning as L
 import torch
 
 from pipeline.cache.loader import RolloutBatch, TeacherCacheDataModule, TopKBatch, TrainingItem
-from pipeline.core.counter_random import (MATCHING_LATENT, MATCHING_MASK, MATCHING_SAMPLE, MEANFLOW_LATENT,
-                                          POLICY_LATENT, POLICY_SAMPLE, POSTERIOR_DRAW, R_FIRST, R_SECOND,
-                                          ROLLOUT_LATENT, ROLLOUT_STEPS, counter_uniform)
+from pipeline.core.counter_random import (MATCHING_LATENT, MATCHING_MASK, MATCHING_SAMPLE, MEAN_FIELD_LATENT,
+                                          MEAN_FIELD_SAMPLE, MEANFLOW_LATENT, POLICY_LATENT, POLICY_SAMPLE,
+                                          POSTERIOR_DRAW, R_FIRST, R_SECOND, ROLLOUT_LATENT, ROLLOUT_STEPS,
+                                          counter_uniform)
 from pipeline.core.errors import ParamsError, TrainingError
 from pipeline.core.files import writing
 from pipeline.core.lr_schedule import warmup_cosine
 from pipeline.data.scoring import Scorer, score_records
 from pipeline.student.matching_objective import MatchingLoss, distribution_matching_loss
+from pipeline.student.mean_field_objective import MeanFieldLoss, mean_field_loss
 from pipeline.student.meanflow import MeanFlowLoss, MeanFlowOptions, TeacherRows, meanflow_loss, sample_r
 from pipeline.student.model import Student
 from pipeline.student.params import StudentParams
@@ -40,7 +42,7 @@ DIAGNOSTIC_WINDOW = 50  # training steps the end-of-training diagnostics average
 
 class StudentDistillation(L.LightningModule):
     """Trains ``student.soft_prompt`` on ``meanflow_weight * L_meanflow + rollout_weight * L_rollout +
-    policy_weight * L_policy + matching_weight * L_matching``, and with matching an auxiliary soft prompt
+    policy_weight * L_policy + matching_weight * L_matching + mean_field_weight * L_mean_field``, and with matching an auxiliary soft prompt
     (``auxiliary``, a ``Student`` on the same frozen base, never saved with the student) on its own
     cross-entropy; checkpoints hold only the soft prompts. ``rollout_steps`` is the number of
     steps of the cached rollouts' sampler; ``eos_id`` the token that ends an answer (the policy
@@ -141,6 +143,21 @@ class StudentDistillation(L.LightningModule):
                                           position_uniforms.to(device), self.student.base.config.mask_token_id,
                                           p.matching_beta, p.matching_label_smoothing)
 
+    def mean_field_step(self, batch: RolloutBatch) -> MeanFieldLoss:
+        """The mean-field reverse KL on the prompts of a batch of rollouts: a greedy rollout's row trains
+        the greedy anchor (when the student has one), the others a latent from the prior; each with
+        ``mean_field_samples`` one-step contexts."""
+        p, device = self.params, batch.tokens.device
+        latent, anchor = None, None
+        if self.student.latent_dim:
+            latent = self.student.soft_prompt.prior_latents(*self.row_keys(batch), MEAN_FIELD_LATENT).to(device)
+            anchor = batch.greedy if self.student.has_anchor else None
+        sample = torch.arange(p.mean_field_samples)[None, :, None]
+        position = torch.arange(self.gen_length)[None, None, :]
+        uniforms = counter_uniform(*self.row_keys(batch, 2), MEAN_FIELD_SAMPLE, sample, position).to(device)
+        return mean_field_loss(self.student, batch.prompt_ids, batch.prompt_mask, latent, uniforms, self.gen_length,
+                               self.student.base.config.mask_token_id, p.mean_field_entropy_weight, anchor=anchor)
+
     def training_step(self, item: TrainingItem, batch_idx: int):
         p, loss = self.params, 0.0
         if item.meanflow is not None:
@@ -167,6 +184,11 @@ class StudentDistillation(L.LightningModule):
             self.track("matching_kl", out.kl)
             warm = self.global_step >= p.matching_warmup_steps  # until then only the auxiliary learns
             loss = loss + (p.matching_weight if warm else 0.0) * out.student + out.auxiliary
+        if item.rollouts is not None and p.mean_field_weight > 0:
+            out = self.mean_field_step(item.rollouts)
+            self.require_finite(out.loss, "mean-field", "Lower student.lr or student.mean_field_weight.")
+            self.log_mean_field(out)
+            loss = loss + p.mean_field_weight * out.loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -224,6 +246,15 @@ class StudentDistillation(L.LightningModule):
         self.track("policy_length", out.length.float().mean())
         self.track("policy_entropy", out.entropy)
         self.track("policy_distinct", out.distinct.float().mean())
+
+    def log_mean_field(self, out: MeanFieldLoss) -> None:
+        """The conditional KL (near 0 at consistent answers), the teacher's pseudo-log-likelihood of the
+        sampled contexts, the entropy of q and distinct contexts per prompt."""
+        self.track("mean_field_loss", out.loss.detach())
+        self.track("mean_field_conditional_kl", out.conditional_kl)
+        self.track("mean_field_pll", out.pseudo_log_likelihood.mean())
+        self.track("mean_field_entropy", out.entropy)
+        self.track("mean_field_distinct", out.distinct.float().mean())
 
     def diagnostics(self) -> dict[str, float]:
         """Each tracked quantity averaged over the last ``DIAGNOSTIC_WINDOW`` steps (this rank)."""
@@ -306,8 +337,7 @@ def train_student(params: StudentParams, teacher_dir: Path, cache_dir: Path, dat
     ckpt_path = student_run.resume_checkpoint(resume, run_dir, identity)
     data = TeacherCacheDataModule(cache_dir, params.batch_size, params.num_workers, seed=params.seed,
                                   meanflow=params.meanflow_weight > 0,
-                                  rollouts=params.rollouts if params.rollout_weight + params.policy_weight
-                                  + params.matching_weight > 0 else None)
+                                  rollouts=params.rollouts if params.on_rollouts() else None)
     data.setup("fit")  # opens (rank 0: verifies) the cache
     if rank_zero_only.rank == 0:
         print(f"checkpoints: {run_dir}; " + (f"resuming {ckpt_path}" if ckpt_path else "training afresh"))

@@ -61,6 +61,16 @@ class StudentParams:
     """Steps in which only the auxiliary trains (while it equals the teacher the student's signal is 0)."""
     matching_label_smoothing: float = 0.1
     """Label smoothing of the auxiliary's cross-entropy on the student's samples."""
+    mean_field_weight: float = 0.0
+    """Weight of the mean-field reverse KL to the teacher (``pipeline.student.mean_field_objective``):
+    at each answer position of a one-step sample, the teacher's conditional given the sampled others
+    over the whole vocabulary (0: off). Rows of greedy rollouts train the greedy anchor, the others a
+    latent from the prior."""
+    mean_field_samples: int = 1
+    """S: contexts sampled per (prompt, latent) from one student pass; each costs one teacher row per
+    answer position."""
+    mean_field_entropy_weight: float = 1.0
+    """lambda, the weight of E_q[log q] in the reverse KL: 1 is the exact KL(q || p_T); below 1 sharper."""
     tangent: Literal["linear", "seed"] = "linear"
     """dz/dt of the JVP: the forward process's mean-embedding path, or the seed's literal form."""
     loss: Literal["kl", "mse"] = "kl"
@@ -122,11 +132,13 @@ class StudentParams:
         require(self.logger in LOGGERS, "logger", f"{self.logger!r} is not one of {', '.join(LOGGERS)}")
         require_at_least(self, 2, "policy_samples")
         require_seed(self)
+        require_at_least(self, 1, "mean_field_samples")
         require_at_least(self, 0, "meanflow_weight", "rollout_weight", "policy_weight", "matching_weight",
-                         "selection_temperature", "policy_entropy_weight", "matching_warmup_steps")
-        require(self.meanflow_weight > 0 or self.rollout_weight > 0 or self.policy_weight > 0
-                or self.matching_weight > 0, "rollout_weight",
-                "meanflow_weight, rollout_weight, policy_weight and matching_weight are all 0: nothing to train")
+                         "mean_field_weight", "selection_temperature", "policy_entropy_weight", "matching_warmup_steps",
+                         "mean_field_entropy_weight")
+        require(self.meanflow_weight > 0 or self.on_rollouts(), "rollout_weight",
+                "meanflow_weight, rollout_weight, policy_weight, matching_weight and mean_field_weight are all 0: "
+                "nothing to train")
         for key in ("matching_beta", "matching_label_smoothing"):
             require(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
         require(self.selection in ("best", "weighted", "posterior"), "selection",
@@ -148,6 +160,10 @@ class StudentParams:
         require_time_cap(self.max_minutes)
         require(self.precision is None or self.precision in PRECISIONS, "precision",
                 f"{self.precision!r} is not one of {', '.join(PRECISIONS)} (or null)")
+
+    def on_rollouts(self) -> bool:
+        """Whether an objective reads the cache's rollouts (their answers, or only their prompts)."""
+        return self.rollout_weight + self.policy_weight + self.matching_weight + self.mean_field_weight > 0
 
     def selection_temperature_at(self, step: int) -> float:
         """tau (or T) at training step ``step``: the linear anneal of ``posterior``."""

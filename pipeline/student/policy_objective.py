@@ -64,14 +64,14 @@ def answer_extent(answers: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pseudo_log_likelihood(base, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor,
-                          extent: torch.Tensor, mask_id: int, chunk_rows: int = 1024) -> torch.Tensor:
-    """(N,) sum over the ``extent`` (N, G) positions i of log p_T(answers_i | prompt, answers with i
-    masked) under ``base`` (a ``MaskPredictor``); prompt ids and mask (N, Lp). One teacher row per
-    scored position, ``chunk_rows`` rows per forward."""
-    N, G = answers.shape
-    row, position = extent.nonzero(as_tuple=True)  # (S,) each
-    total = torch.zeros(N, dtype=torch.float64, device=answers.device)
+def masked_position_rows(base, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor,
+                         scored: torch.Tensor, mask_id: int, chunk_rows: int = 1024):
+    """Yield (row (n,), position (n,), log p_T (n, V)): for each ``scored`` (N, G) position i of an
+    answer (``answers`` (N, G); prompt ids and mask (N, Lp)), the log-probabilities under ``base`` (a
+    ``MaskPredictor``) of every token at i given the prompt and the answer with i masked. One teacher
+    row per scored position, ``chunk_rows`` rows per forward."""
+    G = answers.shape[1]
+    row, position = scored.nonzero(as_tuple=True)  # (S,) each
     for start in range(0, len(row), chunk_rows):
         r, p = row[start:start + chunk_rows], position[start:start + chunk_rows]
         masked = answers[r].clone()
@@ -80,7 +80,15 @@ def pseudo_log_likelihood(base, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
         attention = torch.cat((prompt_mask[r].long(), torch.ones_like(masked)), dim=1)
         hidden = base.hidden(input_ids=ids, attention_mask=attention)[:, -G:]  # (n, G, C)
         h = hidden[torch.arange(len(r), device=r.device), p]  # (n, C)
-        logp = torch.log_softmax(upcast(base.head(h)).double(), dim=-1)  # (n, V)
+        yield r, p, torch.log_softmax(upcast(base.head(h)).double(), dim=-1)  # (n, V)
+
+
+def pseudo_log_likelihood(base, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor,
+                          extent: torch.Tensor, mask_id: int, chunk_rows: int = 1024) -> torch.Tensor:
+    """(N,) sum over the ``extent`` (N, G) positions i of log p_T(answers_i | prompt, answers with i
+    masked) under ``base``; prompt ids and mask (N, Lp)."""
+    total = torch.zeros(answers.shape[0], dtype=torch.float64, device=answers.device)
+    for r, p, logp in masked_position_rows(base, prompt_ids, prompt_mask, answers, extent, mask_id, chunk_rows):
         total.index_add_(0, r, logp.gather(1, answers[r, p][:, None])[:, 0])
     return total
 
