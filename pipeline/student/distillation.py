@@ -27,7 +27,7 @@ from pipeline.core.files import writing
 from pipeline.core.lr_schedule import warmup_cosine
 from pipeline.data.scoring import Scorer, score_records
 from pipeline.student.matching_objective import MatchingLoss, distribution_matching_loss
-from pipeline.student.mean_field_objective import MeanFieldLoss, mean_field_loss
+from pipeline.student.mean_field_objective import MeanFieldLoss, latent_contexts, mean_field_loss
 from pipeline.student.meanflow import MeanFlowLoss, MeanFlowOptions, TeacherRows, meanflow_loss, sample_r
 from pipeline.student.model import Student
 from pipeline.student.params import StudentParams
@@ -60,6 +60,9 @@ class StudentDistillation(L.LightningModule):
             config = dataclasses.replace(student.soft_prompt_config, latent_dim=0, codebook_size=0,
                                          latent_answer_positions=0, anchor="none")
             self.auxiliary = Student(student.base, config=config)
+        if params.mean_field_weight > 0 and params.mean_field_contexts == "latent" and student.latent_dim < gen_length:
+            raise ParamsError(f"student.mean_field_contexts: latent needs soft_prompt.latent_dim >= the answer length "
+                              f"{gen_length} (one coordinate of z per answer position), got {student.latent_dim}")
         self.meanflow_options = MeanFlowOptions.of(params)
         self.strict_loading = False  # checkpoints omit the frozen base
         self.recent: dict[str, deque] = {}
@@ -146,16 +149,21 @@ class StudentDistillation(L.LightningModule):
     def mean_field_step(self, batch: RolloutBatch) -> MeanFieldLoss:
         """The mean-field reverse KL on the prompts of a batch of rollouts: a greedy rollout's row trains
         the greedy anchor (when the student has one), the others a latent from the prior; each with
-        ``mean_field_samples`` one-step contexts."""
-        p, device = self.params, batch.tokens.device
+        ``mean_field_samples`` one-step contexts, their noise drawn per row or, with
+        ``mean_field_contexts: latent``, the latent's own Phi(z_i)."""
+        p, device, G = self.params, batch.tokens.device, self.gen_length
         latent, anchor = None, None
         if self.student.latent_dim:
             latent = self.student.soft_prompt.prior_latents(*self.row_keys(batch), MEAN_FIELD_LATENT).to(device)
             anchor = batch.greedy if self.student.has_anchor else None
-        sample = torch.arange(p.mean_field_samples)[None, :, None]
-        position = torch.arange(self.gen_length)[None, None, :]
-        uniforms = counter_uniform(*self.row_keys(batch, 2), MEAN_FIELD_SAMPLE, sample, position).to(device)
-        return mean_field_loss(self.student, batch.prompt_ids, batch.prompt_mask, latent, uniforms, self.gen_length,
+        if p.mean_field_contexts == "latent":
+            z = self.student.soft_prompt.effective_latent(latent, anchor, len(latent))
+            uniforms = latent_contexts(z, G)
+        else:
+            sample = torch.arange(p.mean_field_samples)[None, :, None]
+            position = torch.arange(G)[None, None, :]
+            uniforms = counter_uniform(*self.row_keys(batch, 2), MEAN_FIELD_SAMPLE, sample, position).to(device)
+        return mean_field_loss(self.student, batch.prompt_ids, batch.prompt_mask, latent, uniforms, G,
                                self.student.base.config.mask_token_id, p.mean_field_entropy_weight, anchor=anchor)
 
     def training_step(self, item: TrainingItem, batch_idx: int):

@@ -65,6 +65,12 @@ def mean_field_surrogate(logits: torch.Tensor, teacher_log_probs: torch.Tensor,
     return (q * (entropy_weight * log_q - a)).sum(dim=-1).mean()
 
 
+def latent_contexts(latent: torch.Tensor, gen_length: int) -> torch.Tensor:
+    """(B, 1, G) the sampling uniforms of one context per row taken from the row's latent (B, d >= G):
+    u_i = Phi(z_i), the standard normal CDF of coordinate i, uniform on (0, 1) under the prior."""
+    return torch.special.ndtr(latent[:, :gen_length].double())[:, None, :]
+
+
 def mean_field_loss(student, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, latent: torch.Tensor | None,
                     uniforms: torch.Tensor, gen_length: int, mask_id: int, entropy_weight: float = 1.0,
                     anchor: torch.Tensor | None = None, chunk_rows: int = 1024) -> MeanFieldLoss:

@@ -69,6 +69,12 @@ class StudentParams:
     mean_field_samples: int = 1
     """S: contexts sampled per (prompt, latent) from one student pass; each costs one teacher row per
     answer position."""
+    mean_field_contexts: Literal["independent", "latent"] = "independent"
+    """Where a context's sampling noise comes from: ``independent`` uniforms per (row, sample,
+    position); ``latent``, the row's own latent, u_i = Phi(z_i) at answer position i (one context per
+    row; needs ``soft_prompt.latent_dim`` >= the answer length and no code book; the anchor's z = 0 gives
+    the median context): the noise the student is corrected on is an input it sees, so the
+    teacher's corrections can be learned as a function of z, not only averaged over noise."""
     mean_field_entropy_weight: float = 1.0
     """lambda, the weight of E_q[log q] in the reverse KL: 1 is the exact KL(q || p_T); below 1 sharper."""
     tangent: Literal["linear", "seed"] = "linear"
@@ -133,6 +139,13 @@ class StudentParams:
         require_at_least(self, 2, "policy_samples")
         require_seed(self)
         require_at_least(self, 1, "mean_field_samples")
+        require(self.mean_field_contexts in ("independent", "latent"), "mean_field_contexts",
+                "must be 'independent' or 'latent'")
+        if self.mean_field_contexts == "latent":
+            require(self.soft_prompt.latent_dim > 0 and not self.soft_prompt.codebook_size, "mean_field_contexts",
+                    "latent needs a Gaussian latent (soft_prompt.latent_dim > 0, codebook_size 0)")
+            require(self.mean_field_samples == 1, "mean_field_samples", "must be 1 with mean_field_contexts: latent "
+                    "(the latent fixes the context)")
         require_at_least(self, 0, "meanflow_weight", "rollout_weight", "policy_weight", "matching_weight",
                          "mean_field_weight", "selection_temperature", "policy_entropy_weight", "matching_warmup_steps",
                          "mean_field_entropy_weight")
