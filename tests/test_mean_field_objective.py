@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.models.llada import LLaDA
-from pipeline.student.mean_field_objective import mean_field_loss, mean_field_surrogate
+from pipeline.student.mean_field_objective import latent_contexts, mean_field_loss, mean_field_surrogate
 from pipeline.student.model import Student
 from pipeline.student.policy_objective import pseudo_log_likelihood, sample_answers
 from tests.conftest import make_checkpoint
@@ -134,3 +134,30 @@ def test_mean_field_loss_on_an_untrained_student_uses_the_teachers_conditionals(
     assert out.entropy > 0 and 1 <= out.distinct.min() and out.distinct.max() <= S
     out.loss.backward()
     assert student.soft_prompt.prompt_gate.grad.abs().sum() > 0
+
+
+def test_latent_contexts_are_uniform_under_the_prior_and_a_function_of_the_latent():
+    """u_i = Phi(z_i): the anchor's z = 0 gives the median 0.5 everywhere, coordinates past the answer
+    length are unused, and under z ~ N(0, I) every u_i is uniform (deciles within sampling error)."""
+    z = torch.randn(20000, 8, generator=torch.Generator().manual_seed(3))
+    u = latent_contexts(z, 7)
+    assert u.shape == (20000, 1, 7) and u.dtype == torch.float64
+    assert torch.equal(latent_contexts(torch.zeros(2, 8), 7), torch.full((2, 1, 7), 0.5, dtype=torch.float64))
+    changed = z.clone()
+    changed[:, 7] += 1.0
+    assert torch.equal(latent_contexts(changed, 7), u)
+    deciles = torch.quantile(u[:, 0, :].float(), torch.linspace(0.1, 0.9, 9), dim=0)  # (9, 7)
+    torch.testing.assert_close(deciles, torch.linspace(0.1, 0.9, 9)[:, None].expand(9, 7), atol=0.015, rtol=0)
+
+
+def test_latent_contexts_need_a_coordinate_of_z_per_answer_position(base):
+    from pipeline.core.errors import ParamsError
+    from pipeline.student.distillation import StudentDistillation
+    from pipeline.student.params import StudentParams
+    from pipeline.student.soft_prompt import SoftPromptConfig
+
+    config = SoftPromptConfig(prompt_length=2, hidden_size=8, latent_dim=3)
+    params = StudentParams(soft_prompt=config, mean_field_weight=1.0, mean_field_contexts="latent")
+    with pytest.raises(ParamsError, match=r"latent_dim >= the answer length 5 .* got 3"):
+        StudentDistillation(Student(base, config=config), params, gen_length=GEN)
+    StudentDistillation(Student(base, config=config), params, gen_length=3)  # enough coordinates
