@@ -9,7 +9,8 @@ Variants (each the default ``student`` params plus the named change):
 - ``posterior``: a code book of 16 codes, every code scored, soft EM training 1 code per rollout;
 - ``policy``: plus the policy gradient (4 samples per prompt; one teacher row per scored position);
 - ``matching``: plus distribution matching (the auxiliary's step included);
-- ``mean_field``: plus the mean-field reverse KL (1 context per prompt; one teacher row per answer position).
+- ``mean_field``: plus the mean-field reverse KL (1 context per prompt; one teacher row per answer position);
+- ``mean_field_latent``: the same with the context's noise from the latent (z into the answer positions).
 
 Run it alone: two heavy processes on a 2-core machine distort both timings.
 """
@@ -29,6 +30,8 @@ VARIANTS = {
     "policy": {"policy_weight": 1.0, "policy_samples": 4},
     "matching": {"matching_weight": 1.0, "matching_warmup_steps": 0},
     "mean_field": {"mean_field_weight": 1.0, "mean_field_samples": 1},
+    "mean_field_latent": {"soft_prompt": {"latent_answer_positions": 7}, "mean_field_weight": 1.0,
+                          "mean_field_contexts": "latent"},
 }
 
 
