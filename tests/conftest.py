@@ -69,6 +69,19 @@ def tiny_checkpoint(tmp_path) -> Path:
     return make_checkpoint(tmp_path / "teacher")
 
 
+def one_step_inputs(base, samples: int, prompt_length: int, gen_length: int, seed: int = 5):
+    """An untrained latent student on ``base`` and the inputs of a one-step objective on 2 random prompts:
+    (student, prompt ids (2, Lp), prompt mask, latent (2, 3), sampling uniforms (2, samples, G))."""
+    from pipeline.student.model import Student
+
+    student = Student(base, prompt_length=2, hidden_size=8, latent_dim=3)
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, base.config.vocab_size, (2, prompt_length), generator=g)
+    latent = torch.randn(2, 3, generator=g)
+    uniforms = torch.rand(2, samples, gen_length, generator=g, dtype=torch.float64)
+    return student, prompt, torch.ones_like(prompt), latent, uniforms
+
+
 def tiny_moe_config(vocab_size: int, mask_token_id: int, **overrides) -> LLaDAMoEConfig:
     """Every LLaDA-MoE feature at once: a dense first layer, a shared expert, GQA, partial rotary,
     an expert bias."""

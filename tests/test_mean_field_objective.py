@@ -13,7 +13,7 @@ from pipeline.models.llada import LLaDA
 from pipeline.student.mean_field_objective import latent_contexts, mean_field_loss, mean_field_surrogate
 from pipeline.student.model import Student
 from pipeline.student.policy_objective import pseudo_log_likelihood, sample_answers
-from tests.conftest import make_checkpoint
+from tests.conftest import make_checkpoint, one_step_inputs
 
 PROMPT, GEN = 4, 5
 
@@ -106,12 +106,7 @@ def test_mean_field_loss_on_an_untrained_student_uses_the_teachers_conditionals(
     the teacher's conditionals averaged over the contexts, and the gradient reaches the soft prompt
     (anchor rows included)."""
     mask_id, S = base.config.mask_token_id, 3
-    student = Student(base, prompt_length=2, hidden_size=8, latent_dim=3)
-    g = torch.Generator().manual_seed(5)
-    prompt = torch.randint(3, base.config.vocab_size, (2, PROMPT), generator=g)
-    prompt_mask = torch.ones_like(prompt)
-    latent = torch.randn(2, 3, generator=g)
-    uniforms = torch.rand(2, S, GEN, generator=g, dtype=torch.float64)
+    student, prompt, prompt_mask, latent, uniforms = one_step_inputs(base, S, PROMPT, GEN)
     out = mean_field_loss(student, prompt, prompt_mask, latent, uniforms, GEN, mask_id, entropy_weight=0.7,
                           anchor=torch.tensor([True, False]), chunk_rows=4)
     with torch.no_grad():

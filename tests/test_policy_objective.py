@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from pipeline.models.llada import LLaDA
-from pipeline.student.model import Student
 from pipeline.student.policy_objective import (answer_extent, leave_one_out, policy_loss, policy_surrogate,
                                                pseudo_log_likelihood, sample_answers)
-from tests.conftest import make_checkpoint
+from tests.conftest import make_checkpoint, one_step_inputs
 
 PROMPT, GEN = 4, 5
 
@@ -106,12 +105,7 @@ def test_policy_loss_on_an_untrained_student_scores_the_teachers_samples(base):
     """At initialization (gate 0) the student is its base: the samples are the base's one-step samples,
     the reward their pseudo-log-likelihood, and the gradient reaches the soft prompt."""
     mask_id, eos = base.config.mask_token_id, 0
-    student = Student(base, prompt_length=2, hidden_size=8, latent_dim=3)
-    g = torch.Generator().manual_seed(5)
-    prompt = torch.randint(3, base.config.vocab_size, (2, PROMPT), generator=g)
-    prompt_mask = torch.ones_like(prompt)
-    latent = torch.randn(2, 3, generator=g)
-    uniforms = torch.rand(2, 4, GEN, generator=g, dtype=torch.float64)
+    student, prompt, prompt_mask, latent, uniforms = one_step_inputs(base, 4, PROMPT, GEN)
     out = policy_loss(student, prompt, prompt_mask, latent, uniforms, GEN, mask_id, eos, entropy_weight=0.1)
     with torch.no_grad():
         logits = base(input_ids=torch.cat((prompt, torch.full((2, GEN), mask_id)), dim=1))[:, PROMPT:]
